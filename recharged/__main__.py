@@ -1,0 +1,3 @@
+from recharged.cli import main
+
+main()

@@ -1,0 +1,313 @@
+"""Accounts and their billing settings. Every change is signed by an admin (first and last name) and audited
+with the values before and after, in the same transaction as the change."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from recharged.clock import Clock, parse_instant
+from recharged.config import RechargeSettings, Settings
+from recharged.db import Database
+from recharged.errors import ActorError, ConflictError, InputError, NotFoundError
+from recharged.models import Account, AuditRecord, Entry
+from recharged.money import Units, check_currency, format_ledger, parse_amount
+
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
+_ACCOUNT_ID = re.compile(r"^[\x21-\x7e]{1,64}$")
+_NAME_PART = re.compile(r"^[^\W\d_][^\W\d_'’.\-]*(?:['’.\-][^\W\d_]+)*\.?$")
+OVERRIDE_DAYS = ("window_days", "threshold_days", "recharge_days")
+OVERRIDE_AMOUNTS = ("min_threshold", "min_recharge", "max_recharge", "max_charged_per_day", "max_charged_per_30_days")
+OVERRIDES = OVERRIDE_DAYS + OVERRIDE_AMOUNTS
+CREATION_SKEW = timedelta(minutes=5)
+
+
+def parse_actor(text: str | None) -> str:
+    """The signing admin's name: at least a first and a last name, letters only (hyphens and apostrophes ok)."""
+    parts = (text or "").split()
+    if len(parts) < 2 or not all(_NAME_PART.match(part) for part in parts):
+        raise ActorError(
+            f"billing changes must be signed with the admin's first and last name (--actor 'Jane Doe'), got {text!r}"
+        )
+    if len(" ".join(parts)) > 120:
+        raise ActorError("the actor's name is longer than 120 characters")
+    return " ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class NewAccount:
+    """A validated account to create."""
+
+    id: str
+    email: str
+    plan: str
+    currency: str
+    vat_percent: Decimal
+    created_at: datetime | None = None
+    opening_balance: Units | None = None
+    auto_recharge: bool = False
+
+
+def _bool(value: str, what: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{what} must be true or false, got {value!r}")
+
+
+def parse_vat(value: str | Decimal) -> Decimal:
+    try:
+        vat = Decimal(str(value).strip().rstrip("%"))
+    except InvalidOperation:
+        raise ValueError(f"vat_percent {value!r} is not a number (e.g. 20 or 8.875)") from None
+    if not vat.is_finite() or vat < 0 or vat > 100 or vat != vat.quantize(Decimal("0.0001")):
+        raise ValueError(f"vat_percent {value!r} must be between 0 and 100 with at most 4 decimals")
+    return Decimal(format(vat.normalize(), "f"))  # 20.00 -> 20, never 2E+1
+
+
+def new_account(fields: Mapping[str, str | None], settings: Settings, now: datetime) -> NewAccount:
+    """Validate one account's fields (from the CLI or a CSV row); ValueError names the first bad field."""
+
+    def get(name: str) -> str:
+        return (fields.get(name) or "").strip()
+
+    account_id = get("id")
+    if not _ACCOUNT_ID.match(account_id):
+        raise ValueError(f"id {account_id!r} must be 1-64 printable characters without spaces")
+    email = get("email")
+    if not _EMAIL.match(email) or len(email) > 254:
+        raise ValueError(f"email {email!r} is not an email address")
+    plan = get("plan")
+    if plan not in settings.plans:
+        raise ValueError(f"plan {plan!r} is not defined in config.toml (defined: {', '.join(sorted(settings.plans))})")
+    plan_currency = settings.plans[plan].currency
+    currency = check_currency(get("currency")) if get("currency") else plan_currency
+    if currency != plan_currency:
+        raise ValueError(f"currency {currency} does not match plan {plan!r}, which is priced in {plan_currency}")
+    if not get("vat_percent"):
+        raise ValueError("vat_percent is missing (use 0 for no VAT)")
+    vat = parse_vat(get("vat_percent"))
+    created_at = None
+    if get("created_at"):
+        created_at = parse_instant(get("created_at"))
+        if created_at > now + CREATION_SKEW:
+            raise ValueError(f"created_at {created_at.isoformat()} is in the future")
+    opening = parse_amount(get("opening_balance"), what="opening_balance") if get("opening_balance") else None
+    auto = _bool(get("auto_recharge"), "auto_recharge")
+    return NewAccount(account_id, email, plan, currency, vat, created_at, opening, auto)
+
+
+def settings_of(account: Account) -> dict[str, Any]:
+    """The billing settings of an account as audit-friendly JSON values."""
+    values: dict[str, Any] = {
+        "email": account.email,
+        "plan": account.plan,
+        "currency": account.currency,
+        "vat_percent": str(account.vat_percent),
+        "auto_recharge": account.auto_recharge,
+    }
+    for name in OVERRIDE_DAYS:
+        values[name] = getattr(account, name)
+    for name in OVERRIDE_AMOUNTS:
+        amount = getattr(account, name)
+        values[name] = None if amount is None else format_ledger(amount)
+    return values
+
+
+def _audit(session: Session, account_id: str, actor: str, at: datetime, action: str, before: Any, after: Any) -> None:
+    session.add(AuditRecord(account_id=account_id, actor=actor, at=at, action=action, before=before, after=after))
+
+
+@dataclass
+class CreateResult:
+    created: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+
+def create_accounts(db: Database, accounts: Sequence[NewAccount], actor: str, clock: Clock) -> CreateResult:
+    """Create accounts all together or not at all. An identical existing account is left as it is (so an
+    import can be re-run); an existing account with other settings is a conflict."""
+    actor = parse_actor(actor)
+    now = clock.now()
+    result = CreateResult()
+    ids = [a.id for a in accounts]
+    repeated = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
+    if repeated:
+        raise InputError(f"account ids appear more than once: {', '.join(repeated[:10])}")
+    try:
+        with db.transaction() as session:
+            existing = {a.id: a for a in session.scalars(select(Account).where(Account.id.in_(ids)))} if ids else {}
+            conflicts = []
+            for new in accounts:
+                old = existing.get(new.id)
+                if old is None:
+                    continue
+                wanted = {
+                    "email": new.email,
+                    "plan": new.plan,
+                    "currency": new.currency,
+                    "vat_percent": new.vat_percent,
+                }
+                differing = [k for k, v in wanted.items() if getattr(old, k) != v]
+                if differing:
+                    conflicts.append(f"{new.id} ({', '.join(differing)})")
+            if conflicts:
+                raise ConflictError(
+                    "accounts already exist with other settings, change them with `recharged accounts update`: "
+                    + "; ".join(conflicts[:20])
+                )
+            for new in accounts:
+                if new.id in existing:
+                    result.unchanged.append(new.id)
+                    continue
+                created_at = new.created_at or now
+                account = Account(
+                    id=new.id,
+                    email=new.email,
+                    plan=new.plan,
+                    currency=new.currency,
+                    vat_percent=new.vat_percent,
+                    auto_recharge=new.auto_recharge,
+                    balance=new.opening_balance or 0,
+                    created_at=created_at,
+                    updated_at=now,
+                )
+                session.add(account)
+                session.flush()
+                after = settings_of(account)
+                if new.opening_balance:
+                    session.add(
+                        Entry(
+                            account_id=new.id,
+                            entry_type="opening",
+                            external_id=new.id,
+                            amount=new.opening_balance,
+                            occurred_at=created_at,
+                            recorded_at=now,
+                            note="opening balance brought over",
+                        )
+                    )
+                    after["opening_balance"] = format_ledger(new.opening_balance)
+                _audit(session, new.id, actor, now, "account.created", None, after)
+                result.created.append(new.id)
+    except IntegrityError as exc:  # a concurrent creation of the same id won the race
+        raise ConflictError(f"account creation conflicted with a concurrent change: {exc.orig}") from None
+    return result
+
+
+def _load(session: Session, account_id: str) -> Account:
+    account = session.get(Account, account_id)
+    if account is None:
+        raise NotFoundError(f"no account {account_id!r}")
+    return account
+
+
+def validate_overrides(overrides: Mapping[str, str | None], settings: Settings) -> dict[str, int | None]:
+    """Per-account policy overrides, checked by the same rules as [recharge] in config.toml.
+
+    A value of "default" clears an override (back to config.toml)."""
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise InputError(f"unknown policy settings: {', '.join(unknown)} (known: {', '.join(OVERRIDES)})")
+    given = {k: v for k, v in overrides.items() if v is not None and v.strip().lower() != "default"}
+    try:
+        checked = RechargeSettings.model_validate({**settings.recharge.model_dump(), **given})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))} = {e['input']!r}: {e['msg']}" for e in exc.errors())
+        raise InputError(f"invalid policy override: {problems}") from None
+    result: dict[str, int | None] = {}
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        if name not in given:
+            result[name] = None
+        elif name in OVERRIDE_DAYS:
+            result[name] = getattr(checked, name)
+        else:
+            amount = getattr(checked, name)
+            result[name] = None if amount is None else parse_amount(amount)
+    return result
+
+
+def change_account(
+    db: Database,
+    account_id: str,
+    *,
+    actor: str,
+    clock: Clock,
+    settings: Settings,
+    email: str | None = None,
+    plan: str | None = None,
+    vat_percent: str | None = None,
+    auto_recharge: bool | None = None,
+    overrides: Mapping[str, str | None] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Change an account's billing settings; returns (before, after). A change that changes nothing is not audited."""
+    actor = parse_actor(actor)
+    checked_overrides = validate_overrides(overrides or {}, settings)
+    now = clock.now()
+    with db.transaction() as session:
+        account = _load(session, account_id)
+        before = settings_of(account)
+        if email is not None:
+            if not _EMAIL.match(email.strip()):
+                raise InputError(f"email {email!r} is not an email address")
+            account.email = email.strip()
+        if plan is not None:
+            if plan not in settings.plans:
+                raise InputError(f"plan {plan!r} is not defined in config.toml")
+            if settings.plans[plan].currency != account.currency:
+                raise InputError(
+                    f"plan {plan!r} is priced in {settings.plans[plan].currency}, account is in {account.currency}"
+                )
+            account.plan = plan
+        if vat_percent is not None:
+            try:
+                account.vat_percent = parse_vat(vat_percent)
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
+        if auto_recharge is not None:
+            account.auto_recharge = auto_recharge
+        for name, value in checked_overrides.items():
+            setattr(account, name, value)
+        after = settings_of(account)
+        if after != before:
+            account.updated_at = now
+            changed = [k for k in after if after[k] != before[k]]
+            action = "auto_recharge.changed" if set(changed) <= {"auto_recharge", *OVERRIDES} else "account.changed"
+            _audit(
+                session,
+                account_id,
+                actor,
+                now,
+                action,
+                {k: before[k] for k in changed},
+                {k: after[k] for k in changed},
+            )
+    return before, after
+
+
+def audit_trail(db: Database, account_id: str | None = None, limit: int = 200) -> list[AuditRecord]:
+    """The newest audit records first, for one account or all."""
+    with db.transaction() as session:
+        query = select(AuditRecord).order_by(AuditRecord.id.desc()).limit(limit)
+        if account_id is not None:
+            _load(session, account_id)
+            query = query.where(AuditRecord.account_id == account_id)
+        return list(session.scalars(query))
+
+
+def get_account(db: Database, account_id: str) -> Account:
+    with db.transaction() as session:
+        return _load(session, account_id)

@@ -1,0 +1,163 @@
+"""The recharge decision: average daily usage, threshold, recharge amount, runway. Pure; `at` is a parameter.
+
+The average daily usage at time T is the cost of usage started in the `window_days` full UTC calendar days
+before T's UTC day (T's own day excluded), divided by `window_days`; an account with less history, counted
+from the earlier of its creation and its first usage, divides by its number of full days (at least 1).
+Threshold = average x `threshold_days`, recharge amount = average x `recharge_days`, then the floors and caps.
+When the balance is below the threshold the account is charged the recharge amount, or more if even that
+would leave it under the threshold (the charge then covers the shortfall), within `max_recharge` and the
+spend caps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from decimal import ROUND_FLOOR, Decimal
+from typing import Literal
+
+from recharged.clock import as_utc, start_of_day
+from recharged.money import (
+    Units,
+    ceil_to_minor,
+    div_half_up,
+    floor_to_minor,
+    fraction_to_minor,
+    minor_step,
+)
+
+DAY = timedelta(days=1)
+
+Reason = Literal[
+    "below_threshold",
+    "above_threshold",
+    "auto_recharge_off",
+    "cap_reached",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """How much reserve to keep and how much to add; amounts in the account's currency units."""
+
+    window_days: int = 30
+    threshold_days: int = 7
+    recharge_days: int = 14
+    min_threshold: Units = 0
+    min_recharge: Units = 0
+    max_recharge: Units | None = None
+    max_charged_per_day: Units | None = None
+    max_charged_per_30_days: Units | None = None
+
+    def overridden(self, overrides: dict[str, int | None]) -> Policy:
+        """This policy with the given non-None fields replaced (an account's own settings)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """The UTC days [start, end) whose usage makes the average at time `at`."""
+
+    start: datetime
+    end: datetime
+
+    @classmethod
+    def before(cls, at: datetime, days: int) -> Window:
+        end = start_of_day(at)
+        return cls(end - days * DAY, end)
+
+
+@dataclass(frozen=True, slots=True)
+class AccountFigures:
+    """What the decision needs to know about one account at one moment."""
+
+    currency: str
+    balance: Units
+    created_at: datetime
+    first_usage_at: datetime | None
+    window_usage: Units  # cost of usage started inside the window, a positive amount
+    auto_recharge: bool
+    policy: Policy
+    charged_last_day: Units = 0
+    charged_last_30_days: Units = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The decision the next cycle would take for one account, with every figure behind it."""
+
+    balance: Units
+    history_days: int
+    average_daily: Units
+    threshold: Units
+    recharge_amount: Units
+    runway_days: Decimal | None  # None: no usage, the balance lasts indefinitely
+    action: Literal["charge", "skip"]
+    reason: Reason
+    charge_amount: Units = 0
+    limited_by: str | None = None  # the floor or cap that bounded the charge amount, if any
+
+
+def history_days(at: datetime, created_at: datetime, first_usage_at: datetime | None, window_days: int) -> int:
+    """Full UTC days of history before `at`'s day, between 1 and `window_days`."""
+    end = start_of_day(at)
+    start = as_utc(created_at)
+    if first_usage_at is not None:
+        start = min(start, as_utc(first_usage_at))
+    full_days = (end - start) // DAY
+    return max(1, min(window_days, full_days))
+
+
+def runway_days(balance: Units, window_usage: Units, days: int) -> Decimal | None:
+    """Days the balance lasts at the average rate, rounded down to 0.1 day; None when there is no usage."""
+    if window_usage <= 0:
+        return None
+    if balance <= 0:
+        return Decimal("0.0")
+    return (Decimal(balance * days) / Decimal(window_usage)).quantize(Decimal("0.1"), rounding=ROUND_FLOOR)
+
+
+def decide(figures: AccountFigures, at: datetime) -> Decision:
+    """The recharge decision for one account at time `at`."""
+    policy = figures.policy
+    currency = figures.currency
+    days = history_days(at, figures.created_at, figures.first_usage_at, policy.window_days)
+    usage = max(0, figures.window_usage)
+
+    threshold = max(policy.min_threshold, div_half_up(usage * policy.threshold_days, days))
+    recharge = max(policy.min_recharge, fraction_to_minor(usage * policy.recharge_days, days, currency))
+    if policy.max_recharge is not None:
+        recharge = min(recharge, policy.max_recharge)
+
+    skip = Decision(
+        balance=figures.balance,
+        history_days=days,
+        average_daily=div_half_up(usage, days),
+        threshold=threshold,
+        recharge_amount=recharge,
+        runway_days=runway_days(figures.balance, usage, days),
+        action="skip",
+        reason="above_threshold",
+    )
+    if not figures.auto_recharge:
+        return replace(skip, reason="auto_recharge_off")
+    if figures.balance >= threshold:
+        return skip
+
+    # One charge always lifts the balance to the threshold: cover the shortfall when the recharge is too small.
+    charge = max(recharge, ceil_to_minor(threshold - figures.balance, currency))
+    limited_by: str | None = "shortfall" if charge > recharge else None
+    if policy.max_recharge is not None and charge > policy.max_recharge:
+        charge, limited_by = policy.max_recharge, "max_recharge"
+    for cap_name, cap, spent in (
+        ("max_charged_per_day", policy.max_charged_per_day, figures.charged_last_day),
+        ("max_charged_per_30_days", policy.max_charged_per_30_days, figures.charged_last_30_days),
+    ):
+        if cap is None:
+            continue
+        allowed = floor_to_minor(cap - spent, currency)
+        if allowed < minor_step(currency):
+            return replace(skip, reason="cap_reached", limited_by=cap_name)
+        if charge > allowed:
+            charge, limited_by = allowed, cap_name
+    return replace(skip, action="charge", reason="below_threshold", charge_amount=charge, limited_by=limited_by)

@@ -1,0 +1,630 @@
+"""The `recharged` command: the composition root that wires settings, database, clock and services."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+import click
+import structlog
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from recharged import accounts as accounts_service
+from recharged import secrets
+from recharged.clock import Clock, SystemClock, parse_instant
+from recharged.config import Settings, default_config_path, load_settings
+from recharged.db import Database, masked_url
+from recharged.errors import ConfigError, InputError, RechargedError
+from recharged.logs import configure
+from recharged.money import format_ledger
+from recharged.planning import AccountPlan, plan_accounts
+from recharged.usage import FIELDS, Outcome, UsageRecorder, summarize
+from recharged.verify import verify as verify_ledger
+
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+log = structlog.get_logger("recharged")
+
+
+@dataclass
+class App:
+    """What every command may need, built on first use."""
+
+    config_path: Path | None
+    clock: Clock = field(default_factory=SystemClock)
+    _settings: Settings | None = None
+    _db: Database | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.config_path)
+            configure(self._settings.logging)
+        return self._settings
+
+    def database(self, *, migrated: bool = True) -> Database:
+        if self._db is None:
+            self._db = Database(self.settings.database.url)
+        if migrated:
+            self._db.require_current()
+        return self._db
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", markup=True)
+    sys.exit(code)
+
+
+class _Group(click.Group):
+    """Turns recharged's own errors into a clear message and an exit status, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RechargedError as exc:
+            _fail(str(exc).replace("[", r"\["), exc.exit_code)
+
+
+def _at(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_instant(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _amount(units: int) -> str:
+    return format_ledger(units)
+
+
+actor_option = click.option(
+    "--actor",
+    envvar="RECHARGED_ACTOR",
+    required=True,
+    help='First and last name of the admin signing this billing change (or $RECHARGED_ACTOR), e.g. "Jane Doe".',
+)
+at_option = click.option(
+    "--at", "at", metavar="ISO", help="Decide as of this instant (default: now), e.g. 2026-11-20T12:00Z."
+)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="config.toml to use (default: $RECHARGED_CONFIG, else ./config.toml, else built-in defaults).",
+)
+@click.version_option(package_name="recharged")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None) -> None:
+    """recharged: prepaid dialer balances, usage rating and automatic recharge."""
+    ctx.obj = App(config_path if config_path is not None else default_config_path(os.environ))
+
+
+# --- configuration ------------------------------------------------------------------------------------------
+
+
+@main.command("check-config")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="config.toml to check.")
+@click.option("--json", "as_json", is_flag=True, help="Print the effective settings as JSON.")
+@pass_app
+def check_config(app: App, config_path: Path | None, as_json: bool) -> None:
+    """Validate the configuration and print the effective settings (secrets masked)."""
+    if config_path is not None:
+        app.config_path = config_path
+    settings = app.settings
+    effective = settings.model_dump(mode="json")
+    effective["database"]["url"] = masked_url(settings.database.url)
+    effective["secrets"] = {name: secrets.describe(name) for name in secrets.SECRET_NAMES}
+    if as_json:
+        out.print_json(json.dumps(effective))
+        return
+    source = str(app.config_path) if app.config_path else "built-in defaults (no config.toml found)"
+    out.print(f"configuration OK: {source}")
+    _print_tree(effective)
+
+
+def _print_tree(values: dict[str, Any], prefix: str = "") -> None:
+    for key, value in values.items():
+        if isinstance(value, dict):
+            _print_tree(value, f"{prefix}{key}.")
+        else:
+            out.print(f"  {prefix}{key} = {json.dumps(value)}")
+
+
+# --- database -----------------------------------------------------------------------------------------------
+
+
+@main.group("db")
+def db_group() -> None:
+    """Database schema: upgrade and status."""
+
+
+@db_group.command("upgrade")
+@pass_app
+def db_upgrade(app: App) -> None:
+    """Bring the database to the newest schema (creates it when empty)."""
+    db = app.database(migrated=False)
+    before, after = db.upgrade()
+    if before == after:
+        out.print(f"database {masked_url(db.url)} is already at schema {after}")
+    else:
+        out.print(f"database {masked_url(db.url)} upgraded from {before or 'empty'} to {after}")
+
+
+@db_group.command("status")
+@pass_app
+def db_status(app: App) -> None:
+    """Show the database's schema version and the newest one."""
+    db = app.database(migrated=False)
+    current, head = db.current_revision(), db.head_revision()
+    state = "up to date" if current == head else "needs `recharged db upgrade`"
+    out.print(f"database {masked_url(db.url)}: schema {current or 'none'}, newest {head}: {state}")
+    if current != head:
+        sys.exit(1)
+
+
+# --- accounts -----------------------------------------------------------------------------------------------
+
+
+@main.group("accounts")
+def accounts_group() -> None:
+    """Create, import, change and show accounts."""
+
+
+@accounts_group.command("create")
+@click.argument("account_id")
+@click.option("--email", required=True, help="Where receipts and notices go.")
+@click.option("--plan", required=True, help="A rate plan defined in config.toml.")
+@click.option("--currency", help="ISO currency code (default: the plan's currency).")
+@click.option("--vat-percent", required=True, help="VAT rate in percent, e.g. 20 or 0.")
+@click.option(
+    "--created-at", metavar="ISO", help="When the customer started, if before recharged (history counts from it)."
+)
+@click.option("--opening-balance", metavar="AMOUNT", help="Balance brought over from the old system, e.g. 42.50.")
+@actor_option
+@pass_app
+def accounts_create(app: App, /, account_id: str, actor: str, **fields: str | None) -> None:
+    """Create one account (auto-recharge stays off until the customer opts in)."""
+    accounts_service.parse_actor(actor)
+    try:
+        new = accounts_service.new_account({"id": account_id, **fields}, app.settings, app.clock.now())
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    result = accounts_service.create_accounts(app.database(), [new], actor, app.clock)
+    if result.created:
+        out.print(f"created account {account_id} ({new.plan}, {new.currency}, VAT {new.vat_percent}%)")
+    else:
+        out.print(f"account {account_id} already exists with these settings; nothing changed")
+
+
+ACCOUNT_COLUMNS = ("id", "email", "plan", "currency", "vat_percent", "created_at", "opening_balance", "auto_recharge")
+
+
+@accounts_group.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--created-at", metavar="ISO", help="created_at for rows that do not give one.")
+@actor_option
+@pass_app
+def accounts_import(app: App, file: Path, created_at: str | None, actor: str) -> None:
+    """Import accounts from CSV, all or nothing.
+
+    Columns: id,email,plan,vat_percent and optionally currency,created_at,opening_balance,auto_recharge.
+    Re-importing the same file changes nothing.
+    """
+    accounts_service.parse_actor(actor)
+    now = app.clock.now()
+    new, problems = [], []
+    with _open_csv(file) as (reader, rows):
+        _check_header(file, reader.fieldnames, required=("id", "email", "plan", "vat_percent"), known=ACCOUNT_COLUMNS)
+        for line, row in rows:
+            shape = _shape_problem(row)
+            if shape:
+                problems.append(f"{file}:{line}: {shape}")
+                continue
+            if created_at and not (row.get("created_at") or "").strip():
+                row["created_at"] = created_at
+            try:
+                new.append(accounts_service.new_account(row, app.settings, now))
+            except ValueError as exc:
+                problems.append(f"{file}:{line}: {exc}")
+    if problems:
+        listing = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
+        raise InputError(f"{len(problems)} bad rows, nothing imported:\n  {listing}")
+    result = accounts_service.create_accounts(app.database(), new, actor, app.clock)
+    out.print(f"{file}: {len(result.created)} accounts created, {len(result.unchanged)} already present and unchanged")
+
+
+@accounts_group.command("update")
+@click.argument("account_id")
+@click.option("--email")
+@click.option("--plan")
+@click.option("--vat-percent")
+@actor_option
+@pass_app
+def accounts_update(
+    app: App, account_id: str, email: str | None, plan: str | None, vat_percent: str | None, actor: str
+) -> None:
+    """Change an account's email, plan or VAT rate (signed and audited)."""
+    if email is None and plan is None and vat_percent is None:
+        raise InputError("nothing to change: give --email, --plan or --vat-percent")
+    before, after = accounts_service.change_account(
+        app.database(),
+        account_id,
+        actor=actor,
+        clock=app.clock,
+        settings=app.settings,
+        email=email,
+        plan=plan,
+        vat_percent=vat_percent,
+    )
+    _print_change(account_id, before, after)
+
+
+def _print_change(account_id: str, before: dict[str, Any], after: dict[str, Any]) -> None:
+    changed = [k for k in after if after[k] != before[k]]
+    if not changed:
+        out.print(f"account {account_id}: nothing changed")
+    for key in changed:
+        out.print(f"account {account_id}: {key} {before[key]} -> {after[key]}")
+
+
+@main.command("auto-recharge")
+@click.argument("account_id")
+@click.option("--enable/--disable", default=None, help="Turn automatic recharge on (the customer opted in) or off.")
+@click.option("--window-days", help="Days of usage the average covers (or 'default').")
+@click.option("--threshold-days", help="Days of average usage kept as the minimum reserve (or 'default').")
+@click.option("--recharge-days", help="Days of average usage added by a recharge (or 'default').")
+@click.option("--min-threshold", help="Floor of the threshold, an amount (or 'default').")
+@click.option("--min-recharge", help="Floor of a recharge, an amount (or 'default').")
+@click.option("--max-recharge", help="Ceiling of one charge, an amount (or 'default').")
+@click.option("--max-charged-per-day", help="Spend cap over 24 hours (or 'default').")
+@click.option("--max-charged-per-30-days", help="Spend cap over 30 days (or 'default').")
+@actor_option
+@pass_app
+def auto_recharge(app: App, /, account_id: str, enable: bool | None, actor: str, **overrides: str | None) -> None:
+    """Turn automatic recharge on or off, and set this account's own policy (signed and audited)."""
+    if enable is None and all(v is None for v in overrides.values()):
+        raise InputError("nothing to change: give --enable, --disable or a policy setting")
+    before, after = accounts_service.change_account(
+        app.database(),
+        account_id,
+        actor=actor,
+        clock=app.clock,
+        settings=app.settings,
+        auto_recharge=enable,
+        overrides=overrides,
+    )
+    _print_change(account_id, before, after)
+
+
+@accounts_group.command("show")
+@click.argument("account_id")
+@at_option
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def accounts_show(app: App, account_id: str, at: str | None, as_json: bool) -> None:
+    """One account: its settings, balance and the decision the next cycle would take."""
+    when = _at(at) or app.clock.now()
+    db = app.database()
+    account = accounts_service.get_account(db, account_id)
+    plans = list(plan_accounts(db, app.settings, when, [account_id]))
+    settings = accounts_service.settings_of(account)
+    settings["created_at"] = account.created_at.isoformat()
+    settings["first_usage_at"] = account.first_usage_at.isoformat() if account.first_usage_at else None
+    if as_json:
+        out.print_json(json.dumps({"account": account_id, "settings": settings, **_plan_json(plans[0], when)}))
+        return
+    table = Table(title=f"account {account_id}", show_header=False)
+    for key, value in settings.items():
+        table.add_row(key, "(config)" if value is None else str(value))
+    out.print(table)
+    _plan_table(plans, when)
+
+
+# --- audit --------------------------------------------------------------------------------------------------
+
+
+@main.command("audit")
+@click.argument("account_id", required=False)
+@click.option("--limit", default=200, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def audit(app: App, account_id: str | None, limit: int, as_json: bool) -> None:
+    """Who changed billing settings, when, and the values before and after (newest first)."""
+    records = accounts_service.audit_trail(app.database(), account_id, limit)
+    if as_json:
+        rows = [
+            {
+                "at": r.at.isoformat(),
+                "account": r.account_id,
+                "actor": r.actor,
+                "action": r.action,
+                "before": r.before,
+                "after": r.after,
+            }
+            for r in records
+        ]
+        out.print_json(json.dumps(rows))
+        return
+    table = Table("at (UTC)", "account", "actor", "action", "before", "after")
+    for r in records:
+        table.add_row(r.at.isoformat(), r.account_id, r.actor, r.action, _kv(r.before), _kv(r.after))
+    out.print(table if records else "no audit records")
+
+
+def _kv(values: dict[str, Any] | None) -> str:
+    shown = {k: v for k, v in (values or {}).items() if v is not None}
+    return "\n".join(f"{k}={v}" for k, v in shown.items()) or "-"
+
+
+# --- usage --------------------------------------------------------------------------------------------------
+
+
+@main.group("usage")
+def usage_group() -> None:
+    """Record usage: one event, or a CSV of call-detail records."""
+
+
+@usage_group.command("record")
+@click.option("--event-id", required=True)
+@click.option("--account", "account_id", required=True)
+@click.option("--kind", required=True, help="A usage kind of the account's plan, e.g. dialer or sms_out.")
+@click.option("--started-at", required=True, metavar="ISO", help="When the call was dialed or the message sent.")
+@click.option("--duration", "duration_seconds", help="Seconds of the whole leg (time-based kinds).")
+@click.option("--quantity", help="Units (count-based kinds).")
+@click.option("--text", help="The SMS text; its segments are counted.")
+@click.option("--cost", help="A pre-rated cost, used as given.")
+@pass_app
+def usage_record(app: App, /, **event: str | None) -> None:
+    """Record one usage event."""
+    recorder = UsageRecorder(app.database(), app.settings, app.clock)
+    outcome = recorder.record([event])[0]
+    if outcome.status == "rejected":
+        raise InputError(f"event {event['event_id']} rejected: {outcome.reason}")
+    out.print(f"event {event['event_id']}: {outcome.status}")
+
+
+@usage_group.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--rejects",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write rejected rows (default: FILE with .rejected.csv), only if there are any.",
+)
+@pass_app
+def usage_import(app: App, file: Path, rejects: Path | None) -> None:
+    """Import call-detail records from CSV; duplicates are skipped, bad rows rejected one by one.
+
+    Header: event_id,account_id,kind,started_at,duration_seconds,quantity,text,cost
+    """
+    recorder = UsageRecorder(app.database(), app.settings, app.clock)
+    batch_size = app.settings.usage.batch_size
+    rejects = rejects or file.with_name(file.stem + ".rejected.csv")
+    counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
+    reject_writer: Any = None
+    reject_handle: IO[str] | None = None
+    started = time.perf_counter()
+    progress = Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+    try:
+        with _open_csv(file) as (reader, rows), progress:
+            _check_header(file, reader.fieldnames, required=FIELDS, known=FIELDS)
+            task = progress.add_task(f"importing {file.name}", total=file.stat().st_size)
+            for batch in _batches(rows, batch_size):
+                ragged = [(line, row, _shape_problem(row)) for line, row in batch]
+                fitting = [(line, row) for line, row, problem in ragged if problem is None]
+                outcomes = recorder.record([row for _, row in fitting], [line for line, _ in fitting])
+                outcomes += [Outcome(line, row.get("event_id"), "rejected", p) for line, row, p in ragged if p]
+                for key, value in summarize(outcomes).items():
+                    counts[key] += value
+                rows_at = {line: row for line, row in batch}
+                bad = [(o, rows_at[o.position]) for o in outcomes if o.status == "rejected"]
+                if bad and reject_writer is None:
+                    reject_handle = rejects.open("w", newline="", encoding="utf-8")
+                    reject_writer = csv.writer(reject_handle)
+                    reject_writer.writerow(["line", "reason", *FIELDS])
+                for outcome, row in bad:
+                    reject_writer.writerow([outcome.position, outcome.reason, *(row.get(f) or "" for f in FIELDS)])
+                progress.update(task, completed=reader_position(reader))
+    finally:
+        if reject_handle is not None:
+            reject_handle.close()
+    elapsed = time.perf_counter() - started
+    total = sum(counts.values())
+    rate = f", {total / elapsed:,.0f} events/s" if elapsed > 0 and total else ""
+    out.print(
+        f"{file}: {counts['accepted']} accepted, {counts['duplicate']} duplicates, {counts['rejected']} rejected "
+        f"in {elapsed:.1f}s{rate}"
+    )
+    log.info("usage.import.finished", file=str(file), elapsed_s=round(elapsed, 3), **counts)
+    if counts["rejected"]:
+        out.print(f"rejected rows with their line numbers and reasons: {rejects}")
+
+
+def reader_position(reader: Any) -> int:
+    handle = getattr(reader, "_recharged_handle", None)
+    return handle.tell() if handle is not None else 0
+
+
+def _batches(rows: Iterator[tuple[int, dict[str, str]]], size: int) -> Iterator[list[tuple[int, dict[str, str]]]]:
+    batch: list[tuple[int, dict[str, str]]] = []
+    for item in rows:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+EXTRA = "\x00extra"
+
+
+class _open_csv:
+    """Open a UTF-8 CSV (BOM allowed) and iterate (line number, row); see `_shape_problem` for ragged rows."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> tuple[csv.DictReader[str], Iterator[tuple[int, dict[str, str]]]]:
+        self.handle = self.path.open("r", newline="", encoding="utf-8-sig")
+        reader = csv.DictReader(self.handle, restkey=EXTRA)
+        reader._recharged_handle = self.handle  # type: ignore[attr-defined]
+
+        def rows() -> Iterator[tuple[int, dict[str, str]]]:
+            try:
+                for row in reader:
+                    yield reader.line_num, row
+            except UnicodeDecodeError as exc:
+                raise InputError(
+                    f"{self.path}: not UTF-8 text after line {reader.line_num} (byte {exc.start}); "
+                    "rows before it were processed, re-running after fixing the file is safe"
+                ) from None
+            except csv.Error as exc:
+                raise InputError(f"{self.path}:{reader.line_num}: malformed CSV: {exc}") from None
+
+        return reader, rows()
+
+    def __exit__(self, *_: object) -> None:
+        self.handle.close()
+
+
+def _shape_problem(row: dict[str, Any]) -> str | None:
+    """Why a CSV row does not fit its header, if it does not."""
+    if EXTRA in row:
+        return f"row has {len(row[EXTRA])} more fields than the header (quote fields that contain commas)"
+    if None in row.values():
+        return "row has fewer fields than the header"
+    return None
+
+
+def _check_header(path: Path, header: Any, *, required: tuple[str, ...], known: tuple[str, ...]) -> None:
+    columns = [c.strip() for c in header or []]
+    missing = [c for c in required if c not in columns]
+    unknown = [c for c in columns if c not in known]
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing columns {', '.join(missing)}")
+        if unknown:
+            parts.append(f"unknown columns {', '.join(unknown)}")
+        raise InputError(f"{path}:1: bad header ({'; '.join(parts)}); expected {','.join(known)}")
+
+
+# --- plan ---------------------------------------------------------------------------------------------------
+
+
+@main.command("plan")
+@at_option
+@click.option("--json", "as_json", is_flag=True, help="JSON with amounts as decimal strings.")
+@click.option("--charges-only", is_flag=True, help="Only the accounts the cycle would charge.")
+@pass_app
+def plan(app: App, at: str | None, as_json: bool, charges_only: bool) -> None:
+    """What the next recharge cycle would charge, for every account, and why."""
+    when = _at(at) or app.clock.now()
+    plans: Iterator[AccountPlan] = plan_accounts(app.database(), app.settings, when)
+    if charges_only:
+        plans = (p for p in plans if p.decision.action == "charge")
+    if as_json:
+        _stream_json(plans, when, sys.stdout.write)
+        return
+    _plan_table(list(plans), when)
+
+
+def _plan_json(p: AccountPlan, when: datetime) -> dict[str, Any]:
+    d = p.decision
+    return {
+        "account": p.account_id,
+        "currency": p.currency,
+        "balance": _amount(d.balance),
+        "window": {"start": p.window.start.isoformat(), "end": p.window.end.isoformat(), "days": d.history_days},
+        "average_daily_usage": _amount(d.average_daily),
+        "threshold": _amount(d.threshold),
+        "recharge_amount": _amount(d.recharge_amount),
+        "runway_days": None if d.runway_days is None else str(d.runway_days),
+        "auto_recharge": p.auto_recharge,
+        "decision": d.action,
+        "reason": d.reason,
+        "charge_amount": _amount(d.charge_amount),
+        "limited_by": d.limited_by,
+    }
+
+
+def _stream_json(plans: Iterator[AccountPlan], when: datetime, write: Callable[[str], Any]) -> None:
+    write('{"at": ' + json.dumps(when.isoformat()) + ', "accounts": [')
+    for i, p in enumerate(plans):
+        write(("," if i else "") + "\n  " + json.dumps(_plan_json(p, when)))
+    write("\n]}\n")
+
+
+def _plan_table(plans: list[AccountPlan], when: datetime) -> None:
+    table = Table(title=f"recharge plan at {when.isoformat()}")
+    for column in ("account", "cur", "balance", "avg/day", "days", "threshold", "recharge", "runway d", "decision"):
+        table.add_column(column, justify="right" if column not in ("account", "cur", "decision") else "left")
+    charges = 0
+    for p in plans:
+        d = p.decision
+        verdict = f"[bold]charge {_amount(d.charge_amount)}[/]" if d.action == "charge" else "skip"
+        why = d.reason + (f" ({d.limited_by})" if d.limited_by else "")
+        charges += d.action == "charge"
+        table.add_row(
+            p.account_id,
+            p.currency,
+            _amount(d.balance),
+            _amount(d.average_daily),
+            str(d.history_days),
+            _amount(d.threshold),
+            _amount(d.recharge_amount),
+            "-" if d.runway_days is None else str(d.runway_days),
+            f"{verdict}: {why}",
+        )
+    out.print(table)
+    out.print(f"{len(plans)} accounts, {charges} to charge")
+
+
+# --- verify -------------------------------------------------------------------------------------------------
+
+
+@main.command("verify")
+@pass_app
+def verify(app: App) -> None:
+    """Prove the ledger's invariants: balances, rating, daily totals, first usage. Exits 1 on any violation."""
+    report = verify_ledger(app.database())
+    for line in report.violations:
+        out.print(f"VIOLATION {line}")
+    if not report.ok:
+        sys.exit(1)
+    out.print(f"ledger OK: {report.checked_entries} usage entries checked, every invariant holds")
+
+
+def run() -> None:  # pragma: no cover - thin wrapper for `python -m recharged`
+    try:
+        main()
+    except ConfigError as exc:
+        _fail(str(exc), exc.exit_code)
+
+
+__all__ = ["main"]

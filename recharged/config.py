@@ -1,0 +1,279 @@
+"""config.toml -> frozen, validated settings. Nothing happens at import time.
+
+Precedence: built-in defaults < config.toml < environment variables `RECHARGED_<SECTION>__<KEY>` (nested keys
+join with `__`, e.g. `RECHARGED_RECHARGE__THRESHOLD_DAYS=5`). Unknown keys are errors. Secrets never come
+from here: see `recharged.secrets`. Every problem is reported at once as `file: key.path = value: what is
+allowed`, and the command exits with status 78.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
+
+from recharged.balance import Policy
+from recharged.errors import ConfigError
+from recharged.money import PLACES, check_currency, parse_amount
+from recharged.rating import CountRate, Rate, TimeRate
+from recharged.secrets import SECRET_NAMES, env_name
+
+ENV_PREFIX = "RECHARGED_"
+_SECRET_KEY = re.compile(r"(password|passwd|secret|api_key|apikey|token|tokens)$", re.IGNORECASE)
+NAME_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
+
+
+def _money(value: Decimal) -> Decimal:
+    if value < 0:
+        raise ValueError("must not be negative")
+    parse_amount(value)  # raises when more than 5 decimal places
+    return value
+
+
+def _optional_money(value: object) -> object:
+    if isinstance(value, str) and value.strip().lower() == "off":
+        return None
+    return value
+
+
+Money = Annotated[Decimal, AfterValidator(_money)]
+OptionalMoney = Annotated[Money | None, BeforeValidator(_optional_money)]
+Currency = Annotated[str, AfterValidator(check_currency)]
+KindName = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+class DatabaseSettings(_Section):
+    url: str = Field(
+        "sqlite:///recharged.db",
+        description="SQLAlchemy URL: sqlite:///PATH or postgresql://user@host/db (password via environment)",
+    )
+
+
+class UsageSettings(_Section):
+    future_tolerance_seconds: int = Field(300, ge=0, le=86_400)
+    batch_size: int = Field(5_000, ge=1, le=100_000)
+
+
+class RechargeSettings(_Section):
+    window_days: int = Field(30, ge=1, le=366)
+    threshold_days: int = Field(7, ge=0, le=366)
+    recharge_days: int = Field(14, ge=1, le=366)
+    min_threshold: Money = Decimal("5.00")
+    min_recharge: Money = Decimal("10.00")
+    max_recharge: OptionalMoney = Decimal("1000.00")
+    max_charged_per_day: OptionalMoney = Decimal("2000.00")
+    max_charged_per_30_days: OptionalMoney = Decimal("10000.00")
+
+    def policy(self) -> Policy:
+        """The default recharge policy in Units."""
+
+        def units(value: Decimal | None) -> int | None:
+            return None if value is None else parse_amount(value)
+
+        return Policy(
+            window_days=self.window_days,
+            threshold_days=self.threshold_days,
+            recharge_days=self.recharge_days,
+            min_threshold=parse_amount(self.min_threshold),
+            min_recharge=parse_amount(self.min_recharge),
+            max_recharge=units(self.max_recharge),
+            max_charged_per_day=units(self.max_charged_per_day),
+            max_charged_per_30_days=units(self.max_charged_per_30_days),
+        )
+
+
+class TimeRateSettings(_Section):
+    measure: Literal["time"]
+    price_per_minute: Money
+    increment_seconds: int = Field(60, ge=1, le=3_600)
+    minimum_seconds: int = Field(0, ge=0, le=3_600)
+    connect_fee: Money = Decimal(0)
+
+    def rate(self) -> TimeRate:
+        return TimeRate(
+            price_per_minute=parse_amount(self.price_per_minute),
+            increment_seconds=self.increment_seconds,
+            minimum_seconds=self.minimum_seconds,
+            connect_fee=parse_amount(self.connect_fee),
+        )
+
+
+class CountRateSettings(_Section):
+    measure: Literal["count"]
+    price_per_unit: Money
+    unit: KindName = "unit"
+
+    def rate(self) -> CountRate:
+        return CountRate(price_per_unit=parse_amount(self.price_per_unit), unit=self.unit)
+
+
+RateSettings = Annotated[TimeRateSettings | CountRateSettings, Field(discriminator="measure")]
+
+
+class PlanSettings(_Section):
+    currency: Currency
+    rates: dict[KindName, RateSettings] = Field(min_length=1)
+
+    def rate_table(self) -> dict[str, Rate]:
+        return {kind: settings.rate() for kind, settings in self.rates.items()}
+
+
+def _standard_plan() -> dict[str, PlanSettings]:
+    time = TimeRateSettings.model_validate
+    count = CountRateSettings.model_validate
+    return {
+        "standard": PlanSettings(
+            currency="USD",
+            rates={
+                "dialer": time({"measure": "time", "price_per_minute": Decimal("0.0200")}),
+                "outbound": time({"measure": "time", "price_per_minute": Decimal("0.0140")}),
+                "inbound": time({"measure": "time", "price_per_minute": Decimal("0.0085")}),
+                "recording": time({"measure": "time", "price_per_minute": Decimal("0.0025"), "increment_seconds": 1}),
+                "sms_out": count({"measure": "count", "price_per_unit": Decimal("0.0079"), "unit": "segment"}),
+                "sms_in": count({"measure": "count", "price_per_unit": Decimal("0.0079"), "unit": "segment"}),
+                "mms_out": count({"measure": "count", "price_per_unit": Decimal("0.0200"), "unit": "segment"}),
+                "lookup": count({"measure": "count", "price_per_unit": Decimal("0.0100"), "unit": "lookup"}),
+                "ai_voice_detection": count({"measure": "count", "price_per_unit": Decimal("0.0075"), "unit": "call"}),
+            },
+        )
+    }
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(_Section):
+    """Every setting recharged has; `config.toml` in the repository lists them with their defaults."""
+
+    database: DatabaseSettings = DatabaseSettings()
+    usage: UsageSettings = UsageSettings()
+    recharge: RechargeSettings = RechargeSettings()
+    plans: dict[KindName, PlanSettings] = Field(default_factory=_standard_plan, min_length=1)
+    logging: LoggingSettings = LoggingSettings()
+
+
+def default_config_path(environ: Mapping[str, str]) -> Path | None:
+    """`$RECHARGED_CONFIG`, else ./config.toml when it exists, else none (built-in defaults)."""
+    if environ.get("RECHARGED_CONFIG"):
+        return Path(environ["RECHARGED_CONFIG"])
+    local = Path("config.toml")
+    return local if local.is_file() else None
+
+
+def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, merge and validate the configuration; raise ConfigError listing every problem."""
+    env = os.environ if environ is None else environ
+    source = str(path) if path is not None else "built-in defaults"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with path.open("rb") as handle:
+                data = tomllib.load(handle, parse_float=Decimal)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        _refuse_secrets(data, path)
+
+    env_paths = _apply_environment(data, env)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe_error(error, source, env_paths) for error in exc.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def _refuse_secrets(data: Mapping[str, Any], path: Path, prefix: str = "") -> None:
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            _refuse_secrets(value, path, dotted + ".")
+        elif _SECRET_KEY.search(key):
+            hint = ", ".join(f"{env_name(name)}" for name in SECRET_NAMES)
+            raise ConfigError(
+                f"{path}: {dotted}: secrets never go in config.toml; remove it and set it in the environment "
+                f"or as a systemd credential ({hint})"
+            )
+
+
+def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[tuple[str, ...], str]:
+    """Merge RECHARGED_<SECTION>__<KEY> variables into `data`; return which key paths they set."""
+    applied: dict[tuple[str, ...], str] = {}
+    for variable, value in sorted(environ.items()):
+        if not variable.startswith(ENV_PREFIX) or "__" not in variable:
+            continue
+        keys = tuple(part.lower() for part in variable[len(ENV_PREFIX) :].split("__"))
+        if any(not part for part in keys):
+            raise ConfigError(f"environment {variable}: empty key segment")
+        node = data
+        for key in keys[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"environment {variable}: {'.'.join(keys)} is not a table in the config")
+            node = child
+        node[keys[-1]] = value
+        applied[keys] = variable
+    return applied
+
+
+def _describe_error(error: Any, source: str, env_paths: Mapping[tuple[str, ...], str]) -> str:
+    loc = tuple(str(part) for part in error["loc"])
+    # Drop the discriminator tag pydantic inserts for rate tables (rates.dialer.time.price -> rates.dialer.price).
+    loc = tuple(p for i, p in enumerate(loc) if not (i >= 3 and loc[i - 2] == "rates" and p in ("time", "count")))
+    where = env_paths.get(loc, f"environment {env_paths[loc[:-1]]}" if loc[:-1] in env_paths else source)
+    if loc in env_paths:
+        where = f"environment {env_paths[loc]}"
+    key = ".".join(loc) or "(top level)"
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        message = "unknown setting" + (f"; allowed here: {', '.join(allowed)}" if allowed else "")
+        return f"{where}: {key}: {message}"
+    if error["type"] == "missing":
+        return f"{where}: {key}: required setting is missing"
+    if error["type"] == "union_tag_invalid":
+        message = "measure must be 'time' (price per minute) or 'count' (price per unit)"
+    value = error.get("input")
+    shown = f"{value!r}" if not isinstance(value, dict) else "{...}"
+    if isinstance(value, Decimal):
+        shown = str(value)
+    return f"{where}: {key} = {shown}: {message}"
+
+
+def _allowed_keys(loc: tuple[str, ...]) -> list[str]:
+    model: Any = Settings
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return []
+        if part in fields:
+            annotation = fields[part].annotation
+            model = annotation
+            continue
+        return []
+    fields = getattr(model, "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+__all__ = ["PLACES", "Settings", "load_settings"]

@@ -1,0 +1,348 @@
+"""Engine and session set-up, migrations, and the statements recharged runs: the only module that writes SQL.
+
+SQLite runs in WAL mode and every transaction starts with BEGIN IMMEDIATE, so writers queue instead of
+failing half-way. On PostgreSQL, writers lock the accounts they touch (in id order, so they cannot
+deadlock) before changing balances, and balances change by `balance = balance + delta`, never by a value
+read earlier, so no update is lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any, cast
+
+from sqlalchemy import Engine, Table, and_, bindparam, case, create_engine, event, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from recharged.errors import DatabaseError
+from recharged.models import Account, DailyUsage, Entry, Rate
+
+CHARGE_TYPES = ("recharge",)  # what the spend caps count: automatic recharges
+
+
+def normalize_url(url: str) -> str:
+    """Accept postgres:// and postgresql:// and use the psycopg 3 driver."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def masked_url(url: str) -> str:
+    return make_url(normalize_url(url)).render_as_string(hide_password=True)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine configured for recharged: WAL and BEGIN IMMEDIATE on SQLite, pre-ping on PostgreSQL."""
+    url = normalize_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:" and not Path(database).parent.exists():
+            raise DatabaseError(f"database {url}: directory {Path(database).parent} does not exist")
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _configure(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(connection: Any) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    if parsed.get_backend_name() == "postgresql":
+        return create_engine(url, pool_pre_ping=True)
+    raise DatabaseError(f"database {masked_url(url)}: only sqlite:// and postgresql:// are supported")
+
+
+def migrations_dir() -> Path:
+    """Alembic scripts: inside the installed package, or the repository's migrations/ in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "migrations", here.parent / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise DatabaseError("the migrations folder is missing from this installation")
+
+
+class Database:
+    """One database: its engine, transactions and schema version."""
+
+    def __init__(self, url: str) -> None:
+        self.url = normalize_url(url)
+        self.engine = make_engine(self.url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on any error."""
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except OperationalError as exc:
+            raise DatabaseError(f"database {masked_url(self.url)}: {exc.orig}") from exc
+
+    def _alembic(self) -> Any:
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(migrations_dir()))
+        return config
+
+    def head_revision(self) -> str:
+        from alembic.script import ScriptDirectory
+
+        head = ScriptDirectory.from_config(self._alembic()).get_current_head()
+        assert head is not None
+        return head
+
+    def current_revision(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        try:
+            with self.engine.connect() as connection:
+                return MigrationContext.configure(connection).get_current_revision()
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"database {masked_url(self.url)}: {getattr(exc, 'orig', exc)}") from exc
+
+    def upgrade(self) -> tuple[str | None, str]:
+        """Bring the database to the newest schema; returns (revision before, revision after)."""
+        from alembic import command
+
+        before = self.current_revision()
+        config = self._alembic()
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+        return before, self.head_revision()
+
+    def require_current(self) -> None:
+        """Refuse to work on a database that is missing or not at the newest schema."""
+        current, head = self.current_revision(), self.head_revision()
+        if current != head:
+            state = "has no recharged schema" if current is None else f"is at schema {current}, not {head}"
+            raise DatabaseError(f"database {masked_url(self.url)} {state}: run `recharged db upgrade`")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+# --- statements -------------------------------------------------------------------------------------------
+
+
+def _insert(session: Session, table: Any) -> Any:
+    dialect = session.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRef:
+    id: str
+    plan: str
+    currency: str
+
+
+def lock_accounts(session: Session, ids: Iterable[str]) -> dict[str, AccountRef]:
+    """The named accounts that exist, locked for update in id order (PostgreSQL; SQLite holds the write lock)."""
+    wanted = sorted(set(ids))
+    if not wanted:
+        return {}
+    rows = session.execute(
+        select(Account.id, Account.plan, Account.currency)
+        .where(Account.id.in_(wanted))
+        .order_by(Account.id)
+        .with_for_update()
+    )
+    return {row.id: AccountRef(row.id, row.plan, row.currency) for row in rows}
+
+
+def rate_id(session: Session, plan: str, kind: str, values: Mapping[str, Any]) -> int:
+    """The id of this rate snapshot, created if it is new."""
+    key = {"plan": plan, "kind": kind, **values}
+    session.execute(_insert(session, Rate.__table__).values(key).on_conflict_do_nothing())
+    conditions = [getattr(Rate, name) == value for name, value in key.items()]
+    return session.execute(select(Rate.id).where(and_(*conditions))).scalar_one()
+
+
+def insert_entries(session: Session, rows: Sequence[Mapping[str, Any]]) -> set[str]:
+    """Insert ledger entries, skipping any whose (type, external id) exists; returns the ids inserted."""
+    if not rows:
+        return set()
+    statement = (
+        _insert(session, Entry.__table__)
+        .on_conflict_do_nothing(index_elements=["entry_type", "external_id"])
+        .returning(Entry.__table__.c.external_id)
+    )
+    return set(session.execute(statement, list(rows)).scalars())
+
+
+def existing_entries(session: Session, entry_type: str, external_ids: Iterable[str]) -> dict[str, Entry]:
+    ids = sorted(set(external_ids))
+    if not ids:
+        return {}
+    rows = session.scalars(select(Entry).where(Entry.entry_type == entry_type, Entry.external_id.in_(ids)))
+    return {entry.external_id: entry for entry in rows}
+
+
+def add_daily_usage(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Add to the per-day usage totals (insert or increment), in key order."""
+    if not rows:
+        return
+    table = cast(Table, DailyUsage.__table__)
+    statement = _insert(session, table)
+    excluded = statement.excluded
+    statement = statement.on_conflict_do_update(
+        index_elements=["account_id", "day", "kind"],
+        set_={
+            "events": table.c.events + excluded.events,
+            "quantity": table.c.quantity + excluded.quantity,
+            "amount": table.c.amount + excluded.amount,
+        },
+    )
+    session.execute(statement, sorted(rows, key=lambda r: (r["account_id"], r["day"], r["kind"])))
+
+
+def apply_balance_changes(session: Session, changes: Mapping[str, tuple[int, datetime | None]]) -> None:
+    """balance += delta (and first_usage_at = the earlier one) per account, in id order."""
+    if not changes:
+        return
+    table = cast(Table, Account.__table__)
+    first = bindparam("first", type_=table.c.first_usage_at.type)
+    statement = (
+        update(table)
+        .where(table.c.id == bindparam("account"))
+        .values(
+            balance=table.c.balance + bindparam("delta"),
+            first_usage_at=case(
+                (first.is_(None), table.c.first_usage_at),
+                (table.c.first_usage_at.is_(None), first),
+                (first < table.c.first_usage_at, first),
+                else_=table.c.first_usage_at,
+            ),
+        )
+    )
+    params = [
+        {"account": account, "delta": delta, "first": first_at}
+        for account, (delta, first_at) in sorted(changes.items())
+    ]
+    session.connection().execute(statement, params)
+
+
+def usage_totals(session: Session, start: date, end: date, account_ids: Sequence[str] | None = None) -> dict[str, int]:
+    """Cost of usage per account over the UTC days [start, end): one GROUP BY over the daily totals."""
+    query = (
+        select(DailyUsage.account_id, func.sum(DailyUsage.amount))
+        .where(DailyUsage.day >= start, DailyUsage.day < end)
+        .group_by(DailyUsage.account_id)
+    )
+    if account_ids is not None:
+        query = query.where(DailyUsage.account_id.in_(account_ids))
+    return {account: int(total) for account, total in session.execute(query)}
+
+
+def charged_since(session: Session, since: datetime, until: datetime) -> dict[str, int]:
+    """Amounts credited by automatic recharges per account in [since, until) (for the spend caps)."""
+    query = (
+        select(Entry.account_id, func.sum(Entry.amount))
+        .where(Entry.entry_type.in_(CHARGE_TYPES), Entry.occurred_at >= since, Entry.occurred_at < until)
+        .group_by(Entry.account_id)
+    )
+    return {account: int(total) for account, total in session.execute(query)}
+
+
+def plan_rows(session: Session, ids: Sequence[str] | None = None, chunk: int = 5_000) -> Iterator[Any]:
+    """The account columns a recharge decision needs, streamed in id order (plain rows, no ORM objects)."""
+    query = select(
+        Account.id,
+        Account.currency,
+        Account.balance,
+        Account.created_at,
+        Account.first_usage_at,
+        Account.auto_recharge,
+        *(getattr(Account, name) for name in POLICY_COLUMNS),
+    ).order_by(Account.id)
+    if ids is not None:
+        query = query.where(Account.id.in_(ids))
+    yield from session.execute(query.execution_options(yield_per=chunk))
+
+
+POLICY_COLUMNS = (
+    "window_days",
+    "threshold_days",
+    "recharge_days",
+    "min_threshold",
+    "min_recharge",
+    "max_recharge",
+    "max_charged_per_day",
+    "max_charged_per_30_days",
+)
+
+
+def window_lengths(session: Session, default: int) -> list[int]:
+    """The distinct averaging windows in use (accounts may override the configured one)."""
+    query = select(func.coalesce(Account.window_days, default)).distinct()
+    return sorted(int(days) for days in session.scalars(query))
+
+
+def balance_mismatches(session: Session) -> list[tuple[str, int, int]]:
+    """Accounts whose cached balance differs from the sum of their ledger entries: (id, cached, sum)."""
+    sums = select(Entry.account_id, func.sum(Entry.amount).label("total")).group_by(Entry.account_id).subquery()
+    total = func.coalesce(sums.c.total, 0)
+    query = (
+        select(Account.id, Account.balance, total)
+        .outerjoin(sums, sums.c.account_id == Account.id)
+        .where(Account.balance != total)
+        .order_by(Account.id)
+    )
+    return [(row[0], int(row[1]), int(row[2])) for row in session.execute(query)]
+
+
+def usage_entries_with_rates(session: Session, chunk: int = 20_000) -> Iterator[Any]:
+    """Every usage entry with the rate snapshot that priced it (NULL rate: pre-rated), streamed."""
+    query = (
+        select(
+            Entry.external_id,
+            Entry.account_id,
+            Entry.kind,
+            Entry.occurred_at,
+            Entry.duration_seconds,
+            Entry.quantity,
+            Entry.billable_quantity,
+            Entry.amount,
+            Entry.rate_id,
+            Rate.measure,
+            Rate.price,
+            Rate.increment_seconds,
+            Rate.minimum_seconds,
+            Rate.connect_fee,
+            Rate.unit,
+        )
+        .outerjoin(Rate, Rate.id == Entry.rate_id)
+        .where(Entry.entry_type == "usage")
+    )
+    yield from session.execute(query.execution_options(yield_per=chunk))
+
+
+def daily_usage_rows(session: Session) -> Iterator[Any]:
+    yield from session.execute(select(DailyUsage).execution_options(yield_per=20_000)).scalars()
+
+
+def first_usage_times(session: Session) -> dict[str, datetime | None]:
+    return {row.id: row.first_usage_at for row in session.execute(select(Account.id, Account.first_usage_at))}

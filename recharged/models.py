@@ -1,0 +1,194 @@
+"""SQLAlchemy 2 models: the tables recharged keeps. Money columns are BIGINT Units (1/100,000)."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Date,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+ENTRY_TYPES = ("usage", "opening", "adjustment", "recharge", "topup")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every database (SQLite stores them naive, in UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r} given to a UTC column")
+        utc = value.astimezone(UTC)
+        return utc.replace(tzinfo=None) if dialect.name == "sqlite" else utc
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class DecimalText(TypeDecorator[Decimal]):
+    """An exact decimal kept as text (SQLite has no decimal type; Numeric would pass through float)."""
+
+    impl = String(24)
+    cache_ok = True
+
+    def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> str | None:
+        return None if value is None else str(value)
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> Decimal | None:
+        return None if value is None else Decimal(value)
+
+
+BigId = BigInteger().with_variant(Integer(), "sqlite")  # INTEGER PRIMARY KEY is SQLite's rowid
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Account(Base):
+    """A customer of the dialer, with a prepaid balance in its currency."""
+
+    __tablename__ = "accounts"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    email: Mapped[str] = mapped_column(String(254))
+    plan: Mapped[str] = mapped_column(String(40))
+    currency: Mapped[str] = mapped_column(String(3))
+    vat_percent: Mapped[Decimal] = mapped_column(DecimalText())
+    auto_recharge: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # Per-account overrides of the [recharge] policy; NULL means "as configured".
+    window_days: Mapped[int | None] = mapped_column(Integer)
+    threshold_days: Mapped[int | None] = mapped_column(Integer)
+    recharge_days: Mapped[int | None] = mapped_column(Integer)
+    min_threshold: Mapped[int | None] = mapped_column(BigInteger)
+    min_recharge: Mapped[int | None] = mapped_column(BigInteger)
+    max_recharge: Mapped[int | None] = mapped_column(BigInteger)
+    max_charged_per_day: Mapped[int | None] = mapped_column(BigInteger)
+    max_charged_per_30_days: Mapped[int | None] = mapped_column(BigInteger)
+    # Cached sum of the account's ledger entries; `recharged verify` proves it.
+    balance: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    first_usage_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Rate(Base):
+    """A snapshot of a price as it was applied: usage entries point at the rate that priced them."""
+
+    __tablename__ = "rates"
+    __table_args__ = (
+        UniqueConstraint(
+            "plan",
+            "kind",
+            "measure",
+            "price",
+            "increment_seconds",
+            "minimum_seconds",
+            "connect_fee",
+            "unit",
+            name="uq_rates_snapshot",
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    plan: Mapped[str] = mapped_column(String(40))
+    kind: Mapped[str] = mapped_column(String(40))
+    measure: Mapped[str] = mapped_column(String(8))
+    price: Mapped[int] = mapped_column(BigInteger)  # per minute (time) or per unit (count)
+    increment_seconds: Mapped[int] = mapped_column(Integer)  # 0 for count rates
+    minimum_seconds: Mapped[int] = mapped_column(Integer)
+    connect_fee: Mapped[int] = mapped_column(BigInteger)
+    unit: Mapped[str] = mapped_column(String(40))
+
+
+class Entry(Base):
+    """One line of the append-only ledger: a debit (negative) or credit (positive) with a unique origin."""
+
+    __tablename__ = "entries"
+    __table_args__ = (
+        UniqueConstraint("entry_type", "external_id"),
+        CheckConstraint("entry_type <> 'usage' OR amount <= 0", name="usage_is_a_debit"),
+        CheckConstraint("entry_type IN ('usage', 'opening', 'adjustment', 'recharge', 'topup')", name="known_type"),
+        # Charges by time, for the spend caps: a partial index that usage entries (the bulk) never touch.
+        Index(
+            "ix_entries_charges",
+            "account_id",
+            "occurred_at",
+            postgresql_where=text("entry_type IN ('recharge', 'topup')"),
+            sqlite_where=text("entry_type IN ('recharge', 'topup')"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    entry_type: Mapped[str] = mapped_column(String(16))
+    external_id: Mapped[str] = mapped_column(String(128))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Usage details (NULL for other entry types): what was rated, and by which rate.
+    kind: Mapped[str | None] = mapped_column(String(40))
+    duration_seconds: Mapped[int | None] = mapped_column(Integer)
+    quantity: Mapped[int | None] = mapped_column(BigInteger)
+    billable_quantity: Mapped[int | None] = mapped_column(BigInteger)
+    rate_id: Mapped[int | None] = mapped_column(ForeignKey("rates.id"))
+    note: Mapped[str | None] = mapped_column(String(500))
+
+
+class DailyUsage(Base):
+    """Usage per account, UTC day and kind, kept as usage is recorded: what plans and statements read."""
+
+    __tablename__ = "daily_usage"
+    __table_args__ = (Index("ix_daily_usage_day", "day"),)
+
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(40), primary_key=True)
+    events: Mapped[int] = mapped_column(BigInteger)
+    quantity: Mapped[int] = mapped_column(BigInteger)  # billable seconds or units
+    amount: Mapped[int] = mapped_column(BigInteger)  # cost, positive
+
+
+class AuditRecord(Base):
+    """Who changed an account's billing settings, when, and the values before and after."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    actor: Mapped[str] = mapped_column(String(120))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    action: Mapped[str] = mapped_column(String(40))
+    before: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    after: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -1,0 +1,56 @@
+"""What the next recharge cycle would do for each account, and why.
+
+One pass: a GROUP BY over the per-day usage totals for each averaging window in use, the spend-cap totals,
+then the accounts streamed in id order through `balance.decide`. It never reads individual calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from recharged.balance import AccountFigures, Decision, Policy, Window, decide
+from recharged.config import Settings
+from recharged.db import POLICY_COLUMNS, Database, charged_since, plan_rows, usage_totals, window_lengths
+
+
+@dataclass(frozen=True, slots=True)
+class AccountPlan:
+    """One account's decision with what it was made from."""
+
+    account_id: str
+    currency: str
+    auto_recharge: bool
+    policy: Policy
+    window: Window
+    decision: Decision
+
+
+def plan_accounts(
+    db: Database, settings: Settings, at: datetime, ids: Sequence[str] | None = None
+) -> Iterator[AccountPlan]:
+    """Decisions for every account (or the given ones) at time `at`, in account id order."""
+    default = settings.recharge.policy()
+    with db.transaction() as session:
+        windows = {days: Window.before(at, days) for days in window_lengths(session, default.window_days)}
+        totals = {days: usage_totals(session, w.start.date(), w.end.date(), ids) for days, w in windows.items()}
+        last_day = charged_since(session, at - timedelta(days=1), at)
+        last_30_days = charged_since(session, at - timedelta(days=30), at)
+        for row in plan_rows(session, ids):
+            overrides = {name: getattr(row, name) for name in POLICY_COLUMNS}
+            policy = default.overridden(overrides) if any(v is not None for v in overrides.values()) else default
+            figures = AccountFigures(
+                currency=row.currency,
+                balance=row.balance,
+                created_at=row.created_at,
+                first_usage_at=row.first_usage_at,
+                window_usage=totals[policy.window_days].get(row.id, 0),
+                auto_recharge=row.auto_recharge,
+                policy=policy,
+                charged_last_day=last_day.get(row.id, 0),
+                charged_last_30_days=last_30_days.get(row.id, 0),
+            )
+            yield AccountPlan(
+                row.id, row.currency, row.auto_recharge, policy, windows[policy.window_days], decide(figures, at)
+            )

@@ -1,0 +1,359 @@
+"""Usage ingestion: parse, validate and rate usage events, and record them in the ledger in batches.
+
+One function serves the CSV import and (later) the HTTP API. Each event ends accepted, duplicate or
+rejected with a reason; the good events of a batch are recorded even when others are rejected, and an
+event is either recorded whole (ledger entry, daily total, balance) or not at all, in one transaction.
+The database's unique (entry_type, external_id) decides what is a duplicate, not a read before the write.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any, Literal
+
+from recharged.clock import Clock, parse_instant
+from recharged.config import Settings
+from recharged.db import (
+    AccountRef,
+    Database,
+    add_daily_usage,
+    apply_balance_changes,
+    existing_entries,
+    insert_entries,
+    lock_accounts,
+    rate_id,
+)
+from recharged.models import Entry
+from recharged.money import Units, parse_amount
+from recharged.rating import CountRate, Rate, Rated, TimeRate, rate_event
+from recharged.sms import count_segments
+
+FIELDS = ("event_id", "account_id", "kind", "started_at", "duration_seconds", "quantity", "text", "cost")
+REQUIRED = ("event_id", "account_id", "kind", "started_at")
+_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+_KIND = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+MAX_DURATION = 7 * 24 * 3600
+MAX_QUANTITY = 1_000_000
+
+Status = Literal["accepted", "duplicate", "rejected"]
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """A parsed usage event; `quantity` holds the counted segments when the event came with text."""
+
+    event_id: str
+    account_id: str
+    kind: str
+    started_at: datetime
+    duration_seconds: int | None
+    quantity: int | None
+    has_text: bool
+    cost: Units | None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one event: `position` is its line number (CSV) or index (API batch)."""
+
+    position: int
+    event_id: str | None
+    status: Status
+    reason: str | None = None
+
+
+def _text(raw: Mapping[str, Any], name: str) -> str | None:
+    value = raw.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string")
+    stripped = value.strip()
+    return stripped or None
+
+
+def _whole(raw: Mapping[str, Any], name: str, *, minimum: int, maximum: int) -> int | None:
+    value = raw.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    text = value.strip() if isinstance(value, str) else str(value)
+    if not re.fullmatch(r"[+-]?\d{1,12}", text):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    number = int(text)
+    if number < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {number}")
+    if number > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {number}")
+    return number
+
+
+def parse_event(raw: Mapping[str, Any], *, now: datetime, future_tolerance: timedelta) -> UsageEvent:
+    """Check the shape of one event; raise ValueError with the reason when it is malformed."""
+    for name in REQUIRED:
+        if _text(raw, name) is None:
+            raise ValueError(f"{name} is missing")
+    event_id = _text(raw, "event_id") or ""
+    if not _ID.match(event_id):
+        raise ValueError("event_id must be 1-128 printable characters without spaces")
+    account_id = _text(raw, "account_id") or ""
+    if len(account_id) > 64:
+        raise ValueError("account_id is longer than 64 characters")
+    kind = (_text(raw, "kind") or "").lower()
+    if not _KIND.match(kind):
+        raise ValueError(f"kind {raw.get('kind')!r} is not a usage kind name")
+    started_at = parse_instant(_text(raw, "started_at") or "")
+    if started_at > now + future_tolerance:
+        raise ValueError(f"started_at {started_at.isoformat()} is in the future (now is {now.isoformat()})")
+    duration = _whole(raw, "duration_seconds", minimum=0, maximum=MAX_DURATION)
+    quantity = _whole(raw, "quantity", minimum=1, maximum=MAX_QUANTITY)
+    text = raw.get("text")
+    if text is not None and not isinstance(text, str):
+        raise ValueError("text must be a string")
+    has_text = bool(text)
+    if has_text and quantity is not None:
+        raise ValueError("give quantity or text, not both")
+    if has_text:
+        quantity = count_segments(str(text))
+    cost_raw = raw.get("cost")
+    cost: Units | None = None
+    if cost_raw is not None and not (isinstance(cost_raw, str) and not cost_raw.strip()):
+        if isinstance(cost_raw, float | bool):
+            raise ValueError(f'cost must be a decimal string such as "0.0125", got {cost_raw!r}')
+        cost = parse_amount(cost_raw, what="cost")
+        if cost < 0:
+            raise ValueError("cost must not be negative")
+    return UsageEvent(event_id, account_id, kind, started_at, duration, quantity, has_text, cost)
+
+
+def check_against_rate(event: UsageEvent, kind_rate: Rate, plan: str) -> None:
+    """The fields an event must carry for its kind's measure."""
+    if isinstance(kind_rate, TimeRate):
+        if event.has_text or event.quantity is not None:
+            raise ValueError(f"kind {event.kind!r} is billed by time: give duration_seconds, not quantity or text")
+        if event.duration_seconds is None:
+            raise ValueError(f"duration_seconds is missing (kind {event.kind!r} is billed by time)")
+        return
+    if event.duration_seconds is not None:
+        raise ValueError(f"kind {event.kind!r} is billed per {kind_rate.unit}: give quantity, not duration_seconds")
+    if event.has_text and kind_rate.unit != "segment":
+        raise ValueError(f"text is only for kinds billed per segment; {event.kind!r} is billed per {kind_rate.unit}")
+    if event.quantity is None:
+        raise ValueError(f"quantity is missing (kind {event.kind!r} is billed per {kind_rate.unit})")
+
+
+def _rate_columns(kind_rate: Rate) -> dict[str, Any]:
+    if isinstance(kind_rate, TimeRate):
+        return {
+            "measure": "time",
+            "price": kind_rate.price_per_minute,
+            "increment_seconds": kind_rate.increment_seconds,
+            "minimum_seconds": kind_rate.minimum_seconds,
+            "connect_fee": kind_rate.connect_fee,
+            "unit": "second",
+        }
+    return {
+        "measure": "count",
+        "price": kind_rate.price_per_unit,
+        "increment_seconds": 0,
+        "minimum_seconds": 0,
+        "connect_fee": 0,
+        "unit": kind_rate.unit,
+    }
+
+
+def rate_from_columns(columns: Mapping[str, Any]) -> Rate:
+    """The inverse of the rate snapshot: used by `verify` to re-rate recorded events."""
+    if columns["measure"] == "time":
+        return TimeRate(
+            columns["price"], columns["increment_seconds"], columns["minimum_seconds"], columns["connect_fee"]
+        )
+    return CountRate(columns["price"], columns["unit"])
+
+
+def _differences(entry: Entry, event: UsageEvent) -> list[str]:
+    pairs = [
+        ("account_id", entry.account_id, event.account_id),
+        ("kind", entry.kind, event.kind),
+        ("started_at", entry.occurred_at, event.started_at),
+        ("duration_seconds", entry.duration_seconds, event.duration_seconds),
+        ("quantity", entry.quantity, event.quantity),
+    ]
+    if event.cost is not None:
+        pairs.append(("cost", -entry.amount, event.cost))
+    return [name for name, recorded, given in pairs if recorded != given]
+
+
+def _same_event(a: UsageEvent, b: UsageEvent) -> bool:
+    return (a.account_id, a.kind, a.started_at, a.duration_seconds, a.quantity, a.cost) == (
+        b.account_id,
+        b.kind,
+        b.started_at,
+        b.duration_seconds,
+        b.quantity,
+        b.cost,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    index: int
+    event: UsageEvent
+    rated: Rated
+    cost: Units
+
+
+class UsageRecorder:
+    """Records batches of usage events for one database and configuration."""
+
+    def __init__(self, db: Database, settings: Settings, clock: Clock) -> None:
+        self._db = db
+        self._clock = clock
+        self._tolerance = timedelta(seconds=settings.usage.future_tolerance_seconds)
+        self._plans = {name: plan.rate_table() for name, plan in settings.plans.items()}
+        self._rate_ids: dict[tuple[str, str, Rate], int] = {}
+
+    def record(self, raws: Sequence[Mapping[str, Any]], positions: Sequence[int] | None = None) -> list[Outcome]:
+        """Record a batch; returns one Outcome per input, in input order."""
+        where = list(positions) if positions is not None else list(range(len(raws)))
+        now = self._clock.now()
+        outcomes: list[Outcome | None] = [None] * len(raws)
+        parsed: list[tuple[int, UsageEvent]] = []
+        seen: dict[str, tuple[int, UsageEvent]] = {}
+        repeats: list[tuple[int, int]] = []  # (index, index of the same event earlier in the batch)
+        for i, raw in enumerate(raws):
+            event_id = raw.get("event_id") if isinstance(raw.get("event_id"), str) else None
+            try:
+                event = parse_event(raw, now=now, future_tolerance=self._tolerance)
+            except ValueError as exc:
+                outcomes[i] = Outcome(where[i], event_id, "rejected", str(exc))
+                continue
+            earlier = seen.get(event.event_id)
+            if earlier is not None:
+                if _same_event(earlier[1], event):
+                    repeats.append((i, earlier[0]))
+                else:
+                    reason = "event_id appears earlier in this batch with other content"
+                    outcomes[i] = Outcome(where[i], event.event_id, "rejected", reason)
+                continue
+            seen[event.event_id] = (i, event)
+            parsed.append((i, event))
+
+        if parsed:
+            new_rate_ids: dict[tuple[str, str, Rate], int] = {}
+            with self._db.transaction() as session:
+                accounts = lock_accounts(session, (event.account_id for _, event in parsed))
+                pending: list[_Pending] = []
+                rows: list[dict[str, Any]] = []
+                for i, event in parsed:
+                    try:
+                        kind_rate, plan = self._rate_for(event, accounts.get(event.account_id))
+                        check_against_rate(event, kind_rate, plan)
+                    except ValueError as exc:
+                        outcomes[i] = Outcome(where[i], event.event_id, "rejected", str(exc))
+                        continue
+                    rated = rate_event(kind_rate, duration_seconds=event.duration_seconds, quantity=event.quantity)
+                    cost = event.cost if event.cost is not None else rated.cost
+                    key = (plan, event.kind, kind_rate)
+                    rid = self._rate_ids.get(key) or new_rate_ids.get(key)
+                    if rid is None:
+                        rid = new_rate_ids[key] = rate_id(session, plan, event.kind, _rate_columns(kind_rate))
+                    pending.append(_Pending(i, event, rated, cost))
+                    rows.append(
+                        {
+                            "account_id": event.account_id,
+                            "entry_type": "usage",
+                            "external_id": event.event_id,
+                            "amount": -cost,
+                            "occurred_at": event.started_at,
+                            "recorded_at": now,
+                            "kind": event.kind,
+                            "duration_seconds": event.duration_seconds,
+                            "quantity": event.quantity,
+                            "billable_quantity": rated.billable_quantity,
+                            "rate_id": None if event.cost is not None else rid,
+                            "note": None,
+                        }
+                    )
+                rows.sort(key=lambda row: row["external_id"])  # one lock order for concurrent writers
+                inserted = insert_entries(session, rows)
+                self._settle(session, pending, inserted, outcomes, where)
+            self._rate_ids.update(new_rate_ids)  # only after the commit: a rolled-back id is no id
+        for i, first in repeats:  # a repeat within the batch shares its first copy's fate
+            original = outcomes[first]
+            assert original is not None
+            status: Status = "rejected" if original.status == "rejected" else "duplicate"
+            outcomes[i] = Outcome(where[i], original.event_id, status, original.reason)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _rate_for(self, event: UsageEvent, account: AccountRef | None) -> tuple[Rate, str]:
+        if account is None:
+            raise ValueError(f"unknown account {event.account_id!r}")
+        rates = self._plans.get(account.plan)
+        if rates is None:
+            raise ValueError(f"account {account.id!r} is on plan {account.plan!r}, which config.toml does not define")
+        kind_rate = rates.get(event.kind)
+        if kind_rate is None:
+            raise ValueError(
+                f"unknown kind {event.kind!r} for plan {account.plan!r} (known: {', '.join(sorted(rates))})"
+            )
+        return kind_rate, account.plan
+
+    def _settle(
+        self,
+        session: Any,
+        pending: list[_Pending],
+        inserted: set[str],
+        outcomes: list[Outcome | None],
+        where: list[int],
+    ) -> None:
+        """Mark outcomes, then add what was inserted to the daily totals and the balances."""
+        already = existing_entries(
+            session, "usage", (p.event.event_id for p in pending if p.event.event_id not in inserted)
+        )
+        daily: dict[tuple[str, date, str], list[int]] = {}
+        balances: dict[str, tuple[int, datetime | None]] = {}
+        for p in pending:
+            event = p.event
+            if event.event_id not in inserted:
+                differences = _differences(already[event.event_id], event)
+                outcomes[p.index] = (
+                    Outcome(where[p.index], event.event_id, "duplicate")
+                    if not differences
+                    else Outcome(
+                        where[p.index],
+                        event.event_id,
+                        "rejected",
+                        f"event_id was already recorded with a different {', '.join(differences)}",
+                    )
+                )
+                continue
+            outcomes[p.index] = Outcome(where[p.index], event.event_id, "accepted")
+            totals = daily.setdefault((event.account_id, event.started_at.date(), event.kind), [0, 0, 0])
+            totals[0] += 1
+            totals[1] += p.rated.billable_quantity
+            totals[2] += p.cost
+            delta, first = balances.get(event.account_id, (0, None))
+            balances[event.account_id] = (
+                delta - p.cost,
+                event.started_at if first is None or event.started_at < first else first,
+            )
+        add_daily_usage(
+            session,
+            [
+                {"account_id": a, "day": d, "kind": k, "events": n, "quantity": q, "amount": amount}
+                for (a, d, k), (n, q, amount) in daily.items()
+            ],
+        )
+        apply_balance_changes(session, balances)
+
+
+def summarize(outcomes: Sequence[Outcome]) -> dict[str, int]:
+    counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
+    for outcome in outcomes:
+        counts[outcome.status] += 1
+    return counts

@@ -1,0 +1,106 @@
+"""`recharged verify`: prove the invariants the ledger keeps, on the database as it is.
+
+- every account's cached balance equals the sum of its ledger entries;
+- every usage entry matches its rated event: re-rating the recorded duration or quantity with the recorded
+  rate snapshot gives the recorded billable quantity and amount;
+- the per-day usage totals equal the usage entries summed per account, UTC day and kind;
+- every account's first usage time is the earliest of its usage entries.
+Uniqueness of external ids and "usage is a debit" are enforced by the database's own constraints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date, datetime
+
+from recharged.db import (
+    Database,
+    balance_mismatches,
+    daily_usage_rows,
+    first_usage_times,
+    usage_entries_with_rates,
+)
+from recharged.money import format_ledger
+from recharged.rating import rate_event
+from recharged.usage import rate_from_columns
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    checked_entries: int
+    violations: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+def verify(db: Database, progress: Callable[[int], None] | None = None, limit: int = 100) -> Report:
+    """Check every invariant; returns the violations found (at most `limit` listed per check)."""
+    violations: list[str] = []
+
+    def report(kind: str, found: list[str]) -> None:
+        violations.extend(found[:limit])
+        if len(found) > limit:
+            violations.append(f"{kind}: {len(found) - limit} more not listed")
+
+    with db.transaction() as session:
+        report(
+            "balance",
+            [
+                f"account {account}: cached balance {format_ledger(cached)} != sum of entries {format_ledger(total)}"
+                for account, cached, total in balance_mismatches(session)
+            ],
+        )
+
+        rating_problems: list[str] = []
+        daily: dict[tuple[str, date, str], list[int]] = {}
+        first: dict[str, datetime] = {}
+        checked = 0
+        for row in usage_entries_with_rates(session):
+            checked += 1
+            if progress is not None and checked % 100_000 == 0:
+                progress(checked)
+            cost = -row.amount
+            if row.rate_id is not None:
+                rated = rate_event(
+                    rate_from_columns(row._mapping),
+                    duration_seconds=row.duration_seconds,
+                    quantity=row.quantity,
+                )
+                if (rated.billable_quantity, rated.cost) != (row.billable_quantity, cost):
+                    rating_problems.append(
+                        f"usage {row.external_id}: recorded {row.billable_quantity} billable, {format_ledger(cost)}; "
+                        f"its rate gives {rated.billable_quantity} for {format_ledger(rated.cost)}"
+                    )
+            totals = daily.setdefault((row.account_id, row.occurred_at.date(), row.kind), [0, 0, 0])
+            totals[0] += 1
+            totals[1] += row.billable_quantity
+            totals[2] += cost
+            if row.account_id not in first or row.occurred_at < first[row.account_id]:
+                first[row.account_id] = row.occurred_at
+        report("rating", rating_problems)
+
+        daily_problems: list[str] = []
+        for kept in daily_usage_rows(session):
+            key = (kept.account_id, kept.day, kept.kind)
+            expected = daily.pop(key, [0, 0, 0])
+            if [kept.events, kept.quantity, kept.amount] != expected:
+                daily_problems.append(
+                    f"daily usage {kept.account_id} {kept.day} {kept.kind}: kept {kept.events} events, "
+                    f"{kept.quantity} billable, {format_ledger(kept.amount)}; entries give {expected[0]}, "
+                    f"{expected[1]}, {format_ledger(expected[2])}"
+                )
+        daily_problems.extend(f"daily usage {a} {d} {k}: missing" for (a, d, k) in daily)
+        report("daily", daily_problems)
+
+        report(
+            "first usage",
+            [
+                f"account {account}: first_usage_at {kept} but earliest usage is {first.get(account)}"
+                for account, kept in first_usage_times(session).items()
+                if kept != first.get(account)
+            ],
+        )
+    return Report(checked, violations)
