@@ -125,9 +125,13 @@ def decide(figures: AccountFigures, at: datetime) -> Decision:
     usage = max(0, figures.window_usage)
 
     threshold = max(policy.min_threshold, div_half_up(usage * policy.threshold_days, days))
-    recharge = max(policy.min_recharge, fraction_to_minor(usage * policy.recharge_days, days, currency))
-    if policy.max_recharge is not None:
-        recharge = min(recharge, policy.max_recharge)
+    # Charges are whole minor units: floors round up to one, ceilings round down.
+    min_recharge = ceil_to_minor(policy.min_recharge, currency)
+    max_recharge = None if policy.max_recharge is None else floor_to_minor(policy.max_recharge, currency)
+    recharge = max(min_recharge, fraction_to_minor(usage * policy.recharge_days, days, currency))
+    capped = max_recharge is not None and recharge > max_recharge
+    if max_recharge is not None:
+        recharge = min(recharge, max_recharge)
 
     skip = Decision(
         balance=figures.balance,
@@ -146,9 +150,11 @@ def decide(figures: AccountFigures, at: datetime) -> Decision:
 
     # One charge always lifts the balance to the threshold: cover the shortfall when the recharge is too small.
     charge = max(recharge, ceil_to_minor(threshold - figures.balance, currency))
-    limited_by: str | None = "shortfall" if charge > recharge else None
-    if policy.max_recharge is not None and charge > policy.max_recharge:
-        charge, limited_by = policy.max_recharge, "max_recharge"
+    limited_by: str | None = "shortfall" if charge > recharge else ("max_recharge" if capped else None)
+    if max_recharge is not None and charge > max_recharge:
+        charge, limited_by = max_recharge, "max_recharge"
+    if charge < minor_step(currency):  # a ceiling below one cent leaves nothing to charge
+        return replace(skip, reason="cap_reached", limited_by="max_recharge")
     for cap_name, cap, spent in (
         ("max_charged_per_day", policy.max_charged_per_day, figures.charged_last_day),
         ("max_charged_per_30_days", policy.max_charged_per_30_days, figures.charged_last_30_days),

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 import click
-import structlog
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -33,7 +32,6 @@ from recharged.verify import verify as verify_ledger
 
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-log = structlog.get_logger("recharged")
 
 
 @dataclass
@@ -78,7 +76,7 @@ class _Group(click.Group):
             _fail(str(exc).replace("[", r"\["), exc.exit_code)
 
 
-def _at(value: str | None) -> datetime | None:
+def _parse_at(_ctx: click.Context, _param: click.Parameter, value: str | None) -> datetime | None:
     if value is None:
         return None
     try:
@@ -98,7 +96,11 @@ actor_option = click.option(
     help='First and last name of the admin signing this billing change (or $RECHARGED_ACTOR), e.g. "Jane Doe".',
 )
 at_option = click.option(
-    "--at", "at", metavar="ISO", help="Decide as of this instant (default: now), e.g. 2026-11-20T12:00Z."
+    "--at",
+    "at",
+    metavar="ISO",
+    callback=_parse_at,
+    help="Decide as of this instant (default: now), e.g. 2026-11-20T12:00Z.",
 )
 
 
@@ -318,9 +320,9 @@ def auto_recharge(app: App, /, account_id: str, enable: bool | None, actor: str,
 @at_option
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
-def accounts_show(app: App, account_id: str, at: str | None, as_json: bool) -> None:
+def accounts_show(app: App, account_id: str, at: datetime | None, as_json: bool) -> None:
     """One account: its settings, balance and the decision the next cycle would take."""
-    when = _at(at) or app.clock.now()
+    when = at or app.clock.now()
     db = app.database()
     account = accounts_service.get_account(db, account_id)
     plans = list(plan_accounts(db, app.settings, when, [account_id]))
@@ -459,7 +461,6 @@ def usage_import(app: App, file: Path, rejects: Path | None) -> None:
         f"{file}: {counts['accepted']} accepted, {counts['duplicate']} duplicates, {counts['rejected']} rejected "
         f"in {elapsed:.1f}s{rate}"
     )
-    log.info("usage.import.finished", file=str(file), elapsed_s=round(elapsed, 3), **counts)
     if counts["rejected"]:
         out.print(f"rejected rows with their line numbers and reasons: {rejects}")
 
@@ -542,9 +543,9 @@ def _check_header(path: Path, header: Any, *, required: tuple[str, ...], known: 
 @click.option("--json", "as_json", is_flag=True, help="JSON with amounts as decimal strings.")
 @click.option("--charges-only", is_flag=True, help="Only the accounts the cycle would charge.")
 @pass_app
-def plan(app: App, at: str | None, as_json: bool, charges_only: bool) -> None:
+def plan(app: App, at: datetime | None, as_json: bool, charges_only: bool) -> None:
     """What the next recharge cycle would charge, for every account, and why."""
-    when = _at(at) or app.clock.now()
+    when = at or app.clock.now()
     plans: Iterator[AccountPlan] = plan_accounts(app.database(), app.settings, when)
     if charges_only:
         plans = (p for p in plans if p.decision.action == "charge")

@@ -1,0 +1,38 @@
+# The two set-up commands (see README.md): `make plan` and `make test`. Both install what they need into .venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXAMPLE_DIR := recharged-example
+EXAMPLE_AT := 2026-11-16T09:00:00Z
+RUN := RECHARGED_DATABASE__URL=sqlite:///$(EXAMPLE_DIR)/recharged.db $(BIN)/recharged --config config.toml
+
+.PHONY: plan test lint install clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+# The sample in examples/ on the embedded default (SQLite, no keys): accounts, call records, then the plan.
+plan: $(BIN)/.installed
+	rm -rf $(EXAMPLE_DIR) && mkdir -p $(EXAMPLE_DIR)
+	$(RUN) db upgrade
+	$(RUN) accounts import examples/accounts.csv --actor "Example Admin"
+	$(RUN) usage import examples/usage.csv --rejects $(EXAMPLE_DIR)/usage.rejected.csv
+	$(RUN) plan --at $(EXAMPLE_AT)
+	@echo "The database is $(EXAMPLE_DIR)/recharged.db; try: $(RUN) accounts show delta-startup --at $(EXAMPLE_AT)"
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# Lint, type-check and the whole test suite; PostgreSQL too when RECHARGED_TEST_POSTGRES_URL is set.
+test: lint
+	$(BIN)/pytest -n 2 -q
+
+clean:
+	rm -rf $(EXAMPLE_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,151 @@
+"""Shared fixtures: a fresh, migrated database per test, on SQLite and (when configured) PostgreSQL.
+
+PostgreSQL tests run when RECHARGED_TEST_POSTGRES_URL points at a server (e.g.
+postgresql://postgres@127.0.0.1:5432/test); the session creates its own database there, every test gets
+its own schema in it, and everything is dropped at the end, so no run sees another's data.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from recharged.clock import FixedClock
+from recharged.config import Settings, load_settings
+from recharged.db import Database
+
+PG_ENV = "RECHARGED_TEST_POSTGRES_URL"
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+
+
+def _admin_url() -> str | None:
+    return os.environ.get(PG_ENV) or None
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A PostgreSQL database of this test session; yields its URL."""
+    admin = _admin_url()
+    if admin is None and os.environ.get("RECHARGED_TEST_REQUIRE_POSTGRES"):
+        pytest.fail(f"RECHARGED_TEST_REQUIRE_POSTGRES is set but {PG_ENV} is not")
+    if admin is None:
+        pytest.skip(f"PostgreSQL tests need {PG_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/test)")
+    import psycopg
+
+    conninfo = admin.replace("postgresql+psycopg://", "postgresql://")
+    name = f"recharged_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        if os.environ.get("RECHARGED_TEST_REQUIRE_POSTGRES"):
+            pytest.fail(f"PostgreSQL at {PG_ENV} is required (RECHARGED_TEST_REQUIRE_POSTGRES) but unreachable: {exc}")
+        pytest.skip(f"PostgreSQL at {PG_ENV} is not reachable: {exc}")
+    base = conninfo.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One migrated SQLite file per session; tests copy it instead of migrating again."""
+    path = tmp_path_factory.mktemp("template") / "template.db"
+    db = Database(f"sqlite:///{path}")
+    db.upgrade()
+    db.close()
+    return path
+
+
+def _pg_schema_url(database_url: str) -> tuple[str, str]:
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    return schema, f"{database_url}?options={quote(f'-csearch_path={schema}')}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of a fresh, empty, migrated database for one test."""
+    if request.param == "sqlite":
+        path = tmp_path / "recharged.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        yield f"sqlite:///{path}"
+        return
+    database_url = request.getfixturevalue("pg_database")
+    schema, url = _pg_schema_url(database_url)
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    db = Database(url)
+    db.upgrade()
+    db.close()
+    try:
+        yield url
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    database = Database(db_url)
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def settings() -> Settings:
+    """The built-in defaults (the same as the shipped config.toml)."""
+    return load_settings(None, environ={})
+
+
+@pytest.fixture
+def clock() -> FixedClock:
+    return FixedClock(NOW)
+
+
+def add_account(
+    db: Database,
+    settings: Settings,
+    clock: FixedClock,
+    account_id: str = "acme",
+    *,
+    created_at: str = "2026-09-01T00:00:00Z",
+    opening_balance: str | None = None,
+    auto_recharge: bool = False,
+    vat_percent: str = "20",
+) -> None:
+    """Create one account on the standard plan, signed by a test admin."""
+    from recharged.accounts import create_accounts, new_account
+
+    fields = {
+        "id": account_id,
+        "email": f"billing@{account_id}.example",
+        "plan": "standard",
+        "vat_percent": vat_percent,
+        "created_at": created_at,
+        "opening_balance": opening_balance,
+        "auto_recharge": "true" if auto_recharge else "false",
+    }
+    create_accounts(db, [new_account(fields, settings, clock.now())], "Test Admin", clock)
+
+
+def call(
+    event_id: str, account: str = "acme", seconds: int = 70, at: str = "2026-11-20T10:00:00Z", kind: str = "dialer"
+) -> dict[str, str]:
+    return {
+        "event_id": event_id,
+        "account_id": account,
+        "kind": kind,
+        "started_at": at,
+        "duration_seconds": str(seconds),
+    }
