@@ -221,6 +221,11 @@ def validate_overrides(overrides: Mapping[str, str | None], settings: Settings) 
     if unknown:
         raise InputError(f"unknown policy settings: {', '.join(unknown)} (known: {', '.join(OVERRIDES)})")
     given = {k: v for k, v in overrides.items() if v is not None and v.strip().lower() != "default"}
+    switched_off = sorted(k for k, v in given.items() if v.strip().lower() == "off")
+    if switched_off:
+        raise InputError(
+            f"{', '.join(switched_off)}: a cap cannot be switched off for one account; give an amount, or 'default'"
+        )
     try:
         checked = RechargeSettings.model_validate({**settings.recharge.model_dump(), **given})
     except ValidationError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -175,87 +176,24 @@ def invoke(db_url, monkeypatch):
     return _invoke
 
 
+CREATE = "accounts create {} --email a@b.example --plan standard --vat-percent 0 --actor 'Jane Doe'"
+RECORD = "usage record --event-id e1 --account acme --kind dialer --started-at {}"
 BAD_ARGUMENTS = [
-    (("auto-recharge", "acme", "--enable", "--actor", "Jane"), 2, "first and last name"),
-    (("auto-recharge", "acme", "--enable"), 2, "Missing option '--actor'"),
-    (("auto-recharge", "acme", "--actor", "Jane Doe"), 2, "nothing to change"),
-    (("auto-recharge", "ghost", "--enable", "--actor", "Jane Doe"), 3, "no account 'ghost'"),
-    (("auto-recharge", "acme", "--max-recharge", "1.234567", "--actor", "Jane Doe"), 2, "more than 5 decimal"),
-    (("auto-recharge", "acme", "--threshold-days", "-2", "--actor", "Jane Doe"), 2, "threshold_days"),
-    (("accounts", "update", "acme", "--plan", "gold", "--actor", "Jane Doe"), 2, "plan 'gold' is not defined"),
-    (
-        (
-            "accounts",
-            "create",
-            "acme",
-            "--email",
-            "a@b.example",
-            "--plan",
-            "standard",
-            "--vat-percent",
-            "0",
-            "--actor",
-            "Jane Doe",
-        ),
-        4,
-        "already exist with other settings",
-    ),
-    (
-        (
-            "accounts",
-            "create",
-            "x y",
-            "--email",
-            "a@b.example",
-            "--plan",
-            "standard",
-            "--vat-percent",
-            "0",
-            "--actor",
-            "Jane Doe",
-        ),
-        2,
-        "printable characters",
-    ),
-    (("accounts", "show", "ghost"), 3, "no account 'ghost'"),
-    (
-        (
-            "usage",
-            "record",
-            "--event-id",
-            "e1",
-            "--account",
-            "acme",
-            "--kind",
-            "dialer",
-            "--started-at",
-            "2026-11-20T10:00:00",
-            "--duration",
-            "5",
-        ),
-        2,
-        "no UTC offset",
-    ),
-    (
-        (
-            "usage",
-            "record",
-            "--event-id",
-            "e1",
-            "--account",
-            "acme",
-            "--kind",
-            "dialer",
-            "--started-at",
-            "2026-11-20T10:00:00Z",
-            "--quantity",
-            "5",
-        ),
-        2,
-        "billed by time",
-    ),
-    (("plan", "--at", "tomorrow"), 2, "Invalid value for '--at'"),
-    (("usage", "import", "/nonexistent.csv"), 2, "does not exist"),
+    ("auto-recharge acme --enable --actor Jane", 2, "first and last name"),
+    ("auto-recharge acme --enable", 2, "Missing option '--actor'"),
+    ("auto-recharge acme --actor 'Jane Doe'", 2, "nothing to change"),
+    ("auto-recharge ghost --enable --actor 'Jane Doe'", 3, "no account 'ghost'"),
+    ("auto-recharge acme --max-recharge 1.234567 --actor 'Jane Doe'", 2, "more than 5 decimal"),
+    ("auto-recharge acme --threshold-days -2 --actor 'Jane Doe'", 2, "threshold_days"),
+    ("auto-recharge acme --max-recharge off --actor 'Jane Doe'", 2, "cannot be switched off"),
+    ("accounts update acme --plan gold --actor 'Jane Doe'", 2, "plan 'gold' is not defined"),
+    (CREATE.format("acme"), 4, "already exist with other settings"),
+    (CREATE.format("'x y'"), 2, "printable characters"),
+    ("accounts show ghost", 3, "no account 'ghost'"),
+    (RECORD.format("2026-11-20T10:00:00 --duration 5"), 2, "no UTC offset"),
+    (RECORD.format("2026-11-20T10:00:00Z --quantity 5"), 2, "billed by time"),
+    ("plan --at tomorrow", 2, "Invalid value for '--at'"),
+    ("usage import /nonexistent.csv", 2, "does not exist"),
 ]
 
 
@@ -265,7 +203,7 @@ def test_bad_arguments_get_a_clear_error_and_change_nothing(db, settings, clock,
 
     add_account(db, settings, clock, vat_percent="20")
     before = invoke("audit", "--json").output, invoke("plan", "--json", "--at", AT).output
-    result = invoke(*args)
+    result = invoke(*shlex.split(args))
     assert result.exit_code == code, result.output
     assert message in result.stderr
     assert (invoke("audit", "--json").output, invoke("plan", "--json", "--at", AT).output) == before
