@@ -43,9 +43,14 @@ def main() -> None:
     rng = random.Random(2026)
     with (HERE / "accounts.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["id", "email", "plan", "vat_percent", "created_at", "opening_balance", "auto_recharge"])
-        for account_id, email, vat, created, opening, auto, _ in ACCOUNTS:
-            writer.writerow([account_id, email, "standard", vat, created, opening, auto])
+        columns = "id email plan vat_percent created_at opening_balance auto_recharge"
+        card_columns = "stripe_customer payment_method card_brand card_last4 card_exp"
+        writer.writerow([*columns.split(), *card_columns.split()])
+        for n, (account_id, email, vat, created, opening, auto, _) in enumerate(ACCOUNTS):
+            card = [f"cus_Sample{n:04d}", f"pm_Sample{n:04d}", "visa", f"{4242 + n}", "12/2029"]
+            if account_id == "fir-clinic":
+                card = ["", "", "", "", ""]  # no card on file yet
+            writer.writerow([account_id, email, "standard", vat, created, opening, auto, *card])
 
     rows = []
     for account_id, _, _, created, _, _, calls_per_day in ACCOUNTS:

@@ -4,6 +4,7 @@ with the values before and after, in the same transaction as the change."""
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -17,10 +18,11 @@ from sqlalchemy.orm import Session
 
 from recharged.clock import Clock, parse_instant
 from recharged.config import RechargeSettings, Settings
-from recharged.db import Database
+from recharged.db import Database, apply_balance_changes, insert_entries
 from recharged.errors import ActorError, ConflictError, InputError, NotFoundError
-from recharged.models import Account, AuditRecord, Entry
+from recharged.models import Account, AuditRecord, Entry, FundingSource
 from recharged.money import Units, check_currency, format_ledger, parse_amount
+from recharged.payments import CardInfo
 
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
 _ACCOUNT_ID = re.compile(r"^[\x21-\x7e]{1,64}$")
@@ -55,6 +57,7 @@ class NewAccount:
     created_at: datetime | None = None
     opening_balance: Units | None = None
     auto_recharge: bool = False
+    card: CardInfo | None = None  # a card already on file at the processor, brought over as the default source
 
 
 def _bool(value: str, what: str) -> bool:
@@ -105,7 +108,34 @@ def new_account(fields: Mapping[str, str | None], settings: Settings, now: datet
             raise ValueError(f"created_at {created_at.isoformat()} is in the future")
     opening = parse_amount(get("opening_balance"), what="opening_balance") if get("opening_balance") else None
     auto = _bool(get("auto_recharge"), "auto_recharge")
-    return NewAccount(account_id, email, plan, currency, vat, created_at, opening, auto)
+    return NewAccount(account_id, email, plan, currency, vat, created_at, opening, auto, _card(get))
+
+
+CARD_COLUMNS = ("stripe_customer", "payment_method", "card_brand", "card_last4", "card_exp")
+
+
+def _card(get: Any) -> CardInfo | None:
+    given = {name: get(name) for name in CARD_COLUMNS}
+    if not any(given.values()):
+        return None
+    missing = [name for name, value in given.items() if not value]
+    if missing:
+        raise ValueError(f"a card on file needs all of {', '.join(CARD_COLUMNS)}; missing {', '.join(missing)}")
+    match = re.fullmatch(r"(\d{1,2})/(\d{4})", given["card_exp"])
+    if not match or not 1 <= int(match[1]) <= 12:
+        raise ValueError(f"card_exp {given['card_exp']!r} must be MM/YYYY")
+    if not re.fullmatch(r"\d{4}", given["card_last4"]):
+        raise ValueError(f"card_last4 {given['card_last4']!r} must be 4 digits")
+    if not given["stripe_customer"].startswith("cus_") or not given["payment_method"].startswith(("pm_", "card_")):
+        raise ValueError("stripe_customer must be a cus_... id and payment_method a pm_... id")
+    return CardInfo(
+        given["stripe_customer"],
+        given["payment_method"],
+        given["card_brand"].lower(),
+        given["card_last4"],
+        int(match[1]),
+        int(match[2]),
+    )
 
 
 def settings_of(account: Account) -> dict[str, Any]:
@@ -125,7 +155,9 @@ def settings_of(account: Account) -> dict[str, Any]:
     return values
 
 
-def _audit(session: Session, account_id: str, actor: str, at: datetime, action: str, before: Any, after: Any) -> None:
+def audit_change(
+    session: Session, account_id: str, actor: str, at: datetime, action: str, before: Any, after: Any
+) -> None:
     session.add(AuditRecord(account_id=account_id, actor=actor, at=at, action=action, before=before, after=after))
 
 
@@ -199,15 +231,31 @@ def create_accounts(db: Database, accounts: Sequence[NewAccount], actor: str, cl
                         )
                     )
                     after["opening_balance"] = format_ledger(new.opening_balance)
-                _audit(session, new.id, actor, now, "account.created", None, after)
+                if new.card is not None:
+                    card = new.card
+                    session.add(
+                        FundingSource(
+                            account_id=new.id,
+                            customer=card.customer,
+                            payment_method=card.payment_method,
+                            brand=card.brand,
+                            last4=card.last4,
+                            exp_month=card.exp_month,
+                            exp_year=card.exp_year,
+                            is_default=True,
+                            added_at=now,
+                        )
+                    )
+                    after["card"] = f"{card.brand} ...{card.last4} exp {card.exp_month:02d}/{card.exp_year}"
+                audit_change(session, new.id, actor, now, "account.created", None, after)
                 result.created.append(new.id)
     except IntegrityError as exc:  # a concurrent creation of the same id won the race
         raise ConflictError(f"account creation conflicted with a concurrent change: {exc.orig}") from None
     return result
 
 
-def _load(session: Session, account_id: str) -> Account:
-    account = session.get(Account, account_id)
+def load_account(session: Session, account_id: str, *, lock: bool = False) -> Account:
+    account = session.get(Account, account_id, with_for_update=lock)
     if account is None:
         raise NotFoundError(f"no account {account_id!r}")
     return account
@@ -263,7 +311,7 @@ def change_account(
     checked_overrides = validate_overrides(overrides or {}, settings)
     now = clock.now()
     with db.transaction() as session:
-        account = _load(session, account_id)
+        account = load_account(session, account_id)
         before = settings_of(account)
         if email is not None:
             if not _EMAIL.match(email.strip()):
@@ -291,7 +339,7 @@ def change_account(
             account.updated_at = now
             changed = [k for k in after if after[k] != before[k]]
             action = "auto_recharge.changed" if set(changed) <= {"auto_recharge", *OVERRIDES} else "account.changed"
-            _audit(
+            audit_change(
                 session,
                 account_id,
                 actor,
@@ -308,11 +356,65 @@ def audit_trail(db: Database, account_id: str | None = None, limit: int = 200) -
     with db.transaction() as session:
         query = select(AuditRecord).order_by(AuditRecord.id.desc()).limit(limit)
         if account_id is not None:
-            _load(session, account_id)
+            load_account(session, account_id)
             query = query.where(AuditRecord.account_id == account_id)
         return list(session.scalars(query))
 
 
 def get_account(db: Database, account_id: str) -> Account:
     with db.transaction() as session:
-        return _load(session, account_id)
+        return load_account(session, account_id)
+
+
+def adjust_balance(
+    db: Database, account_id: str, amount: Units, *, reason: str, actor: str, clock: Clock, reference: str | None = None
+) -> bool:
+    """A manual credit (positive) or debit (negative), audited. With a `reference`, recording the same
+    adjustment twice changes nothing (returns False the second time)."""
+    actor = parse_actor(actor)
+    if amount == 0:
+        raise InputError("an adjustment of 0 changes nothing")
+    if not reason.strip():
+        raise InputError("an adjustment needs a reason (--reason)")
+    now = clock.now()
+    external_id = reference or f"adj-{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    with db.transaction() as session:
+        account = load_account(session, account_id, lock=True)
+        before = format_ledger(account.balance)
+        inserted = insert_entries(
+            session,
+            [
+                {
+                    "account_id": account_id,
+                    "entry_type": "adjustment",
+                    "external_id": external_id,
+                    "amount": amount,
+                    "occurred_at": now,
+                    "recorded_at": now,
+                    "kind": None,
+                    "duration_seconds": None,
+                    "quantity": None,
+                    "billable_quantity": None,
+                    "rate_id": None,
+                    "note": reason.strip()[:500],
+                }
+            ],
+        )
+        if not inserted:
+            return False
+        apply_balance_changes(session, {account_id: (amount, None)})
+        audit_change(
+            session,
+            account_id,
+            actor,
+            now,
+            "balance.adjusted",
+            {"balance": before},
+            {
+                "balance": format_ledger(account.balance + amount),
+                "amount": format_ledger(amount),
+                "reason": reason,
+                "reference": external_id,
+            },
+        )
+    return True

@@ -33,7 +33,13 @@ Reason = Literal[
     "above_threshold",
     "auto_recharge_off",
     "cap_reached",
+    "suspended",
+    "action_required",
+    "no_funding_source",
+    "recharge_in_progress",
+    "backing_off",
 ]
+RechargeState = Literal["ok", "backing_off", "suspended", "action_required"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +86,10 @@ class AccountFigures:
     policy: Policy
     charged_last_day: Units = 0
     charged_last_30_days: Units = 0
+    state: RechargeState = "ok"
+    retry_at: datetime | None = None  # while backing off: when the next try is allowed
+    has_funding_source: bool = True
+    in_progress: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,8 +155,16 @@ def decide(figures: AccountFigures, at: datetime) -> Decision:
     )
     if not figures.auto_recharge:
         return replace(skip, reason="auto_recharge_off")
+    if figures.state in ("suspended", "action_required"):
+        return replace(skip, reason=figures.state)
+    if not figures.has_funding_source:
+        return replace(skip, reason="no_funding_source")
+    if figures.in_progress:
+        return replace(skip, reason="recharge_in_progress")
     if figures.balance >= threshold:
         return skip
+    if figures.state == "backing_off" and figures.retry_at is not None and at < figures.retry_at:
+        return replace(skip, reason="backing_off")
 
     # One charge always lifts the balance to the threshold: cover the shortfall when the recharge is too small.
     charge = max(recharge, ceil_to_minor(threshold - figures.balance, currency))

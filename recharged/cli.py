@@ -215,7 +215,17 @@ def accounts_create(app: App, /, account_id: str, actor: str, **fields: str | No
         out.print(f"account {account_id} already exists with these settings; nothing changed")
 
 
-ACCOUNT_COLUMNS = ("id", "email", "plan", "currency", "vat_percent", "created_at", "opening_balance", "auto_recharge")
+ACCOUNT_COLUMNS = (
+    "id",
+    "email",
+    "plan",
+    "currency",
+    "vat_percent",
+    "created_at",
+    "opening_balance",
+    "auto_recharge",
+    *accounts_service.CARD_COLUMNS,
+)
 
 
 @accounts_group.command("import")
@@ -226,7 +236,8 @@ ACCOUNT_COLUMNS = ("id", "email", "plan", "currency", "vat_percent", "created_at
 def accounts_import(app: App, file: Path, created_at: str | None, actor: str) -> None:
     """Import accounts from CSV, all or nothing.
 
-    Columns: id,email,plan,vat_percent and optionally currency,created_at,opening_balance,auto_recharge.
+    Columns: id,email,plan,vat_percent and optionally currency,created_at,opening_balance,auto_recharge, and
+    for a card already on file at Stripe: stripe_customer,payment_method,card_brand,card_last4,card_exp (MM/YYYY).
     Re-importing the same file changes nothing.
     """
     accounts_service.parse_actor(actor)

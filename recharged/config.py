@@ -99,6 +99,28 @@ class RechargeSettings(_Section):
         )
 
 
+class PaymentsSettings(_Section):
+    """The payment processor, retries and the limits that keep declined cards from being hammered."""
+
+    stripe_api_base: str = Field("https://api.stripe.com", pattern=r"^https?://[^\s/]+(:\d+)?/?$")
+    timeout_seconds: float = Field(30.0, gt=0, le=300)
+    # Transient failures (connection, timeout, 409, 429, 5xx) are retried inline with the same key.
+    max_retries: int = Field(4, ge=0, le=20)
+    retry_initial_seconds: float = Field(0.5, ge=0, le=60)
+    retry_max_seconds: float = Field(8.0, ge=0, le=600)
+    # Stripe keeps idempotency keys for 24 hours; recovery re-sends with the same key only within this window,
+    # and after it only looks the payment up.
+    idempotency_window_hours: float = Field(23.0, gt=0, le=24)
+    # When every funding source fails, retry after these hours; after the last step auto-recharge is suspended.
+    retry_schedule_hours: list[Annotated[float, Field(gt=0, le=24 * 30)]] = Field(
+        default_factory=lambda: [4.0, 24.0, 72.0], min_length=1, max_length=10
+    )
+    max_declines_per_card_30_days: int = Field(8, ge=1, le=15)
+    card_retry_after_decline_hours: float = Field(24.0, ge=0, le=24 * 30)
+    # How long one worker may hold a recharge while it talks to the processor before another may take it over.
+    lease_seconds: int = Field(300, ge=30, le=3600)
+
+
 class TimeRateSettings(_Section):
     measure: Literal["time"]
     price_per_minute: Money
@@ -167,6 +189,7 @@ class Settings(_Section):
     database: DatabaseSettings = DatabaseSettings()
     usage: UsageSettings = UsageSettings()
     recharge: RechargeSettings = RechargeSettings()
+    payments: PaymentsSettings = PaymentsSettings()
     plans: dict[KindName, PlanSettings] = Field(default_factory=_standard_plan, min_length=1)
     logging: LoggingSettings = LoggingSettings()
 

@@ -11,18 +11,18 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Engine, Table, and_, bindparam, case, create_engine, event, func, select, update
+from sqlalchemy import Engine, Table, and_, bindparam, case, create_engine, event, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from recharged.errors import DatabaseError
-from recharged.models import Account, DailyUsage, Entry, Rate
+from recharged.models import Account, ChargeAttempt, DailyUsage, Entry, FundingSource, Rate, Recharge
 
 CHARGE_TYPES = ("recharge",)  # what the spend caps count: automatic recharges
 
@@ -276,6 +276,8 @@ def plan_rows(session: Session, ids: Sequence[str] | None = None, chunk: int = 5
         Account.created_at,
         Account.first_usage_at,
         Account.auto_recharge,
+        Account.recharge_state,
+        Account.retry_at,
         *(getattr(Account, name) for name in POLICY_COLUMNS),
     ).order_by(Account.id)
     if ids is not None:
@@ -346,3 +348,144 @@ def daily_usage_rows(session: Session) -> Iterator[Any]:
 
 def first_usage_times(session: Session) -> dict[str, datetime | None]:
     return {row.id: row.first_usage_at for row in session.execute(select(Account.id, Account.first_usage_at))}
+
+
+# --- charging -----------------------------------------------------------------------------------------------
+
+
+def insert_recharge(session: Session, values: Mapping[str, Any]) -> int | None:
+    """Claim a recharge; None when the account already has an open one (the partial unique index says so)."""
+    try:
+        with session.begin_nested():
+            recharge_id = session.execute(insert(Recharge).values(**values).returning(Recharge.id)).scalar_one()
+    except IntegrityError:
+        return None
+    return int(recharge_id)
+
+
+def lock_recharge(session: Session, recharge_id: int) -> Recharge:
+    recharge = session.execute(select(Recharge).where(Recharge.id == recharge_id).with_for_update()).scalar_one()
+    return recharge
+
+
+def take_lease(session: Session, recharge_id: int, now: datetime, until: datetime) -> bool:
+    """Hold an open recharge while talking to the processor; False when another worker holds it."""
+    result = session.execute(
+        update(Recharge)
+        .where(
+            Recharge.id == recharge_id,
+            Recharge.phase == "charging",
+            (Recharge.lease_until.is_(None)) | (Recharge.lease_until < now),
+        )
+        .values(lease_until=until)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(cast(Any, result).rowcount)
+
+
+def settle_attempt(session: Session, attempt_id: int, values: Mapping[str, Any]) -> bool:
+    """Record an attempt's outcome once: False when another worker already did."""
+    result = session.execute(
+        update(ChargeAttempt)
+        .where(ChargeAttempt.id == attempt_id, ChargeAttempt.status == "pending")
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(cast(Any, result).rowcount)
+
+
+def pending_attempt(session: Session, recharge_id: int) -> ChargeAttempt | None:
+    return session.scalars(
+        select(ChargeAttempt).where(ChargeAttempt.recharge_id == recharge_id, ChargeAttempt.status == "pending")
+    ).one_or_none()
+
+
+def candidate_sources(
+    session: Session, account_id: str, recharge_id: int, now: datetime, cooldown: timedelta, max_declines_30d: int
+) -> list[FundingSource]:
+    """Usable sources in charging order (default first), minus those this recharge tried and those resting
+    after declines (at most `max_declines_30d` declines in 30 days, none within `cooldown`)."""
+    tried = select(ChargeAttempt.source_id).where(ChargeAttempt.recharge_id == recharge_id)
+    declines_30d = (
+        select(func.count())
+        .where(
+            ChargeAttempt.source_id == FundingSource.id,
+            ChargeAttempt.status == "declined",
+            ChargeAttempt.created_at >= now - timedelta(days=30),
+        )
+        .scalar_subquery()
+    )
+    last_decline = (
+        select(func.max(ChargeAttempt.created_at))
+        .where(ChargeAttempt.source_id == FundingSource.id, ChargeAttempt.status == "declined")
+        .scalar_subquery()
+    )
+    query = (
+        select(FundingSource)
+        .where(
+            FundingSource.account_id == account_id,
+            FundingSource.removed_at.is_(None),
+            FundingSource.unusable_reason.is_(None),
+            FundingSource.id.not_in(tried),
+            declines_30d < max_declines_30d,
+            (last_decline.is_(None)) | (last_decline < now - cooldown),
+        )
+        .order_by(FundingSource.is_default.desc(), FundingSource.id)
+    )
+    return list(session.scalars(query))
+
+
+def credit_once(
+    session: Session, account_id: str, entry_type: str, external_id: str, amount: int, at: datetime
+) -> bool:
+    """Credit the balance under a unique external id; False (and no change) when already credited."""
+    inserted = insert_entries(
+        session,
+        [
+            {
+                "account_id": account_id,
+                "entry_type": entry_type,
+                "external_id": external_id,
+                "amount": amount,
+                "occurred_at": at,
+                "recorded_at": at,
+                "kind": None,
+                "duration_seconds": None,
+                "quantity": None,
+                "billable_quantity": None,
+                "rate_id": None,
+                "note": None,
+            }
+        ],
+    )
+    if not inserted:
+        return False
+    apply_balance_changes(session, {account_id: (amount, None)})
+    return True
+
+
+def open_recharge_ids(session: Session, now: datetime) -> list[int]:
+    """Recharges left in an intermediate phase whose lease (if any) has run out, oldest first."""
+    query = (
+        select(Recharge.id)
+        .where(Recharge.phase.not_in(("finished", "failed")))
+        .where((Recharge.lease_until.is_(None)) | (Recharge.lease_until < now))
+        .order_by(Recharge.id)
+    )
+    return list(session.scalars(query))
+
+
+def accounts_with_open_recharge(session: Session) -> set[str]:
+    return set(session.scalars(select(Recharge.account_id).where(Recharge.phase.not_in(("finished", "failed")))))
+
+
+def accounts_with_usable_source(session: Session) -> set[str]:
+    query = select(FundingSource.account_id).where(
+        FundingSource.removed_at.is_(None), FundingSource.unusable_reason.is_(None)
+    )
+    return set(session.scalars(query.distinct()))
+
+
+def attempts_of(session: Session, recharge_id: int) -> int:
+    query = select(func.count()).select_from(ChargeAttempt).where(ChargeAttempt.recharge_id == recharge_id)
+    return int(session.scalar(query) or 0)

@@ -99,8 +99,119 @@ class Account(Base):
     # Cached sum of the account's ledger entries; `recharged verify` proves it.
     balance: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
     first_usage_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Where automatic recharge stands: ok, backing_off (until retry_at), suspended, action_required.
+    recharge_state: Mapped[str] = mapped_column(String(20), default="ok", server_default=text("'ok'"))
+    failed_cycles: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    state_reason: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class FundingSource(Base):
+    """A card on file at the processor: the default one is tried first, then the backups in the order added."""
+
+    __tablename__ = "funding_sources"
+    __table_args__ = (
+        UniqueConstraint("account_id", "payment_method"),
+        Index(
+            "uq_funding_sources_one_default",
+            "account_id",
+            unique=True,
+            postgresql_where=text("is_default AND removed_at IS NULL"),
+            sqlite_where=text("is_default AND removed_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    customer: Mapped[str] = mapped_column(String(64))  # the processor's customer id (cus_...)
+    payment_method: Mapped[str] = mapped_column(String(64))  # pm_...
+    brand: Mapped[str] = mapped_column(String(20))
+    last4: Mapped[str] = mapped_column(String(4))
+    exp_month: Mapped[int] = mapped_column(Integer)
+    exp_year: Mapped[int] = mapped_column(Integer)
+    is_default: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # A hard decline makes a card unusable until an admin updates it.
+    unusable_reason: Mapped[str | None] = mapped_column(String(200))
+    added_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+RECHARGE_OPEN = "phase NOT IN ('finished', 'failed')"
+
+
+class Recharge(Base):
+    """One recharge (automatic or a one-time purchase) moving through recorded phases, one transaction each:
+    claimed -> charging -> paid -> credited -> finished, or failed. One open recharge per account."""
+
+    __tablename__ = "recharges"
+    __table_args__ = (
+        Index(
+            "uq_recharges_one_open_per_account",
+            "account_id",
+            unique=True,
+            postgresql_where=text(RECHARGE_OPEN),
+            sqlite_where=text(RECHARGE_OPEN),
+        ),
+        Index("ix_recharges_open", "phase", postgresql_where=text(RECHARGE_OPEN), sqlite_where=text(RECHARGE_OPEN)),
+        CheckConstraint(
+            "phase IN ('claimed', 'charging', 'paid', 'credited', 'finished', 'failed')", name="known_phase"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(10))  # auto | topup
+    phase: Mapped[str] = mapped_column(String(10))
+    currency: Mapped[str] = mapped_column(String(3))
+    amount: Mapped[int] = mapped_column(BigInteger)  # credited to the balance (net)
+    vat: Mapped[int] = mapped_column(BigInteger)
+    total: Mapped[int] = mapped_column(BigInteger)  # charged: amount + VAT, whole minor units
+    vat_percent: Mapped[Decimal] = mapped_column(DecimalText())
+    # Why: the figures of the decision (for receipts) or the admin who asked for a top-up.
+    balance_before: Mapped[int] = mapped_column(BigInteger)
+    average_daily: Mapped[int | None] = mapped_column(BigInteger)
+    threshold: Mapped[int | None] = mapped_column(BigInteger)
+    actor: Mapped[str | None] = mapped_column(String(120))
+    payment_intent: Mapped[str | None] = mapped_column(String(64), unique=True)
+    source_id: Mapped[int | None] = mapped_column(ForeignKey("funding_sources.id"))
+    outcome: Mapped[str | None] = mapped_column(String(200))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ChargeAttempt(Base):
+    """One request to the processor for a recharge on one funding source, under one idempotency key that
+    is stored before the first request is sent."""
+
+    __tablename__ = "charge_attempts"
+    __table_args__ = (
+        Index(
+            "uq_charge_attempts_one_pending",
+            "recharge_id",
+            unique=True,
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        Index("ix_charge_attempts_source_time", "source_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    recharge_id: Mapped[int] = mapped_column(ForeignKey("recharges.id"), index=True)
+    source_id: Mapped[int] = mapped_column(ForeignKey("funding_sources.id"))
+    idempotency_key: Mapped[str] = mapped_column(String(64), unique=True)
+    # pending | succeeded | declined | action_required | abandoned
+    status: Mapped[str] = mapped_column(String(16))
+    payment_intent: Mapped[str | None] = mapped_column(String(64))
+    decline_class: Mapped[str | None] = mapped_column(String(10))  # hard | soft
+    code: Mapped[str | None] = mapped_column(String(64))
+    decline_code: Mapped[str | None] = mapped_column(String(64))
+    advice_code: Mapped[str | None] = mapped_column(String(64))
+    message: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Rate(Base):

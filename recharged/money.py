@@ -131,3 +131,10 @@ def fraction_to_minor(numerator: int, denominator: int, currency: str) -> Units:
     """(numerator / denominator) Units rounded half-up to the minor unit in one step (no double rounding)."""
     step = minor_step(currency)
     return div_half_up(numerator, denominator * step) * step
+
+
+def percent_of(units: Units, percent: Decimal, currency: str) -> Units:
+    """`percent`% of an amount, rounded half-up to the currency's minor unit (VAT on a charge)."""
+    step = minor_step(currency)
+    exact = Decimal(units) * percent / Decimal(100) / Decimal(step)
+    return int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP)) * step

@@ -12,7 +12,16 @@ from datetime import datetime, timedelta
 
 from recharged.balance import AccountFigures, Decision, Policy, Window, decide
 from recharged.config import Settings
-from recharged.db import POLICY_COLUMNS, Database, charged_since, plan_rows, usage_totals, window_lengths
+from recharged.db import (
+    POLICY_COLUMNS,
+    Database,
+    accounts_with_open_recharge,
+    accounts_with_usable_source,
+    charged_since,
+    plan_rows,
+    usage_totals,
+    window_lengths,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +46,8 @@ def plan_accounts(
         totals = {days: usage_totals(session, w.start.date(), w.end.date(), ids) for days, w in windows.items()}
         last_day = charged_since(session, at - timedelta(days=1), at)
         last_30_days = charged_since(session, at - timedelta(days=30), at)
+        with_source = accounts_with_usable_source(session)
+        in_progress = accounts_with_open_recharge(session)
         for row in plan_rows(session, ids):
             overrides = {name: getattr(row, name) for name in POLICY_COLUMNS}
             policy = default.overridden(overrides) if any(v is not None for v in overrides.values()) else default
@@ -50,6 +61,10 @@ def plan_accounts(
                 policy=policy,
                 charged_last_day=last_day.get(row.id, 0),
                 charged_last_30_days=last_30_days.get(row.id, 0),
+                state=row.recharge_state,
+                retry_at=row.retry_at,
+                has_funding_source=row.id in with_source,
+                in_progress=row.id in in_progress,
             )
             yield AccountPlan(
                 row.id, row.currency, row.auto_recharge, policy, windows[policy.window_days], decide(figures, at)

@@ -149,3 +149,49 @@ def call(
         "started_at": at,
         "duration_seconds": str(seconds),
     }
+
+
+# --- payments -------------------------------------------------------------------------------------------------
+
+STRIPE_KEY_ENV = "RECHARGED_TEST_STRIPE_KEY"
+
+
+@pytest.fixture
+def stripe_server(clock: FixedClock):
+    """A local Stripe-compatible server on loopback whose clock is the test's clock."""
+    from recharged.stripe_testserver import StripeTestServer
+
+    with StripeTestServer(clock=lambda: clock.now().timestamp()) as server:
+        yield server
+
+
+@pytest.fixture
+def gateway_factory(stripe_server):
+    """Build StripeGateways on the local server: real SDK over HTTP, retries without waiting."""
+    from tenacity import wait_none
+
+    from recharged.payments import StripeGateway
+
+    def make(max_retries: int = 2, timeout: float = 5.0) -> StripeGateway:
+        return StripeGateway(
+            "sk_test_recharged", api_base=stripe_server.url, timeout_seconds=timeout, max_retries=max_retries, wait=wait_none()
+        )
+
+    return make
+
+
+@pytest.fixture
+def stripe_client(stripe_server):
+    import stripe
+
+    return stripe.StripeClient("sk_test_recharged", base_addresses={"api": stripe_server.url})
+
+
+def card_on_file(stripe_client, test_card: str = "pm_card_visa", customer: str | None = None):
+    """Create (or reuse) a customer, attach one of Stripe's test cards, and return its CardInfo."""
+    from recharged.payments import CardInfo
+
+    customer = customer or stripe_client.v1.customers.create(params={"email": "billing@example.com"}).id
+    method = stripe_client.v1.payment_methods.attach(test_card, params={"customer": customer})
+    card = method.card
+    return CardInfo(customer, method.id, card.brand, card.last4, card.exp_month, card.exp_year)

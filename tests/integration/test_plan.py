@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 
 from recharged.accounts import change_account
+from recharged.payments import CardInfo
 from recharged.planning import plan_accounts
+from recharged.sources import add_source
 from recharged.usage import UsageRecorder
 from tests.conftest import add_account, call
 
@@ -35,6 +37,7 @@ def test_window_is_the_30_full_utc_days_before_today(db, settings, clock):
 
 def test_young_account_divides_by_its_full_days(db, settings, clock):
     add_account(db, settings, clock, created_at="2026-11-18T15:00:00Z", auto_recharge=True)
+    add_source(db, "acme", CardInfo("cus_1", "pm_1", "visa", "4242", 12, 2030), actor="Jane Doe", clock=clock)
     UsageRecorder(db, settings, clock).record(
         [call(f"c{i}", seconds=60 * 100, at="2026-11-19T10:00:00Z") for i in range(3)]
     )
@@ -78,4 +81,4 @@ def test_plan_reads_opening_balances(db, settings, clock):
     add_account(db, settings, clock, opening_balance="12.34567", auto_recharge=True)
     decision = one(db, settings).decision
     assert decision.balance == 1_234_567
-    assert (decision.action, decision.reason) == ("skip", "above_threshold")
+    assert (decision.action, decision.reason) == ("skip", "no_funding_source")  # opted in, but no card yet

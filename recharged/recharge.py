@@ -1,0 +1,415 @@
+"""The charge flow: decide, claim, charge, credit, finish; and recovery of whatever a crash left half-way.
+
+A recharge is a row that moves through recorded phases, each one transaction, in the spirit of Stripe's
+idempotency keys with recovery points:
+
+    claimed  --(attempt + idempotency key stored)-->  charging  --(processor answered)-->  paid
+    paid  --(ledger credit, unique per PaymentIntent)-->  credited  -->  finished
+    charging --(declined)--> claimed (next funding source)      any phase --> failed (nothing was charged)
+
+`process` drives one recharge from whatever phase it is in, so the same code finishes a fresh recharge and
+one found half-done after `kill -9`. Exactly once comes from the database: one open recharge per account
+(partial unique index), one pending attempt per recharge, the idempotency key stored before the request,
+an attempt's outcome recorded only while it is pending, and a ledger credit unique per PaymentIntent.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+import structlog
+from sqlalchemy.orm import Session
+
+from recharged.clock import Clock
+from recharged.config import Settings
+from recharged.db import (
+    Database,
+    attempts_of,
+    candidate_sources,
+    credit_once,
+    insert_recharge,
+    lock_recharge,
+    open_recharge_ids,
+    pending_attempt,
+    settle_attempt,
+    take_lease,
+)
+from recharged.errors import ConflictError, InputError, NotFoundError
+from recharged.faults import crashpoint
+from recharged.models import Account, ChargeAttempt, FundingSource, Recharge
+from recharged.money import Units, format_ledger, minor_step, percent_of, to_minor_units
+from recharged.payments import ChargeRequest, PaymentError, PaymentGateway, PaymentResult, TransientPaymentError
+from recharged.planning import plan_accounts
+
+log = structlog.get_logger("recharged.recharge")
+TERMINAL = ("finished", "failed")
+
+
+@dataclass(frozen=True, slots=True)
+class RechargeReport:
+    """Where one recharge ended up after processing."""
+
+    recharge_id: int
+    account_id: str
+    kind: str
+    phase: str
+    currency: str
+    amount: Units
+    total: Units
+    outcome: str
+    source: str | None
+
+
+@dataclass
+class CycleReport:
+    at: datetime
+    recovered: list[RechargeReport] = field(default_factory=list)
+    charged: list[RechargeReport] = field(default_factory=list)
+    not_claimed: list[str] = field(default_factory=list)  # another worker held an open recharge
+
+
+class RechargeService:
+    """Runs recharges for one database, configuration, processor and clock."""
+
+    def __init__(self, db: Database, settings: Settings, gateway: Callable[[], PaymentGateway], clock: Clock) -> None:
+        self._db = db
+        self._settings = settings
+        self._payments = settings.payments
+        self._gateway_factory = gateway
+        self._gateway: PaymentGateway | None = None
+        self._clock = clock
+
+    @property
+    def gateway(self) -> PaymentGateway:
+        if self._gateway is None:
+            self._gateway = self._gateway_factory()
+        return self._gateway
+
+    # --- the cycle -----------------------------------------------------------------------------------------
+
+    def run_cycle(self, at: datetime | None = None) -> CycleReport:
+        """Recover what was left open, then charge every account the plan says to charge."""
+        at = at or self._clock.now()
+        report = CycleReport(at)
+        report.recovered = self.recover()
+        to_charge = [p for p in plan_accounts(self._db, self._settings, at) if p.decision.action == "charge"]
+        for plan in to_charge:
+            d = plan.decision
+            recharge_id = self.claim(
+                plan.account_id, d.charge_amount, kind="auto", average_daily=d.average_daily, threshold=d.threshold
+            )
+            if recharge_id is None:
+                report.not_claimed.append(plan.account_id)
+                continue
+            report.charged.append(self.process(recharge_id))
+        return report
+
+    def recover(self) -> list[RechargeReport]:
+        """Finish every recharge left in an intermediate phase (at start-up and every few minutes)."""
+        with self._db.transaction() as session:
+            ids = open_recharge_ids(session, self._clock.now())
+        return [self.process(recharge_id) for recharge_id in ids]
+
+    def topup(self, account_id: str, amount: Units, actor: str) -> RechargeReport:
+        """A one-time purchase charged now through the same flow."""
+        with self._db.transaction() as session:
+            account = session.get(Account, account_id)
+            if account is None:
+                raise NotFoundError(f"no account {account_id!r}")
+            step = minor_step(account.currency)
+            if amount <= 0 or amount % step:
+                whole = f"whole {account.currency} minor units"
+                raise InputError(f"top-up amount {format_ledger(amount)} must be positive and in {whole}")
+        recharge_id = self.claim(account_id, amount, kind="topup", actor=actor)
+        if recharge_id is None:
+            raise ConflictError(f"account {account_id} has a recharge in progress; try again when it has finished")
+        return self.process(recharge_id)
+
+    # --- phases --------------------------------------------------------------------------------------------
+
+    def claim(
+        self,
+        account_id: str,
+        amount: Units,
+        *,
+        kind: str,
+        average_daily: Units | None = None,
+        threshold: Units | None = None,
+        actor: str | None = None,
+    ) -> int | None:
+        """Record the decision as an open recharge; None if the account already has one."""
+        now = self._clock.now()
+        with self._db.transaction() as session:
+            account = session.get(Account, account_id, with_for_update=True)
+            if account is None:
+                raise NotFoundError(f"no account {account_id!r}")
+            vat = percent_of(amount, Decimal(account.vat_percent), account.currency)
+            recharge_id = insert_recharge(
+                session,
+                {
+                    "account_id": account_id,
+                    "kind": kind,
+                    "phase": "claimed",
+                    "currency": account.currency,
+                    "amount": amount,
+                    "vat": vat,
+                    "total": amount + vat,
+                    "vat_percent": account.vat_percent,
+                    "balance_before": account.balance,
+                    "average_daily": average_daily,
+                    "threshold": threshold,
+                    "actor": actor,
+                    "created_at": now,
+                    "updated_at": now,
+                },
+            )
+            crashpoint("before_claim_commit")
+        if recharge_id is not None:
+            crashpoint("after_claim")
+        return recharge_id
+
+    def process(self, recharge_id: int) -> RechargeReport:
+        """Advance a recharge until it is finished, failed, or waiting on the processor."""
+        while True:
+            phase = self._advance(recharge_id)
+            if phase in TERMINAL or phase == "waiting":
+                return self.report(recharge_id)
+
+    def _advance(self, recharge_id: int) -> str:
+        with self._db.transaction() as session:
+            phase = session.get(Recharge, recharge_id).phase  # type: ignore[union-attr]
+        if phase == "claimed":
+            return self._choose_source(recharge_id)
+        if phase == "charging":
+            return self._charge(recharge_id)
+        if phase == "paid":
+            return self._credit(recharge_id)
+        if phase == "credited":
+            return self._finish(recharge_id)
+        return phase
+
+    def _choose_source(self, recharge_id: int) -> str:
+        """claimed -> charging: store a new attempt and its idempotency key before any request."""
+        now = self._clock.now()
+        with self._db.transaction() as session:
+            recharge = lock_recharge(session, recharge_id)
+            if recharge.phase != "claimed":
+                return recharge.phase
+            sources = candidate_sources(
+                session,
+                recharge.account_id,
+                recharge.id,
+                now,
+                timedelta(hours=self._payments.card_retry_after_decline_hours),
+                self._payments.max_declines_per_card_30_days,
+            )
+            if not sources:
+                self._fail(session, recharge, now)
+                return "failed"
+            source = sources[0]
+            session.add(
+                ChargeAttempt(
+                    recharge_id=recharge.id,
+                    source_id=source.id,
+                    idempotency_key=f"recharged-{uuid.uuid4()}",
+                    status="pending",
+                    created_at=now,
+                )
+            )
+            recharge.phase, recharge.source_id, recharge.updated_at = "charging", source.id, now
+        crashpoint("after_attempt_stored")
+        return "charging"
+
+    def _charge(self, recharge_id: int) -> str:
+        """charging -> paid | claimed (declined) | failed: send, or re-send with the same key, or look up."""
+        now = self._clock.now()
+        with self._db.transaction() as session:
+            if not take_lease(session, recharge_id, now, now + timedelta(seconds=self._payments.lease_seconds)):
+                return "waiting"
+            recharge = session.get(Recharge, recharge_id)
+            attempt = pending_attempt(session, recharge_id)
+            assert recharge is not None and attempt is not None, f"recharge {recharge_id} charging without attempt"
+            source = session.get(FundingSource, attempt.source_id)
+            assert source is not None
+            request = ChargeRequest(
+                idempotency_key=attempt.idempotency_key,
+                customer=source.customer,
+                payment_method=source.payment_method,
+                amount_minor=to_minor_units(recharge.total, recharge.currency),
+                currency=recharge.currency,
+                description=f"recharged {recharge.kind} recharge {recharge.id} for {recharge.account_id}",
+                metadata={
+                    "recharged_account": recharge.account_id,
+                    "recharged_recharge": str(recharge.id),
+                    "recharged_attempt": attempt.idempotency_key,
+                },
+            )
+            attempt_id, attempt_started, known_intent = attempt.id, attempt.created_at, attempt.payment_intent
+
+        crashpoint("before_request")
+        try:
+            result = self._ask(request, attempt_started, known_intent, now)
+        except TransientPaymentError as exc:
+            log.warning("charge.unknown", recharge=recharge_id, error=str(exc))
+            self._release(recharge_id, f"processor unreachable, will retry: {exc}")
+            return "waiting"
+        except PaymentError as exc:
+            log.error("charge.refused", recharge=recharge_id, error=str(exc))
+            self._release(recharge_id, f"processor refused the request: {exc}")
+            raise
+        crashpoint("after_response")
+        return self._settle(recharge_id, attempt_id, result)
+
+    def _ask(
+        self, request: ChargeRequest, started: datetime, known_intent: str | None, now: datetime
+    ) -> PaymentResult | None:
+        """The processor's answer for this attempt; None when the key has expired and no payment exists."""
+        if known_intent is not None:  # the processor told us the payment id already (it was still processing)
+            return self.gateway.retrieve(known_intent)
+        if now - started < timedelta(hours=self._payments.idempotency_window_hours):
+            return self.gateway.charge(request)
+        # Past the processor's idempotency window: never send again, only look for what the key did.
+        return self.gateway.find(request.customer, request.idempotency_key, started)
+
+    def _settle(self, recharge_id: int, attempt_id: int, result: PaymentResult | None) -> str:
+        now = self._clock.now()
+        with self._db.transaction() as session:
+            recharge = lock_recharge(session, recharge_id)
+            if result is not None and result.outcome == "pending":
+                session.get(ChargeAttempt, attempt_id).payment_intent = result.payment_intent  # type: ignore[union-attr]
+                recharge.lease_until, recharge.outcome = None, "payment processing at the processor"
+                return "waiting"
+            status = "abandoned" if result is None else result.outcome
+            values: dict[str, object] = {"status": status, "finished_at": now}
+            if result is not None:
+                values |= {
+                    "payment_intent": result.payment_intent,
+                    "decline_class": result.decline_class,
+                    "code": result.code,
+                    "decline_code": result.decline_code,
+                    "advice_code": result.advice_code,
+                    "message": (result.message or "")[:500] or None,
+                }
+            if not settle_attempt(session, attempt_id, values):
+                return recharge.phase  # another worker recorded this outcome first
+            recharge.lease_until, recharge.updated_at = None, now
+            source = session.get(FundingSource, recharge.source_id)
+            assert source is not None
+            card = f"{source.brand} ...{source.last4}"
+            if result is None:
+                recharge.phase = "failed"
+                recharge.outcome = "no payment found for the attempt after the processor's idempotency window"
+            elif result.outcome == "succeeded":
+                recharge.phase, recharge.payment_intent, recharge.outcome = (
+                    "paid",
+                    result.payment_intent,
+                    f"paid by {card}",
+                )
+            elif result.outcome == "action_required":
+                recharge.phase, recharge.outcome = "failed", f"{card} needs the customer to authenticate"
+                account = session.get(Account, recharge.account_id)
+                assert account is not None
+                account.recharge_state, account.state_reason = "action_required", recharge.outcome
+            else:
+                why = result.decline_code or result.code or "declined"
+                recharge.phase, recharge.outcome = "claimed", f"{card} declined ({why}); trying the next source"
+                if result.decline_class == "hard":
+                    source.unusable_reason = f"{why} on {now:%Y-%m-%d}"
+            log.info(
+                "charge.attempt",
+                recharge=recharge_id,
+                account=recharge.account_id,
+                amount=format_ledger(recharge.total),
+                currency=recharge.currency,
+                outcome=status,
+                decline=None if result is None else result.decline_code or result.code,
+            )
+            return recharge.phase
+
+    def _credit(self, recharge_id: int) -> str:
+        """paid -> credited: the ledger credit, unique per PaymentIntent."""
+        now = self._clock.now()
+        with self._db.transaction() as session:
+            recharge = lock_recharge(session, recharge_id)
+            if recharge.phase != "paid":
+                return recharge.phase
+            assert recharge.payment_intent is not None
+            entry_type = "recharge" if recharge.kind == "auto" else "topup"
+            credit_once(session, recharge.account_id, entry_type, recharge.payment_intent, recharge.amount, now)
+            account = session.get(Account, recharge.account_id)
+            assert account is not None
+            if account.recharge_state == "backing_off":
+                account.recharge_state, account.failed_cycles, account.retry_at, account.state_reason = (
+                    "ok",
+                    0,
+                    None,
+                    None,
+                )
+            recharge.phase, recharge.updated_at = "credited", now
+        crashpoint("after_credit")
+        return "credited"
+
+    def _finish(self, recharge_id: int) -> str:
+        with self._db.transaction() as session:
+            recharge = lock_recharge(session, recharge_id)
+            if recharge.phase == "credited":
+                recharge.phase, recharge.updated_at = "finished", self._clock.now()
+                log.info(
+                    "recharge.finished",
+                    recharge=recharge_id,
+                    account=recharge.account_id,
+                    kind=recharge.kind,
+                    amount=format_ledger(recharge.amount),
+                    total=format_ledger(recharge.total),
+                    currency=recharge.currency,
+                    payment_intent=recharge.payment_intent,
+                )
+            return recharge.phase
+
+    def _fail(self, session: Session, recharge: Recharge, now: datetime) -> None:
+        """No funding source is left to try: the recharge fails and, for an automatic one, the account backs
+        off one step of the retry schedule (suspended after the last)."""
+        tried = attempts_of(session, recharge.id)
+        recharge.phase, recharge.updated_at = "failed", now
+        recharge.outcome = "every funding source declined" if tried else "no funding source can be charged now"
+        if recharge.kind != "auto" or not tried:
+            return
+        account = session.get(Account, recharge.account_id)
+        assert account is not None
+        schedule = self._payments.retry_schedule_hours
+        account.failed_cycles += 1
+        if account.failed_cycles > len(schedule):
+            account.recharge_state, account.retry_at = "suspended", None
+            account.state_reason = f"suspended after {account.failed_cycles} failed recharge cycles"
+        else:
+            account.recharge_state = "backing_off"
+            account.retry_at = now + timedelta(hours=schedule[account.failed_cycles - 1])
+            account.state_reason = (
+                f"{account.failed_cycles} failed recharge cycle(s); next try {account.retry_at:%Y-%m-%d %H:%M} UTC"
+            )
+
+    def _release(self, recharge_id: int, outcome: str) -> None:
+        with self._db.transaction() as session:
+            recharge = lock_recharge(session, recharge_id)
+            recharge.lease_until, recharge.outcome = None, outcome[:200]
+
+    def report(self, recharge_id: int) -> RechargeReport:
+        with self._db.transaction() as session:
+            r = session.get(Recharge, recharge_id)
+            assert r is not None
+            source = session.get(FundingSource, r.source_id) if r.source_id is not None else None
+            return RechargeReport(
+                r.id,
+                r.account_id,
+                r.kind,
+                r.phase,
+                r.currency,
+                r.amount,
+                r.total,
+                r.outcome or "",
+                f"{source.brand} ...{source.last4}" if source else None,
+            )
