@@ -20,13 +20,16 @@ from rich.table import Table
 
 from recharged import accounts as accounts_service
 from recharged import secrets
-from recharged.clock import Clock, SystemClock, parse_instant
+from recharged import sources as sources_service
+from recharged.clock import Clock, FixedClock, SystemClock, parse_instant
 from recharged.config import Settings, default_config_path, load_settings
 from recharged.db import Database, masked_url
 from recharged.errors import ConfigError, InputError, RechargedError
 from recharged.logs import configure
-from recharged.money import format_ledger
+from recharged.money import format_ledger, parse_amount
+from recharged.payments import PaymentGateway, StripeGateway
 from recharged.planning import AccountPlan, plan_accounts
+from recharged.recharge import RechargeReport, RechargeService
 from recharged.usage import FIELDS, Outcome, UsageRecorder, summarize
 from recharged.verify import verify as verify_ledger
 
@@ -56,6 +59,27 @@ class App:
         if migrated:
             self._db.require_current()
         return self._db
+
+    def gateway(self) -> PaymentGateway:
+        """The Stripe gateway; the key comes only from the environment or systemd credentials."""
+        key = secrets.read_secret("stripe_api_key")
+        if key is None:
+            raise ConfigError(
+                "no Stripe API key: set RECHARGED_STRIPE_API_KEY or the systemd credential stripe_api_key"
+            )
+        payments = self.settings.payments
+        return StripeGateway(
+            key.value,
+            api_base=payments.stripe_api_base,
+            timeout_seconds=payments.timeout_seconds,
+            max_retries=payments.max_retries,
+            retry_initial_seconds=payments.retry_initial_seconds,
+            retry_max_seconds=payments.retry_max_seconds,
+        )
+
+    def recharges(self) -> RechargeService:
+        gateway = self.gateway()  # fail before doing anything when the key is missing
+        return RechargeService(self.database(), self.settings, lambda: gateway, self.clock)
 
 
 pass_app = click.make_pass_decorator(App)
@@ -615,6 +639,170 @@ def _plan_table(plans: list[AccountPlan], when: datetime) -> None:
         )
     out.print(table)
     out.print(f"{len(plans)} accounts, {charges} to charge")
+
+
+# --- funding sources, charges and adjustments ---------------------------------------------------------------
+
+
+@main.group("sources")
+def sources_group() -> None:
+    """Cards on file: the default is charged first, then the backups in the order added."""
+
+
+@sources_group.command("add")
+@click.argument("account_id")
+@click.option("--customer", required=True, help="The Stripe customer id (cus_...).")
+@click.option("--payment-method", required=True, help="A card attached to that customer (pm_...).")
+@click.option("--default", "make_default", is_flag=True, help="Make it the default (the first card always is).")
+@actor_option
+@pass_app
+def sources_add(app: App, account_id: str, customer: str, payment_method: str, make_default: bool, actor: str) -> None:
+    """Add a card, checking with Stripe that it belongs to the customer (brand, last4, expiry come from there)."""
+    accounts_service.parse_actor(actor)
+    db = app.database()
+    card = app.gateway().card(customer, payment_method)
+    source = sources_service.add_source(db, account_id, card, actor=actor, clock=app.clock, make_default=make_default)
+    role = "default" if source.is_default else "backup"
+    out.print(f"account {account_id}: added {card.brand} ...{card.last4} as {role} funding source {source.id}")
+
+
+@sources_group.command("list")
+@click.argument("account_id")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def sources_list(app: App, account_id: str, as_json: bool) -> None:
+    """The account's cards in charging order."""
+    rows = sources_service.list_sources(app.database(), account_id)
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table("source", "card", "customer", "payment method", "role", "state")
+    for row in rows:
+        role = "default" if row["default"] else "backup"
+        state = f"unusable: {row['unusable']}" if row["unusable"] else "usable"
+        table.add_row(str(row["source"]), row["card"], row["customer"], row["payment_method"], role, state)
+    out.print(table if rows else f"account {account_id} has no funding source")
+
+
+@sources_group.command("default")
+@click.argument("account_id")
+@click.argument("source_id", type=int)
+@actor_option
+@pass_app
+def sources_default(app: App, account_id: str, source_id: int, actor: str) -> None:
+    """Make a card the default."""
+    sources_service.make_default(app.database(), account_id, source_id, actor=actor, clock=app.clock)
+    out.print(f"account {account_id}: funding source {source_id} is the default")
+
+
+@sources_group.command("remove")
+@click.argument("account_id")
+@click.argument("source_id", type=int)
+@actor_option
+@pass_app
+def sources_remove(app: App, account_id: str, source_id: int, actor: str) -> None:
+    """Remove a card (the first backup becomes the default if it was)."""
+    promoted = sources_service.remove_source(app.database(), account_id, source_id, actor=actor, clock=app.clock)
+    out.print(f"account {account_id}: removed funding source {source_id}")
+    if promoted is not None:
+        out.print(f"account {account_id}: funding source {promoted.id} is now the default")
+
+
+@sources_group.command("reactivate")
+@click.argument("account_id")
+@click.argument("source_id", type=int)
+@actor_option
+@pass_app
+def sources_reactivate(app: App, account_id: str, source_id: int, actor: str) -> None:
+    """Allow charging a card again after a hard decline, once the customer or bank has fixed it."""
+    sources_service.reactivate_source(app.database(), account_id, source_id, actor=actor, clock=app.clock)
+    out.print(f"account {account_id}: funding source {source_id} can be charged again")
+
+
+@main.command("topup")
+@click.argument("account_id")
+@click.argument("amount")
+@actor_option
+@pass_app
+def topup(app: App, account_id: str, amount: str, actor: str) -> None:
+    """Charge a one-time purchase of AMOUNT (plus VAT) now and credit the balance."""
+    accounts_service.parse_actor(actor)
+    try:
+        units = parse_amount(amount)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    report = app.recharges().topup(account_id, units, accounts_service.parse_actor(actor))
+    _print_reports([report], "top-up")
+    if report.phase != "finished":
+        sys.exit(1)
+
+
+@main.command("adjust")
+@click.argument("account_id")
+@click.option("--credit", help="Add this amount to the balance.")
+@click.option("--debit", help="Take this amount from the balance.")
+@click.option("--reason", required=True, help="Why, in words the next admin will understand.")
+@click.option("--reference", help="Your own id for this adjustment; recording it again changes nothing.")
+@actor_option
+@pass_app
+def adjust(
+    app: App, account_id: str, credit: str | None, debit: str | None, reason: str, reference: str | None, actor: str
+) -> None:
+    """Record a manual credit or debit on the balance, audited."""
+    if (credit is None) == (debit is None):
+        raise InputError("give exactly one of --credit AMOUNT or --debit AMOUNT")
+    try:
+        units = parse_amount(credit or debit or "", what="--credit" if credit else "--debit")
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if units <= 0:
+        raise InputError("the amount must be positive; use --debit to take money off the balance")
+    units = units if credit else -units
+    done = accounts_service.adjust_balance(
+        app.database(), account_id, units, reason=reason, actor=actor, clock=app.clock, reference=reference
+    )
+    if done:
+        out.print(f"account {account_id}: adjusted by {format_ledger(units)} ({reason})")
+    else:
+        out.print(f"account {account_id}: adjustment {reference} was already recorded; nothing changed")
+
+
+@main.command("cycle")
+@click.option("--once", is_flag=True, required=True, help="Run one whole recharge cycle now and exit.")
+@at_option
+@pass_app
+def cycle(app: App, once: bool, at: datetime | None) -> None:
+    """Run one recharge cycle now: recover unfinished recharges, decide, charge, credit; print what it did."""
+    if at is not None:
+        app.clock = FixedClock(at)
+    report = app.recharges().run_cycle()
+    out.print(f"recharge cycle at {report.at.isoformat()}")
+    if report.recovered:
+        _print_reports(report.recovered, "recovered")
+    _print_reports(report.charged, "charged")
+    for account_id in report.not_claimed:
+        out.print(f"account {account_id}: skipped, another worker holds its open recharge")
+    if any(r.phase not in ("finished", "failed") for r in report.recovered + report.charged):
+        out.print("some recharges wait on the processor; the next cycle (or `cycle --once`) finishes them")
+
+
+def _print_reports(reports: list[RechargeReport], title: str) -> None:
+    if not reports:
+        out.print(f"{title}: nothing")
+        return
+    table = Table("recharge", "account", "kind", "amount", "charged", "card", "phase", "outcome", title=title)
+    for r in reports:
+        table.add_row(
+            str(r.recharge_id),
+            r.account_id,
+            r.kind,
+            f"{format_ledger(r.amount)} {r.currency}",
+            f"{format_ledger(r.total)} {r.currency}",
+            r.source or "-",
+            r.phase,
+            r.outcome,
+        )
+    out.print(table)
 
 
 # --- verify -------------------------------------------------------------------------------------------------

@@ -156,42 +156,85 @@ def call(
 STRIPE_KEY_ENV = "RECHARGED_TEST_STRIPE_KEY"
 
 
-@pytest.fixture
-def stripe_server(clock: FixedClock):
-    """A local Stripe-compatible server on loopback whose clock is the test's clock."""
+class StripeBackend:
+    """Where payment tests charge: the local Stripe-compatible server, or real Stripe test mode."""
+
+    def __init__(self, url: str, key: str, server=None) -> None:
+        import stripe
+
+        self.url, self.key, self.server = url, key, server
+        self.client = stripe.StripeClient(key, base_addresses={"api": url})
+        self.customers: list[str] = []  # created by this test: real test mode keeps everyone else's too
+
+    def local(self):
+        """The local server, for tests that inject faults or move its clock; real Stripe skips them."""
+        if self.server is None:
+            pytest.skip("needs the local Stripe-compatible server (fault injection / clock)")
+        return self.server
+
+    def intents(self, status: str | None = None) -> list[dict]:
+        """PaymentIntents of this test's customers, as plain dicts, oldest first."""
+        found = []
+        for customer in self.customers:
+            page = self.client.v1.payment_intents.list(params={"customer": customer, "limit": 100})
+            found += [pi.to_dict() for pi in page.data]
+        found.sort(key=lambda pi: (pi["created"], pi["id"]))
+        return [pi for pi in found if status is None or pi["status"] == status]
+
+
+@pytest.fixture(params=["local", pytest.param("stripe-test-mode", marks=pytest.mark.stripe)])
+def stripe_backend(request: pytest.FixtureRequest, clock: FixedClock):
+    """Payment tests run on the local server, and on real Stripe test mode when RECHARGED_TEST_STRIPE_KEY is set."""
+    if request.param == "stripe-test-mode":
+        key = os.environ.get(STRIPE_KEY_ENV, "")
+        if not key.startswith("sk_test_"):
+            pytest.skip(f"real Stripe test mode needs {STRIPE_KEY_ENV}=sk_test_...")
+        yield StripeBackend("https://api.stripe.com", key)
+        return
     from recharged.stripe_testserver import StripeTestServer
 
     with StripeTestServer(clock=lambda: clock.now().timestamp()) as server:
-        yield server
+        yield StripeBackend(server.url, "sk_test_recharged", server)
 
 
 @pytest.fixture
-def gateway_factory(stripe_server):
-    """Build StripeGateways on the local server: real SDK over HTTP, retries without waiting."""
+def stripe_server(stripe_backend: StripeBackend):
+    """The local Stripe-compatible server (tests that use it directly skip on real Stripe)."""
+    return stripe_backend.local()
+
+
+@pytest.fixture
+def gateway_factory(stripe_backend: StripeBackend):
+    """Build StripeGateways on the backend: the real SDK over HTTP, retries without waiting."""
     from tenacity import wait_none
 
     from recharged.payments import StripeGateway
 
-    def make(max_retries: int = 2, timeout: float = 5.0) -> StripeGateway:
+    def make(max_retries: int = 2, timeout: float = 20.0) -> StripeGateway:
         return StripeGateway(
-            "sk_test_recharged", api_base=stripe_server.url, timeout_seconds=timeout, max_retries=max_retries, wait=wait_none()
+            stripe_backend.key,
+            api_base=stripe_backend.url,
+            timeout_seconds=timeout,
+            max_retries=max_retries,
+            wait=wait_none(),
         )
 
     return make
 
 
 @pytest.fixture
-def stripe_client(stripe_server):
-    import stripe
-
-    return stripe.StripeClient("sk_test_recharged", base_addresses={"api": stripe_server.url})
+def stripe_client(stripe_backend: StripeBackend):
+    return stripe_backend
 
 
-def card_on_file(stripe_client, test_card: str = "pm_card_visa", customer: str | None = None):
+def card_on_file(backend: StripeBackend, test_card: str = "pm_card_visa", customer: str | None = None):
     """Create (or reuse) a customer, attach one of Stripe's test cards, and return its CardInfo."""
     from recharged.payments import CardInfo
 
-    customer = customer or stripe_client.v1.customers.create(params={"email": "billing@example.com"}).id
-    method = stripe_client.v1.payment_methods.attach(test_card, params={"customer": customer})
+    client = backend.client
+    if customer is None:
+        customer = client.v1.customers.create(params={"email": "billing@example.com"}).id
+        backend.customers.append(customer)
+    method = client.v1.payment_methods.attach(test_card, params={"customer": customer})
     card = method.card
     return CardInfo(customer, method.id, card.brand, card.last4, card.exp_month, card.exp_year)

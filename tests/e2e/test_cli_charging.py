@@ -1,0 +1,104 @@
+"""`sources`, `cycle --once`, `topup` and `adjust` as an admin runs them, against a Stripe-compatible server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import card_on_file
+
+REPO = Path(__file__).resolve().parents[2]
+AT = "2026-11-16T09:00:00Z"
+
+
+@pytest.fixture
+def run(tmp_path, db_url, stripe_server):
+    env = {
+        **os.environ,
+        "RECHARGED_DATABASE__URL": db_url,
+        "RECHARGED_PAYMENTS__STRIPE_API_BASE": stripe_server.url,
+        "RECHARGED_PAYMENTS__RETRY_INITIAL_SECONDS": "0",
+        "RECHARGED_PAYMENTS__RETRY_MAX_SECONDS": "0",
+        "RECHARGED_STRIPE_API_KEY": "sk_test_cli",
+        "RECHARGED_ACTOR": "Jane Doe",
+        "RECHARGED_LOGGING__LEVEL": "warning",
+    }
+
+    def _run(*args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "recharged", "--config", str(REPO / "config.toml"), *args],
+            capture_output=True,
+            text=True,
+            env={**env, **extra_env},
+            cwd=tmp_path,
+            timeout=120,
+        )
+
+    return _run
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr + result.stdout
+    return result.stdout
+
+
+def test_charging_the_sample_through_the_cli(run, stripe_client, stripe_server):
+    ok(run("db", "upgrade"))
+    ok(run("accounts", "import", str(REPO / "examples/accounts.csv")))
+    ok(run("usage", "import", str(REPO / "examples/usage.csv"), "--rejects", os.devnull))
+    # cedar-realty's card came over from the old system as a placeholder; give it a real one at the processor
+    card = card_on_file(stripe_client, "pm_card_visa")
+    added = ok(
+        run(
+            "sources",
+            "add",
+            "cedar-realty",
+            "--customer",
+            card.customer,
+            "--payment-method",
+            card.payment_method,
+            "--default",
+        )
+    )
+    assert "added visa ...4242 as default funding source" in added
+    listed = json.loads(ok(run("sources", "list", "cedar-realty", "--json")))
+    assert [(s["default"], s["card"].split(" exp")[0]) for s in listed] == [
+        (True, "visa ...4242"),
+        (False, "visa ...4244"),
+    ]
+
+    cycle = ok(run("cycle", "--once", "--at", AT))
+    assert "cedar-realty" in cycle
+    succeeded = stripe_server.payment_intents(status="succeeded")
+    assert [pi["metadata"]["recharged_account"] for pi in succeeded] == ["cedar-realty"]
+    assert succeeded[0]["amount"] == 1444  # $13.26 + 8.875% VAT ($1.18), in cents
+    # the placeholder cards of the others do not exist at the processor: declined as invalid, marked unusable
+    plan = {a["account"]: a for a in json.loads(ok(run("plan", "--json", "--at", AT)))["accounts"]}
+    assert plan["cedar-realty"]["reason"] == "above_threshold"
+    assert plan["birch-dental"]["reason"] == "no_funding_source"
+
+    topup = run("topup", "cedar-realty", "20.00")
+    assert topup.returncode == 0, topup.stderr
+    assert len(stripe_server.payment_intents(status="succeeded")) == 2
+
+    assert "adjusted by -1.50000" in ok(
+        run("adjust", "cedar-realty", "--debit", "1.50", "--reason", "goodwill reversal", "--reference", "r1")
+    )
+    assert "already recorded" in ok(
+        run("adjust", "cedar-realty", "--debit", "1.50", "--reason", "goodwill reversal", "--reference", "r1")
+    )
+    actions = [a["action"] for a in json.loads(ok(run("audit", "cedar-realty", "--json")))]
+    assert actions[:2] == ["balance.adjusted", "source.added"]
+    assert "ledger OK" in ok(run("verify"))
+
+
+def test_charging_without_a_key_is_a_config_error(run):
+    ok(run("db", "upgrade"))
+    result = run("cycle", "--once", RECHARGED_STRIPE_API_KEY="")
+    assert result.returncode == 78
+    assert "no Stripe API key" in result.stderr
