@@ -146,6 +146,7 @@ def settings_of(account: Account) -> dict[str, Any]:
         "currency": account.currency,
         "vat_percent": str(account.vat_percent),
         "auto_recharge": account.auto_recharge,
+        "recharge_state": account.recharge_state,
     }
     for name in OVERRIDE_DAYS:
         values[name] = getattr(account, name)
@@ -332,13 +333,17 @@ def change_account(
                 raise InputError(str(exc)) from None
         if auto_recharge is not None:
             account.auto_recharge = auto_recharge
+        if auto_recharge and account.recharge_state in ("suspended", "backing_off"):
+            # An admin enabling auto-recharge lifts a suspension and starts the retry schedule afresh.
+            account.recharge_state, account.failed_cycles, account.retry_at, account.state_reason = "ok", 0, None, None
         for name, value in checked_overrides.items():
             setattr(account, name, value)
         after = settings_of(account)
         if after != before:
             account.updated_at = now
             changed = [k for k in after if after[k] != before[k]]
-            action = "auto_recharge.changed" if set(changed) <= {"auto_recharge", *OVERRIDES} else "account.changed"
+            auto_settings = {"auto_recharge", "recharge_state", *OVERRIDES}
+            action = "auto_recharge.changed" if set(changed) <= auto_settings else "account.changed"
             audit_change(
                 session,
                 account_id,

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from recharged.accounts import adjust_balance
+from recharged.accounts import adjust_balance, change_account
 from recharged.errors import ConflictError
 from recharged.models import Account, Entry, FundingSource, Recharge
 from recharged.planning import plan_accounts
@@ -132,6 +132,9 @@ def test_all_sources_declining_backs_off_then_suspends(db, settings, service, cl
     account = account_row(db)
     assert account.recharge_state == "suspended"
     assert next(plan_accounts(db, settings, clock.now())).decision.reason == "suspended"
+    change_account(db, "acme", actor=ACTOR, clock=clock, settings=settings, auto_recharge=True)  # an admin lifts it
+    assert (account_row(db).recharge_state, account_row(db).failed_cycles) == ("ok", 0)
+    assert next(plan_accounts(db, settings, clock.now())).decision.action == "charge"
     assert len(stripe_client.intents()) == 4  # one declined attempt per failed cycle, never more
     assert succeeded(stripe_client) == []
 
