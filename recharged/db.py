@@ -8,10 +8,11 @@ read earlier, so no update is lost.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -160,17 +161,27 @@ class AccountRef:
 
 
 def lock_accounts(session: Session, ids: Iterable[str]) -> dict[str, AccountRef]:
-    """The named accounts that exist, locked for update in id order (PostgreSQL; SQLite holds the write lock)."""
+    """The named accounts that exist, locked for update in id order (PostgreSQL; SQLite holds the write lock).
+
+    On the usage hot path: one statement with the ids as a single array parameter."""
     wanted = sorted(set(ids))
     if not wanted:
         return {}
-    rows = session.execute(
-        select(Account.id, Account.plan, Account.currency)
-        .where(Account.id.in_(wanted))
-        .order_by(Account.id)
-        .with_for_update()
-    )
-    return {row.id: AccountRef(row.id, row.plan, row.currency) for row in rows}
+    dialect, raw = _driver(session)
+    cursor = raw.cursor()
+    try:
+        if dialect == "sqlite":
+            cursor.execute(
+                "SELECT id, plan, currency FROM accounts WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
+                (json.dumps(wanted),),
+            )
+        else:
+            cursor.execute(
+                "SELECT id, plan, currency FROM accounts WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (wanted,)
+            )
+        return {row[0]: AccountRef(row[0], row[1], row[2]) for row in cursor.fetchall()}
+    finally:
+        cursor.close()
 
 
 def rate_id(session: Session, plan: str, kind: str, values: Mapping[str, Any]) -> int:
@@ -199,24 +210,6 @@ def existing_entries(session: Session, entry_type: str, external_ids: Iterable[s
         return {}
     rows = session.scalars(select(Entry).where(Entry.entry_type == entry_type, Entry.external_id.in_(ids)))
     return {entry.external_id: entry for entry in rows}
-
-
-def add_daily_usage(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Add to the per-day usage totals (insert or increment), in key order."""
-    if not rows:
-        return
-    table = cast(Table, DailyUsage.__table__)
-    statement = _insert(session, table)
-    excluded = statement.excluded
-    statement = statement.on_conflict_do_update(
-        index_elements=["account_id", "day", "kind"],
-        set_={
-            "events": table.c.events + excluded.events,
-            "quantity": table.c.quantity + excluded.quantity,
-            "amount": table.c.amount + excluded.amount,
-        },
-    )
-    session.execute(statement, sorted(rows, key=lambda r: (r["account_id"], r["day"], r["kind"])))
 
 
 def apply_balance_changes(session: Session, changes: Mapping[str, tuple[int, datetime | None]]) -> None:
@@ -489,3 +482,116 @@ def accounts_with_usable_source(session: Session) -> set[str]:
 def attempts_of(session: Session, recharge_id: int) -> int:
     query = select(func.count()).select_from(ChargeAttempt).where(ChargeAttempt.recharge_id == recharge_id)
     return int(session.scalar(query) or 0)
+
+
+# --- the usage hot path ---------------------------------------------------------------------------------------
+# Usage arrives by the million, so a batch is written with a few set-based statements through the driver
+# itself: SQLAlchemy's per-row parameter processing would cost more than the database's own work.
+# A usage row is (account_id, external_id, amount, occurred_at, recorded_at, kind, duration_seconds,
+# quantity, billable_quantity, rate_id), in external_id order.
+
+UsageRow = tuple[str, str, int, datetime, datetime, str, int | None, int | None, int, int | None]
+_USAGE_COLUMNS = (
+    "account_id, external_id, amount, occurred_at, recorded_at, kind, duration_seconds, quantity, "
+    "billable_quantity, rate_id"
+)
+
+
+def _sqlite_time(value: datetime) -> str:
+    """The text SQLAlchemy's SQLite DATETIME stores (naive UTC), so raw writes read back the same."""
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def _driver(session: Session) -> tuple[str, Any]:
+    connection = session.connection()
+    return connection.dialect.name, connection.connection.dbapi_connection
+
+
+_DAILY_UPSERT = (
+    "ON CONFLICT (account_id, day, kind) DO UPDATE SET events = daily_usage.events + excluded.events, "
+    "quantity = daily_usage.quantity + excluded.quantity, amount = daily_usage.amount + excluded.amount"
+)
+
+
+def record_usage(session: Session, rows: Sequence[UsageRow]) -> set[str]:
+    """Insert usage entries, skipping event ids already recorded, and add exactly the inserted ones to the
+    per-day totals and the balances (with the earliest usage time). Returns the event ids inserted.
+
+    Rows with a key in common are written in key order, so concurrent writers lock them in one order."""
+    if not rows:
+        return set()
+    dialect, raw = _driver(session)
+    cursor = raw.cursor()
+    try:
+        if dialect == "sqlite":
+            return _record_usage_sqlite(cursor, rows)
+        cursor.execute(
+            f"""
+            WITH new AS (
+                INSERT INTO entries (entry_type, {_USAGE_COLUMNS})
+                SELECT 'usage', {_USAGE_COLUMNS} FROM unnest(%s::text[], %s::text[], %s::bigint[],
+                    %s::timestamptz[], %s::timestamptz[], %s::text[], %s::integer[], %s::bigint[], %s::bigint[],
+                    %s::bigint[]) AS v({_USAGE_COLUMNS})
+                ORDER BY external_id
+                ON CONFLICT (entry_type, external_id) DO NOTHING
+                RETURNING account_id, external_id, amount, occurred_at, kind, billable_quantity
+            ), daily AS (
+                INSERT INTO daily_usage (account_id, day, kind, events, quantity, amount)
+                SELECT account_id, (occurred_at AT TIME ZONE 'UTC')::date, kind, count(*), sum(billable_quantity),
+                    -sum(amount)
+                FROM new GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+                {_DAILY_UPSERT}
+            ), balance AS (
+                UPDATE accounts AS a SET balance = a.balance + t.delta,
+                    first_usage_at = LEAST(a.first_usage_at, t.first)
+                FROM (SELECT account_id, sum(amount) AS delta, min(occurred_at) AS first FROM new GROUP BY account_id)
+                    AS t
+                WHERE a.id = t.account_id
+            )
+            SELECT external_id FROM new
+            """,
+            [list(column) for column in zip(*rows, strict=True)],
+        )
+        return {row[0] for row in cursor.fetchall()}
+    finally:
+        cursor.close()
+
+
+def _record_usage_sqlite(cursor: Any, rows: Sequence[UsageRow]) -> set[str]:
+    # SQLite runs one writer at a time (BEGIN IMMEDIATE): the rows above the largest id before the insert are
+    # exactly the ones this insert added, so the totals can be summed from them by SQLite itself.
+    cursor.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS staged_usage (account_id TEXT, external_id TEXT, amount INTEGER, "
+        "occurred_at TEXT, recorded_at TEXT, kind TEXT, duration_seconds INTEGER, quantity INTEGER, "
+        "billable_quantity INTEGER, rate_id INTEGER)"
+    )
+    recorded_at = _sqlite_time(rows[0][4])
+    cursor.executemany(
+        "INSERT INTO staged_usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(r[0], r[1], r[2], _sqlite_time(r[3]), recorded_at, *r[5:]) for r in rows],
+    )
+    before = cursor.execute("SELECT coalesce(max(id), 0) FROM entries").fetchone()[0]
+    cursor.execute(
+        f"INSERT INTO entries (entry_type, {_USAGE_COLUMNS}) SELECT 'usage', {_USAGE_COLUMNS} "
+        "FROM staged_usage WHERE true ORDER BY external_id "
+        "ON CONFLICT (entry_type, external_id) DO NOTHING RETURNING external_id"
+    )
+    inserted = {row[0] for row in cursor.fetchall()}
+    cursor.execute("DELETE FROM staged_usage")
+    if not inserted:
+        return inserted
+    cursor.execute(
+        "INSERT INTO daily_usage (account_id, day, kind, events, quantity, amount) "
+        "SELECT account_id, date(occurred_at), kind, count(*), sum(billable_quantity), -sum(amount) "
+        "FROM entries WHERE id > ? AND entry_type = 'usage' GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 "
+        f"{_DAILY_UPSERT}",
+        (before,),
+    )
+    cursor.execute(
+        "UPDATE accounts SET balance = balance + t.delta, first_usage_at = CASE "
+        "WHEN first_usage_at IS NULL OR t.first < first_usage_at THEN t.first ELSE first_usage_at END "
+        "FROM (SELECT account_id, sum(amount) AS delta, min(occurred_at) AS first FROM entries "
+        "WHERE id > ? AND entry_type = 'usage' GROUP BY account_id) AS t WHERE accounts.id = t.account_id",
+        (before,),
+    )
+    return inserted

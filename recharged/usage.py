@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from recharged.clock import Clock, parse_instant
@@ -19,12 +19,11 @@ from recharged.config import Settings
 from recharged.db import (
     AccountRef,
     Database,
-    add_daily_usage,
-    apply_balance_changes,
+    UsageRow,
     existing_entries,
-    insert_entries,
     lock_accounts,
     rate_id,
+    record_usage,
 )
 from recharged.models import Entry
 from recharged.money import Units, parse_amount
@@ -71,20 +70,24 @@ def _text(raw: Mapping[str, Any], name: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise ValueError(f"{name} must be a string")
-    stripped = value.strip()
-    return stripped or None
+    return value.strip() or None
 
 
 def _whole(raw: Mapping[str, Any], name: str, *, minimum: int, maximum: int) -> int | None:
     value = raw.get(name)
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if value is None or value == "":
         return None
-    if isinstance(value, bool) or not isinstance(value, int | str):
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        if not (text.isascii() and text.isdigit() and len(text) <= 12) and not re.fullmatch(r"[+-]?\d{1,12}", text):
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
+        number = int(text)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
         raise ValueError(f"{name} must be a whole number, got {value!r}")
-    text = value.strip() if isinstance(value, str) else str(value)
-    if not re.fullmatch(r"[+-]?\d{1,12}", text):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    number = int(text)
     if number < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {number}")
     if number > maximum:
@@ -94,19 +97,21 @@ def _whole(raw: Mapping[str, Any], name: str, *, minimum: int, maximum: int) -> 
 
 def parse_event(raw: Mapping[str, Any], *, now: datetime, future_tolerance: timedelta) -> UsageEvent:
     """Check the shape of one event; raise ValueError with the reason when it is malformed."""
-    for name in REQUIRED:
-        if _text(raw, name) is None:
-            raise ValueError(f"{name} is missing")
-    event_id = _text(raw, "event_id") or ""
+    event_id = _text(raw, "event_id")
+    account_id = _text(raw, "account_id")
+    kind_raw = _text(raw, "kind")
+    started_raw = _text(raw, "started_at")
+    if not (event_id and account_id and kind_raw and started_raw):
+        missing = [name for name in REQUIRED if not _text(raw, name)]
+        raise ValueError(f"{missing[0]} is missing")
     if not _ID.match(event_id):
         raise ValueError("event_id must be 1-128 printable characters without spaces")
-    account_id = _text(raw, "account_id") or ""
     if len(account_id) > 64:
         raise ValueError("account_id is longer than 64 characters")
-    kind = (_text(raw, "kind") or "").lower()
+    kind = kind_raw.lower()
     if not _KIND.match(kind):
         raise ValueError(f"kind {raw.get('kind')!r} is not a usage kind name")
-    started_at = parse_instant(_text(raw, "started_at") or "")
+    started_at = parse_instant(started_raw)
     if started_at > now + future_tolerance:
         raise ValueError(f"started_at {started_at.isoformat()} is in the future (now is {now.isoformat()})")
     duration = _whole(raw, "duration_seconds", minimum=0, maximum=MAX_DURATION)
@@ -248,7 +253,7 @@ class UsageRecorder:
             with self._db.transaction() as session:
                 accounts = lock_accounts(session, (event.account_id for _, event in parsed))
                 pending: list[_Pending] = []
-                rows: list[dict[str, Any]] = []
+                rows: list[UsageRow] = []
                 for i, event in parsed:
                     try:
                         kind_rate, plan = self._rate_for(event, accounts.get(event.account_id))
@@ -264,23 +269,21 @@ class UsageRecorder:
                         rid = new_rate_ids[key] = rate_id(session, plan, event.kind, _rate_columns(kind_rate))
                     pending.append(_Pending(i, event, rated, cost))
                     rows.append(
-                        {
-                            "account_id": event.account_id,
-                            "entry_type": "usage",
-                            "external_id": event.event_id,
-                            "amount": -cost,
-                            "occurred_at": event.started_at,
-                            "recorded_at": now,
-                            "kind": event.kind,
-                            "duration_seconds": event.duration_seconds,
-                            "quantity": event.quantity,
-                            "billable_quantity": rated.billable_quantity,
-                            "rate_id": None if event.cost is not None else rid,
-                            "note": None,
-                        }
+                        (
+                            event.account_id,
+                            event.event_id,
+                            -cost,
+                            event.started_at,
+                            now,
+                            event.kind,
+                            event.duration_seconds,
+                            event.quantity,
+                            rated.billable_quantity,
+                            None if event.cost is not None else rid,
+                        )
                     )
-                rows.sort(key=lambda row: row["external_id"])  # one lock order for concurrent writers
-                inserted = insert_entries(session, rows)
+                rows.sort(key=lambda row: row[1])  # one lock order for concurrent writers
+                inserted = record_usage(session, rows)
                 self._settle(session, pending, inserted, outcomes, where)
             self._rate_ids.update(new_rate_ids)  # only after the commit: a rolled-back id is no id
         for i, first in repeats:  # a repeat within the batch shares its first copy's fate
@@ -311,45 +314,26 @@ class UsageRecorder:
         outcomes: list[Outcome | None],
         where: list[int],
     ) -> None:
-        """Mark outcomes, then add what was inserted to the daily totals and the balances."""
+        """Mark each event accepted, duplicate, or rejected when its id was recorded with other content."""
         already = existing_entries(
             session, "usage", (p.event.event_id for p in pending if p.event.event_id not in inserted)
         )
-        daily: dict[tuple[str, date, str], list[int]] = {}
-        balances: dict[str, tuple[int, datetime | None]] = {}
         for p in pending:
             event = p.event
-            if event.event_id not in inserted:
-                differences = _differences(already[event.event_id], event)
-                outcomes[p.index] = (
-                    Outcome(where[p.index], event.event_id, "duplicate")
-                    if not differences
-                    else Outcome(
-                        where[p.index],
-                        event.event_id,
-                        "rejected",
-                        f"event_id was already recorded with a different {', '.join(differences)}",
-                    )
-                )
+            if event.event_id in inserted:
+                outcomes[p.index] = Outcome(where[p.index], event.event_id, "accepted")
                 continue
-            outcomes[p.index] = Outcome(where[p.index], event.event_id, "accepted")
-            totals = daily.setdefault((event.account_id, event.started_at.date(), event.kind), [0, 0, 0])
-            totals[0] += 1
-            totals[1] += p.rated.billable_quantity
-            totals[2] += p.cost
-            delta, first = balances.get(event.account_id, (0, None))
-            balances[event.account_id] = (
-                delta - p.cost,
-                event.started_at if first is None or event.started_at < first else first,
+            differences = _differences(already[event.event_id], event)
+            outcomes[p.index] = (
+                Outcome(where[p.index], event.event_id, "duplicate")
+                if not differences
+                else Outcome(
+                    where[p.index],
+                    event.event_id,
+                    "rejected",
+                    f"event_id was already recorded with a different {', '.join(differences)}",
+                )
             )
-        add_daily_usage(
-            session,
-            [
-                {"account_id": a, "day": d, "kind": k, "events": n, "quantity": q, "amount": amount}
-                for (a, d, k), (n, q, amount) in daily.items()
-            ],
-        )
-        apply_balance_changes(session, balances)
 
 
 def summarize(outcomes: Sequence[Outcome]) -> dict[str, int]:

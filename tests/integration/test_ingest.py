@@ -94,15 +94,17 @@ def test_bad_events_are_rejected_one_by_one_and_good_ones_recorded(db, settings,
 def test_a_failed_batch_leaves_nothing_half_written(db, settings, clock, monkeypatch):
     add_account(db, settings, clock)
 
-    def broken(*args, **kwargs):
+    def broken(*args, **kwargs):  # fails after the entries, totals and balances were written
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("recharged.usage.add_daily_usage", broken)
+    monkeypatch.setattr("recharged.usage.existing_entries", broken)
     with pytest.raises(RuntimeError):
         UsageRecorder(db, settings, clock).record([call("c1"), call("c2")])
     assert count_entries(db) == 0
     assert balance(db) == 0
-    monkeypatch.setattr("recharged.usage.add_daily_usage", db_module.add_daily_usage)
+    with db.transaction() as s:
+        assert s.scalar(select(func.count()).select_from(DailyUsage)) == 0
+    monkeypatch.setattr("recharged.usage.existing_entries", db_module.existing_entries)
     assert [o.status for o in UsageRecorder(db, settings, clock).record([call("c1")])] == ["accepted"]
     assert verify(db).ok
 
