@@ -238,3 +238,18 @@ def test_removing_the_last_source_means_no_funding_source(db, settings, service,
     remove_source(db, "acme", source_id, actor=ACTOR, clock=clock)
     assert next(plan_accounts(db, settings, clock.now())).decision.reason == "no_funding_source"
     assert service.run_cycle().charged == []
+
+
+def test_a_card_is_left_alone_after_its_declines_per_30_days(db, settings, gateway_factory, clock, stripe_client):
+    payments = settings.payments.model_copy(
+        update={"max_declines_per_card_30_days": 2, "card_retry_after_decline_hours": 1}
+    )
+    capped = RechargeService(db, settings.model_copy(update={"payments": payments}), gateway_factory, clock)
+    busy_account(db, settings, clock, stripe_client, "pm_card_chargeDeclinedInsufficientFunds")
+    outcomes = []
+    for _ in range(3):
+        [report] = capped.run_cycle().charged
+        outcomes.append(report.outcome)
+        clock.advance(timedelta(hours=account_row(db).failed_cycles * 24 + 1))  # past each back-off step
+    assert outcomes == ["every funding source declined"] * 2 + ["no funding source can be charged now"]
+    assert len(stripe_client.intents()) == 2  # the third cycle sent nothing
