@@ -820,11 +820,4 @@ def verify(app: App) -> None:
     out.print(f"ledger OK: {report.checked_entries} usage entries checked, every invariant holds")
 
 
-def run() -> None:  # pragma: no cover - thin wrapper for `python -m recharged`
-    try:
-        main()
-    except ConfigError as exc:
-        _fail(str(exc), exc.exit_code)
-
-
 __all__ = ["main"]

@@ -595,3 +595,31 @@ def _record_usage_sqlite(cursor: Any, rows: Sequence[UsageRow]) -> set[str]:
         (before,),
     )
     return inserted
+
+
+def recharge_credit_problems(session: Session) -> list[str]:
+    """Charging invariants: every credited recharge has exactly its ledger credit, every charge credit
+    belongs to a credited recharge, and no recharge has more than one succeeded attempt."""
+    credit_types = ("recharge", "topup")
+    credited = select(Recharge).where(Recharge.phase.in_(("credited", "finished")))
+    credits = {e.external_id: e for e in session.scalars(select(Entry).where(Entry.entry_type.in_(credit_types)))}
+    problems = []
+    for recharge in session.scalars(credited):
+        entry = credits.pop(recharge.payment_intent or "", None)
+        if entry is None:
+            problems.append(
+                f"recharge {recharge.id}: {recharge.phase} but no ledger credit for {recharge.payment_intent}"
+            )
+        elif (entry.account_id, entry.amount) != (recharge.account_id, recharge.amount):
+            problems.append(
+                f"recharge {recharge.id}: credit {entry.external_id} is {entry.amount} to {entry.account_id}"
+            )
+    problems += [f"credit {pi}: no credited recharge paid by it" for pi in credits]
+    doubles = session.execute(
+        select(ChargeAttempt.recharge_id, func.count())
+        .where(ChargeAttempt.status == "succeeded")
+        .group_by(ChargeAttempt.recharge_id)
+        .having(func.count() > 1)
+    )
+    problems += [f"recharge {recharge_id}: {n} succeeded attempts" for recharge_id, n in doubles]
+    return problems

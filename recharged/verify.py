@@ -4,7 +4,9 @@
 - every usage entry matches its rated event: re-rating the recorded duration or quantity with the recorded
   rate snapshot gives the recorded billable quantity and amount;
 - the per-day usage totals equal the usage entries summed per account, UTC day and kind;
-- every account's first usage time is the earliest of its usage entries.
+- every account's first usage time is the earliest of its usage entries;
+- every credited recharge has exactly one ledger credit, for its PaymentIntent and its net amount; every
+  charge credit belongs to a credited recharge; no recharge has two succeeded attempts.
 Uniqueness of external ids and "usage is a debit" are enforced by the database's own constraints.
 """
 
@@ -19,6 +21,7 @@ from recharged.db import (
     balance_mismatches,
     daily_usage_rows,
     first_usage_times,
+    recharge_credit_problems,
     usage_entries_with_rates,
 )
 from recharged.money import format_ledger
@@ -103,4 +106,5 @@ def verify(db: Database, progress: Callable[[int], None] | None = None, limit: i
                 if kept != first.get(account)
             ],
         )
+        report("charging", recharge_credit_problems(session))
     return Report(checked, violations)

@@ -253,3 +253,14 @@ def test_a_card_is_left_alone_after_its_declines_per_30_days(db, settings, gatew
         clock.advance(timedelta(hours=account_row(db).failed_cycles * 24 + 1))  # past each back-off step
     assert outcomes == ["every funding source declined"] * 2 + ["no funding source can be charged now"]
     assert len(stripe_client.intents()) == 2  # the third cycle sent nothing
+
+
+def test_verify_finds_a_credit_without_a_recharge(db, settings, service, clock, stripe_client):
+    busy_account(db, settings, clock, stripe_client, "pm_card_visa")
+    service.run_cycle()
+    assert verify(db).ok
+    with db.transaction() as s:
+        s.scalars(select(Recharge)).one().payment_intent = "pi_other"
+    problems = verify(db).violations
+    assert any("no ledger credit for pi_other" in p for p in problems)
+    assert any("no credited recharge paid by it" in p for p in problems)
