@@ -250,13 +250,17 @@ def usage_totals(session: Session, start: date, end: date, account_ids: Sequence
     return {account: int(total) for account, total in session.execute(query)}
 
 
-def charged_since(session: Session, since: datetime, until: datetime) -> dict[str, int]:
+def charged_since(
+    session: Session, since: datetime, until: datetime, ids: Sequence[str] | None = None
+) -> dict[str, int]:
     """Amounts credited by automatic recharges per account in [since, until) (for the spend caps)."""
     query = (
         select(Entry.account_id, func.sum(Entry.amount))
         .where(Entry.entry_type.in_(CHARGE_TYPES), Entry.occurred_at >= since, Entry.occurred_at < until)
         .group_by(Entry.account_id)
     )
+    if ids is not None:
+        query = query.where(Entry.account_id.in_(ids))
     return {account: int(total) for account, total in session.execute(query)}
 
 
@@ -356,7 +360,16 @@ def insert_recharge(session: Session, values: Mapping[str, Any]) -> int | None:
     return int(recharge_id)
 
 
+def lock_account(session: Session, account_id: str) -> Account | None:
+    """Lock an account row for update (PostgreSQL; SQLite holds the write lock already)."""
+    return session.execute(select(Account).where(Account.id == account_id).with_for_update()).scalar_one_or_none()
+
+
 def lock_recharge(session: Session, recharge_id: int) -> Recharge:
+    """Lock a recharge for a phase change: its account row first, then the recharge. Every transaction that
+    changes a recharge takes the locks in this order, as claiming does, so they cannot deadlock."""
+    account_id = session.execute(select(Recharge.account_id).where(Recharge.id == recharge_id)).scalar_one()
+    lock_account(session, account_id)
     recharge = session.execute(select(Recharge).where(Recharge.id == recharge_id).with_for_update()).scalar_one()
     return recharge
 
@@ -468,14 +481,19 @@ def open_recharge_ids(session: Session, now: datetime) -> list[int]:
     return list(session.scalars(query))
 
 
-def accounts_with_open_recharge(session: Session) -> set[str]:
-    return set(session.scalars(select(Recharge.account_id).where(Recharge.phase.not_in(("finished", "failed")))))
+def accounts_with_open_recharge(session: Session, ids: Sequence[str] | None = None) -> set[str]:
+    query = select(Recharge.account_id).where(Recharge.phase.not_in(("finished", "failed")))
+    if ids is not None:
+        query = query.where(Recharge.account_id.in_(ids))
+    return set(session.scalars(query))
 
 
-def accounts_with_usable_source(session: Session) -> set[str]:
+def accounts_with_usable_source(session: Session, ids: Sequence[str] | None = None) -> set[str]:
     query = select(FundingSource.account_id).where(
         FundingSource.removed_at.is_(None), FundingSource.unusable_reason.is_(None)
     )
+    if ids is not None:
+        query = query.where(FundingSource.account_id.in_(ids))
     return set(session.scalars(query.distinct()))
 
 

@@ -10,6 +10,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from sqlalchemy.orm import Session
+
 from recharged.balance import AccountFigures, Decision, Policy, Window, decide
 from recharged.config import Settings
 from recharged.db import (
@@ -40,32 +42,39 @@ def plan_accounts(
     db: Database, settings: Settings, at: datetime, ids: Sequence[str] | None = None
 ) -> Iterator[AccountPlan]:
     """Decisions for every account (or the given ones) at time `at`, in account id order."""
-    default = settings.recharge.policy()
     with db.transaction() as session:
-        windows = {days: Window.before(at, days) for days in window_lengths(session, default.window_days)}
-        totals = {days: usage_totals(session, w.start.date(), w.end.date(), ids) for days, w in windows.items()}
-        last_day = charged_since(session, at - timedelta(days=1), at)
-        last_30_days = charged_since(session, at - timedelta(days=30), at)
-        with_source = accounts_with_usable_source(session)
-        in_progress = accounts_with_open_recharge(session)
-        for row in plan_rows(session, ids):
-            overrides = {name: getattr(row, name) for name in POLICY_COLUMNS}
-            policy = default.overridden(overrides) if any(v is not None for v in overrides.values()) else default
-            figures = AccountFigures(
-                currency=row.currency,
-                balance=row.balance,
-                created_at=row.created_at,
-                first_usage_at=row.first_usage_at,
-                window_usage=totals[policy.window_days].get(row.id, 0),
-                auto_recharge=row.auto_recharge,
-                policy=policy,
-                charged_last_day=last_day.get(row.id, 0),
-                charged_last_30_days=last_30_days.get(row.id, 0),
-                state=row.recharge_state,
-                retry_at=row.retry_at,
-                has_funding_source=row.id in with_source,
-                in_progress=row.id in in_progress,
-            )
-            yield AccountPlan(
-                row.id, row.currency, row.auto_recharge, policy, windows[policy.window_days], decide(figures, at)
-            )
+        yield from plans_in(session, settings, at, ids)
+
+
+def plans_in(
+    session: Session, settings: Settings, at: datetime, ids: Sequence[str] | None = None
+) -> Iterator[AccountPlan]:
+    """The same, inside a transaction the caller holds (the charge flow re-decides under the account lock)."""
+    default = settings.recharge.policy()
+    windows = {days: Window.before(at, days) for days in window_lengths(session, default.window_days)}
+    totals = {days: usage_totals(session, w.start.date(), w.end.date(), ids) for days, w in windows.items()}
+    last_day = charged_since(session, at - timedelta(days=1), at, ids)
+    last_30_days = charged_since(session, at - timedelta(days=30), at, ids)
+    with_source = accounts_with_usable_source(session, ids)
+    in_progress = accounts_with_open_recharge(session, ids)
+    for row in plan_rows(session, ids):
+        overrides = {name: getattr(row, name) for name in POLICY_COLUMNS}
+        policy = default.overridden(overrides) if any(v is not None for v in overrides.values()) else default
+        figures = AccountFigures(
+            currency=row.currency,
+            balance=row.balance,
+            created_at=row.created_at,
+            first_usage_at=row.first_usage_at,
+            window_usage=totals[policy.window_days].get(row.id, 0),
+            auto_recharge=row.auto_recharge,
+            policy=policy,
+            charged_last_day=last_day.get(row.id, 0),
+            charged_last_30_days=last_30_days.get(row.id, 0),
+            state=row.recharge_state,
+            retry_at=row.retry_at,
+            has_funding_source=row.id in with_source,
+            in_progress=row.id in in_progress,
+        )
+        yield AccountPlan(
+            row.id, row.currency, row.auto_recharge, policy, windows[policy.window_days], decide(figures, at)
+        )

@@ -32,6 +32,7 @@ from recharged.db import (
     candidate_sources,
     credit_once,
     insert_recharge,
+    lock_account,
     lock_recharge,
     open_recharge_ids,
     pending_attempt,
@@ -43,7 +44,7 @@ from recharged.faults import crashpoint
 from recharged.models import Account, ChargeAttempt, FundingSource, Recharge
 from recharged.money import Units, format_ledger, minor_step, percent_of, to_minor_units
 from recharged.payments import ChargeRequest, PaymentError, PaymentGateway, PaymentResult, TransientPaymentError
-from recharged.planning import plan_accounts
+from recharged.planning import plan_accounts, plans_in
 
 log = structlog.get_logger("recharged.recharge")
 TERMINAL = ("finished", "failed")
@@ -96,14 +97,11 @@ class RechargeService:
         at = at or self._clock.now()
         report = CycleReport(at)
         report.recovered = self.recover()
-        to_charge = [p for p in plan_accounts(self._db, self._settings, at) if p.decision.action == "charge"]
-        for plan in to_charge:
-            d = plan.decision
-            recharge_id = self.claim(
-                plan.account_id, d.charge_amount, kind="auto", average_daily=d.average_daily, threshold=d.threshold
-            )
+        due = [p.account_id for p in plan_accounts(self._db, self._settings, at) if p.decision.action == "charge"]
+        for account_id in due:
+            recharge_id = self.claim_due(account_id, at)
             if recharge_id is None:
-                report.not_claimed.append(plan.account_id)
+                report.not_claimed.append(account_id)
                 continue
             report.charged.append(self.process(recharge_id))
         return report
@@ -131,9 +129,45 @@ class RechargeService:
 
     # --- phases --------------------------------------------------------------------------------------------
 
-    def claim(
+    def claim_due(self, account_id: str, at: datetime) -> int | None:
+        """Claim an automatic recharge if the account is still due, decided afresh under its lock: a plan made
+        moments ago may be stale (another worker may have charged it since). None when not due any more."""
+        with self._db.transaction() as session:
+            account = lock_account(session, account_id)
+            if account is None:
+                return None
+            decision = next(plans_in(session, self._settings, at, [account_id])).decision
+            if decision.action != "charge":
+                return None
+            recharge_id = self._insert_claim(
+                session,
+                account,
+                decision.charge_amount,
+                kind="auto",
+                average_daily=decision.average_daily,
+                threshold=decision.threshold,
+            )
+            crashpoint("before_claim_commit")
+        if recharge_id is not None:
+            crashpoint("after_claim")
+        return recharge_id
+
+    def claim(self, account_id: str, amount: Units, *, kind: str, actor: str | None = None) -> int | None:
+        """Record a recharge of a given amount as open; None if the account already has an open one."""
+        with self._db.transaction() as session:
+            account = lock_account(session, account_id)
+            if account is None:
+                raise NotFoundError(f"no account {account_id!r}")
+            recharge_id = self._insert_claim(session, account, amount, kind=kind, actor=actor)
+            crashpoint("before_claim_commit")
+        if recharge_id is not None:
+            crashpoint("after_claim")
+        return recharge_id
+
+    def _insert_claim(
         self,
-        account_id: str,
+        session: Session,
+        account: Account,
         amount: Units,
         *,
         kind: str,
@@ -141,36 +175,27 @@ class RechargeService:
         threshold: Units | None = None,
         actor: str | None = None,
     ) -> int | None:
-        """Record the decision as an open recharge; None if the account already has one."""
         now = self._clock.now()
-        with self._db.transaction() as session:
-            account = session.get(Account, account_id, with_for_update=True)
-            if account is None:
-                raise NotFoundError(f"no account {account_id!r}")
-            vat = percent_of(amount, Decimal(account.vat_percent), account.currency)
-            recharge_id = insert_recharge(
-                session,
-                {
-                    "account_id": account_id,
-                    "kind": kind,
-                    "phase": "claimed",
-                    "currency": account.currency,
-                    "amount": amount,
-                    "vat": vat,
-                    "total": amount + vat,
-                    "vat_percent": account.vat_percent,
-                    "balance_before": account.balance,
-                    "average_daily": average_daily,
-                    "threshold": threshold,
-                    "actor": actor,
-                    "created_at": now,
-                    "updated_at": now,
-                },
-            )
-            crashpoint("before_claim_commit")
-        if recharge_id is not None:
-            crashpoint("after_claim")
-        return recharge_id
+        vat = percent_of(amount, Decimal(account.vat_percent), account.currency)
+        return insert_recharge(
+            session,
+            {
+                "account_id": account.id,
+                "kind": kind,
+                "phase": "claimed",
+                "currency": account.currency,
+                "amount": amount,
+                "vat": vat,
+                "total": amount + vat,
+                "vat_percent": account.vat_percent,
+                "balance_before": account.balance,
+                "average_daily": average_daily,
+                "threshold": threshold,
+                "actor": actor,
+                "created_at": now,
+                "updated_at": now,
+            },
+        )
 
     def process(self, recharge_id: int) -> RechargeReport:
         """Advance a recharge until it is finished, failed, or waiting on the processor."""
@@ -228,6 +253,7 @@ class RechargeService:
         """charging -> paid | claimed (declined) | failed: send, or re-send with the same key, or look up."""
         now = self._clock.now()
         with self._db.transaction() as session:
+            lock_recharge(session, recharge_id)
             if not take_lease(session, recharge_id, now, now + timedelta(seconds=self._payments.lease_seconds)):
                 return "waiting"
             recharge = session.get(Recharge, recharge_id)
