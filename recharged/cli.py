@@ -786,6 +786,17 @@ def cycle(app: App, once: bool, at: datetime | None) -> None:
         out.print("some recharges wait on the processor; the next cycle (or `cycle --once`) finishes them")
 
 
+@main.command("recover")
+@pass_app
+def recover(app: App) -> None:
+    """Finish every recharge left half-way (after a crash, a timeout or a lost connection), charging nothing twice."""
+    reports = app.recharges().recover()
+    _print_reports(reports, "recovered")
+    if any(r.phase not in ("finished", "failed") for r in reports):
+        out.print("some recharges still wait on the processor; run `recharged recover` again later")
+        sys.exit(1)
+
+
 def _print_reports(reports: list[RechargeReport], title: str) -> None:
     if not reports:
         out.print(f"{title}: nothing")

@@ -262,7 +262,9 @@ class Entry(Base):
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    # No index of its own: nothing reads entries by account alone (plans and statements read daily_usage, caps
+    # the partial index below), and every usage insert would pay for one.
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
     entry_type: Mapped[str] = mapped_column(String(16))
     external_id: Mapped[str] = mapped_column(String(128))
     amount: Mapped[int] = mapped_column(BigInteger)

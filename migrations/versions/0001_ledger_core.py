@@ -117,7 +117,6 @@ def upgrade() -> None:
         sa.UniqueConstraint("entry_type", "external_id", name=op.f("uq_entries_entry_type_external_id")),
     )
     with op.batch_alter_table("entries", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_entries_account_id"), ["account_id"], unique=False)
         batch_op.create_index(
             "ix_entries_charges",
             ["account_id", "occurred_at"],
@@ -134,7 +133,6 @@ def downgrade() -> None:
             postgresql_where=sa.text("entry_type IN ('recharge', 'topup')"),
             sqlite_where=sa.text("entry_type IN ('recharge', 'topup')"),
         )
-        batch_op.drop_index(batch_op.f("ix_entries_account_id"))
 
     op.drop_table("entries")
     with op.batch_alter_table("daily_usage", schema=None) as batch_op:

@@ -82,9 +82,14 @@ def test_charging_the_sample_through_the_cli(run, stripe_client, stripe_server):
     assert plan["cedar-realty"]["reason"] == "above_threshold"
     assert plan["birch-dental"]["reason"] == "no_funding_source"
 
+    stripe_server.inject("drop_after_commit")  # the charge is made, the answer lost: `recover` finds it
+    lost = run("topup", "cedar-realty", "20.00", RECHARGED_PAYMENTS__MAX_RETRIES="0")
+    assert lost.returncode == 1
+    assert "charging" in lost.stdout
+    assert "recovered" in ok(run("recover"))
     topup = run("topup", "cedar-realty", "20.00")
     assert topup.returncode == 0, topup.stderr
-    assert len(stripe_server.payment_intents(status="succeeded")) == 2
+    assert len(stripe_server.payment_intents(status="succeeded")) == 3
 
     assert "adjusted by -1.50000" in ok(
         run("adjust", "cedar-realty", "--debit", "1.50", "--reason", "goodwill reversal", "--reference", "r1")
