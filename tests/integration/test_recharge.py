@@ -38,7 +38,13 @@ def busy_account(db, settings, clock, stripe_client, *cards: str, account: str =
     ]
     UsageRecorder(db, settings, clock).record(events)
     adjust_balance(
-        db, account, 18_100_000, reason="prepaid before recharged", actor=ACTOR, clock=clock, reference=f"seed-{account}"
+        db,
+        account,
+        18_100_000,
+        reason="prepaid before recharged",
+        actor=ACTOR,
+        clock=clock,
+        reference=f"seed-{account}",
     )
     customer = None
     for card in cards:
