@@ -68,7 +68,7 @@ class DatabaseSettings(_Section):
 
 class UsageSettings(_Section):
     future_tolerance_seconds: int = Field(300, ge=0, le=86_400)
-    batch_size: int = Field(5_000, ge=1, le=100_000)
+    batch_size: int = Field(50_000, ge=1, le=100_000)
 
 
 class RechargeSettings(_Section):
