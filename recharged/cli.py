@@ -781,7 +781,7 @@ def cycle(app: App, once: bool, at: datetime | None) -> None:
         _print_reports(report.recovered, "recovered")
     _print_reports(report.charged, "charged")
     for account_id in report.not_claimed:
-        out.print(f"account {account_id}: skipped, another worker holds its open recharge")
+        out.print(f"account {account_id}: skipped, no longer due (another worker charged it, or it changed)")
     if any(r.phase not in ("finished", "failed") for r in report.recovered + report.charged):
         out.print("some recharges wait on the processor; the next cycle (or `cycle --once`) finishes them")
 

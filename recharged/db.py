@@ -294,9 +294,11 @@ POLICY_COLUMNS = (
 )
 
 
-def window_lengths(session: Session, default: int) -> list[int]:
+def window_lengths(session: Session, default: int, ids: Sequence[str] | None = None) -> list[int]:
     """The distinct averaging windows in use (accounts may override the configured one)."""
     query = select(func.coalesce(Account.window_days, default)).distinct()
+    if ids is not None:
+        query = query.where(Account.id.in_(ids))
     return sorted(int(days) for days in session.scalars(query))
 
 

@@ -51,7 +51,7 @@ def plans_in(
 ) -> Iterator[AccountPlan]:
     """The same, inside a transaction the caller holds (the charge flow re-decides under the account lock)."""
     default = settings.recharge.policy()
-    windows = {days: Window.before(at, days) for days in window_lengths(session, default.window_days)}
+    windows = {days: Window.before(at, days) for days in window_lengths(session, default.window_days, ids)}
     totals = {days: usage_totals(session, w.start.date(), w.end.date(), ids) for days, w in windows.items()}
     last_day = charged_since(session, at - timedelta(days=1), at, ids)
     last_30_days = charged_since(session, at - timedelta(days=30), at, ids)

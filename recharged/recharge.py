@@ -70,7 +70,7 @@ class CycleReport:
     at: datetime
     recovered: list[RechargeReport] = field(default_factory=list)
     charged: list[RechargeReport] = field(default_factory=list)
-    not_claimed: list[str] = field(default_factory=list)  # another worker held an open recharge
+    not_claimed: list[str] = field(default_factory=list)  # no longer due when re-decided under the lock
 
 
 class RechargeService:
