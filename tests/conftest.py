@@ -238,3 +238,32 @@ def card_on_file(backend: StripeBackend, test_card: str = "pm_card_visa", custom
     method = client.v1.payment_methods.attach(test_card, params={"customer": customer})
     card = method.card
     return CardInfo(customer, method.id, card.brand, card.last4, card.exp_month, card.exp_year)
+
+
+def busy_account(db, settings, clock, backend, *cards: str, account: str = "acme", vat: str = "20") -> str | None:
+    """An opted-in account that spent $6.00 a day for 30 days and now holds $1.00: below its $42 threshold.
+
+    Its cards (Stripe test cards, default first) are attached to one new customer, which is returned."""
+    from recharged.accounts import adjust_balance
+    from recharged.sources import add_source
+    from recharged.usage import UsageRecorder
+
+    add_account(db, settings, clock, account, created_at="2026-09-01T00:00:00Z", auto_recharge=True, vat_percent=vat)
+    days = [f"2026-10-{23 + d:02d}" for d in range(9)] + [f"2026-11-{1 + d:02d}" for d in range(21)]
+    events = [call(f"{account}-{day}", account=account, seconds=300 * 60, at=f"{day}T10:00:00Z") for day in days]
+    UsageRecorder(db, settings, clock).record(events)
+    adjust_balance(
+        db,
+        account,
+        18_100_000,
+        reason="prepaid before recharged",
+        actor="Jane Doe",
+        clock=clock,
+        reference=f"seed-{account}",
+    )
+    customer = None
+    for card in cards:
+        info = card_on_file(backend, card, customer)
+        customer = info.customer
+        add_source(db, account, info, actor="Jane Doe", clock=clock)
+    return customer

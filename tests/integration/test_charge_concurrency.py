@@ -19,7 +19,6 @@ import structlog
 from sqlalchemy import select
 from tenacity import wait_none
 
-from recharged.accounts import adjust_balance
 from recharged.clock import FixedClock
 from recharged.config import load_settings
 from recharged.db import Database
@@ -28,10 +27,8 @@ from recharged.money import to_minor_units
 from recharged.payments import StripeGateway
 from recharged.planning import plan_accounts
 from recharged.recharge import TERMINAL, RechargeService
-from recharged.sources import add_source
-from recharged.usage import UsageRecorder
 from recharged.verify import verify
-from tests.conftest import add_account, call, card_on_file
+from tests.conftest import busy_account
 
 ACTOR = "Jane Doe"
 WORKERS, ROUNDS, ACCOUNTS = 4, 3, 10
@@ -39,31 +36,6 @@ LATENCY = 0.05  # seconds the server adds to every request, so that the workers 
 GOOD = "pm_card_visa"
 DECLINING = ("pm_card_chargeDeclinedInsufficientFunds", "pm_card_chargeDeclinedLostCard", "pm_card_chargeDeclined")
 FORK = multiprocessing.get_context("fork")  # workers build their own engine; they only talk HTTP to the server
-
-
-def busy_account(db, settings, clock, stripe_client, *cards: str, account: str = "acme", vat: str = "20") -> str:
-    """An opted-in account that spent $6.00 a day for 30 days and now holds $1.00: below its $42 threshold.
-
-    Copied from tests/integration/test_recharge.py; returns the Stripe customer holding its cards."""
-    add_account(db, settings, clock, account, created_at="2026-09-01T00:00:00Z", auto_recharge=True, vat_percent=vat)
-    events = [
-        call(f"{account}-{d}", account=account, seconds=300 * 60, at=f"2026-10-{23 + d:02d}T10:00:00Z")
-        for d in range(9)
-    ]
-    events += [
-        call(f"{account}-n{d}", account=account, seconds=300 * 60, at=f"2026-11-{1 + d:02d}T10:00:00Z")
-        for d in range(21)
-    ]
-    UsageRecorder(db, settings, clock).record(events)
-    seed = f"seed-{account}"  # (test_recharge.py's "seed" is a ledger-wide id: one account only)
-    adjust_balance(db, account, 18_100_000, reason="prepaid before recharged", actor=ACTOR, clock=clock, reference=seed)
-    customer = None
-    for card in cards:
-        info = card_on_file(stripe_client, card, customer)
-        customer = info.customer
-        add_source(db, account, info, actor=ACTOR, clock=clock)
-    assert customer is not None
-    return customer
 
 
 @dataclass

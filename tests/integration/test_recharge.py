@@ -7,15 +7,14 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from recharged.accounts import adjust_balance, change_account
+from recharged.accounts import change_account
 from recharged.errors import ConflictError
 from recharged.models import Account, Entry, FundingSource, Recharge
 from recharged.planning import plan_accounts
 from recharged.recharge import RechargeService
 from recharged.sources import add_source, remove_source
-from recharged.usage import UsageRecorder
 from recharged.verify import verify
-from tests.conftest import add_account, call, card_on_file
+from tests.conftest import busy_account, card_on_file
 
 ACTOR = "Jane Doe"
 
@@ -23,34 +22,6 @@ ACTOR = "Jane Doe"
 @pytest.fixture
 def service(db, settings, gateway_factory, clock):
     return RechargeService(db, settings, gateway_factory, clock)
-
-
-def busy_account(db, settings, clock, stripe_client, *cards: str, account: str = "acme", vat: str = "20"):
-    """An opted-in account that spent $6.00 a day for 30 days and now holds $1.00: below its $42 threshold."""
-    add_account(db, settings, clock, account, created_at="2026-09-01T00:00:00Z", auto_recharge=True, vat_percent=vat)
-    events = [
-        call(f"{account}-{d}", account=account, seconds=300 * 60, at=f"2026-10-{23 + d:02d}T10:00:00Z")
-        for d in range(9)
-    ]
-    events += [
-        call(f"{account}-n{d}", account=account, seconds=300 * 60, at=f"2026-11-{1 + d:02d}T10:00:00Z")
-        for d in range(21)
-    ]
-    UsageRecorder(db, settings, clock).record(events)
-    adjust_balance(
-        db,
-        account,
-        18_100_000,
-        reason="prepaid before recharged",
-        actor=ACTOR,
-        clock=clock,
-        reference=f"seed-{account}",
-    )
-    customer = None
-    for card in cards:
-        info = card_on_file(stripe_client, card, customer)
-        customer = info.customer
-        add_source(db, account, info, actor=ACTOR, clock=clock)
 
 
 def succeeded(backend):
