@@ -267,3 +267,19 @@ def busy_account(db, settings, clock, backend, *cards: str, account: str = "acme
         customer = info.customer
         add_source(db, account, info, actor="Jane Doe", clock=clock)
     return customer
+
+
+@pytest.fixture
+def quiet_logs():
+    """Warnings and errors only: every charge logs info lines, which would bury a test's summary under -s."""
+    import logging
+
+    import structlog
+
+    configured, old = structlog.is_configured(), structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    yield
+    if configured:
+        structlog.configure(**old)
+    else:
+        structlog.reset_defaults()

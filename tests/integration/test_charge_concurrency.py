@@ -8,14 +8,11 @@ PaymentIntent and one ledger credit, nothing is left open after a final `recover
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
 import pytest
-import structlog
 from sqlalchemy import select
 from tenacity import wait_none
 
@@ -147,18 +144,6 @@ def charged_twice_or_lost(db, server, due: list[Due]) -> list[str]:
     if not report.ok:
         found.append(f"verify: {report.violations}")
     return found
-
-
-@pytest.fixture
-def quiet_logs() -> Iterator[None]:
-    """Warnings and errors only: every charge logs info lines, which would bury the summary under -s."""
-    configured, old = structlog.is_configured(), structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    yield
-    if configured:
-        structlog.configure(**old)
-    else:
-        structlog.reset_defaults()
 
 
 @pytest.mark.postgres

@@ -10,7 +10,6 @@ raised by the net amount once, with nothing left open and `verify` clean. Runs o
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import os
 import random
@@ -19,13 +18,11 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from urllib.parse import quote
 
 import pytest
-import structlog
 from sqlalchemy import select
 from tenacity import wait_none
 
@@ -338,18 +335,6 @@ def fresh_database(request: pytest.FixtureRequest, db_url: str, name: str) -> st
     db.upgrade()
     db.close()
     return url
-
-
-@pytest.fixture
-def quiet_logs() -> Iterator[None]:
-    """Warnings and errors only: the flow logs a few info lines per run, which would bury the summary under -s."""
-    configured, old = structlog.is_configured(), structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    yield
-    if configured:
-        structlog.configure(**old)
-    else:
-        structlog.reset_defaults()
 
 
 @pytest.mark.slow
