@@ -18,11 +18,11 @@ from sqlalchemy.orm import Session
 
 from recharged.clock import Clock, parse_instant
 from recharged.config import RechargeSettings, Settings
-from recharged.db import Database, apply_balance_changes, insert_entries
+from recharged.db import Database, post_entry
 from recharged.errors import ActorError, ConflictError, InputError, NotFoundError
-from recharged.models import Account, AuditRecord, Entry, FundingSource
+from recharged.models import Account, AuditRecord, FundingSource
 from recharged.money import Units, check_currency, format_ledger, parse_amount
-from recharged.payments import CardInfo
+from recharged.payments import CardInfo, card_label
 
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
 _ACCOUNT_ID = re.compile(r"^[\x21-\x7e]{1,64}$")
@@ -212,7 +212,7 @@ def create_accounts(db: Database, accounts: Sequence[NewAccount], actor: str, cl
                     currency=new.currency,
                     vat_percent=new.vat_percent,
                     auto_recharge=new.auto_recharge,
-                    balance=new.opening_balance or 0,
+                    balance=0,
                     created_at=created_at,
                     updated_at=now,
                 )
@@ -220,34 +220,22 @@ def create_accounts(db: Database, accounts: Sequence[NewAccount], actor: str, cl
                 session.flush()
                 after = settings_of(account)
                 if new.opening_balance:
-                    session.add(
-                        Entry(
-                            account_id=new.id,
-                            entry_type="opening",
-                            external_id=new.id,
-                            amount=new.opening_balance,
-                            occurred_at=created_at,
-                            recorded_at=now,
-                            note="opening balance brought over",
-                        )
+                    post_entry(
+                        session,
+                        new.id,
+                        "opening",
+                        new.id,
+                        new.opening_balance,
+                        created_at,
+                        "opening balance brought over",
+                        recorded_at=now,
                     )
                     after["opening_balance"] = format_ledger(new.opening_balance)
                 if new.card is not None:
-                    card = new.card
-                    session.add(
-                        FundingSource(
-                            account_id=new.id,
-                            customer=card.customer,
-                            payment_method=card.payment_method,
-                            brand=card.brand,
-                            last4=card.last4,
-                            exp_month=card.exp_month,
-                            exp_year=card.exp_year,
-                            is_default=True,
-                            added_at=now,
-                        )
-                    )
-                    after["card"] = f"{card.brand} ...{card.last4} exp {card.exp_month:02d}/{card.exp_year}"
+                    source = FundingSource(account_id=new.id, added_at=now, is_default=True)
+                    source.hold(new.card)
+                    session.add(source)
+                    after["card"] = card_label(new.card)
                 audit_change(session, new.id, actor, now, "account.created", None, after)
                 result.created.append(new.id)
     except IntegrityError as exc:  # a concurrent creation of the same id won the race
@@ -386,28 +374,8 @@ def adjust_balance(
     with db.transaction() as session:
         account = load_account(session, account_id, lock=True)
         before = format_ledger(account.balance)
-        inserted = insert_entries(
-            session,
-            [
-                {
-                    "account_id": account_id,
-                    "entry_type": "adjustment",
-                    "external_id": external_id,
-                    "amount": amount,
-                    "occurred_at": now,
-                    "recorded_at": now,
-                    "kind": None,
-                    "duration_seconds": None,
-                    "quantity": None,
-                    "billable_quantity": None,
-                    "rate_id": None,
-                    "note": reason.strip()[:500],
-                }
-            ],
-        )
-        if not inserted:
+        if not post_entry(session, account_id, "adjustment", external_id, amount, now, reason.strip()[:500]):
             return False
-        apply_balance_changes(session, {account_id: (amount, None)})
         audit_change(
             session,
             account_id,

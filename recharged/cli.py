@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +28,7 @@ from recharged.db import Database, masked_url
 from recharged.errors import ConfigError, InputError, RechargedError
 from recharged.logs import configure
 from recharged.money import format_ledger, parse_amount
-from recharged.payments import PaymentGateway, StripeGateway
+from recharged.payments import PaymentGateway, StripeGateway, card_label
 from recharged.planning import AccountPlan, plan_accounts
 from recharged.recharge import RechargeReport, RechargeService
 from recharged.usage import FIELDS, Outcome, UsageRecorder, summarize
@@ -107,10 +108,6 @@ def _parse_at(_ctx: click.Context, _param: click.Parameter, value: str | None) -
         return parse_instant(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-
-
-def _amount(units: int) -> str:
-    return format_ledger(units)
 
 
 actor_option = click.option(
@@ -267,7 +264,7 @@ def accounts_import(app: App, file: Path, created_at: str | None, actor: str) ->
     accounts_service.parse_actor(actor)
     now = app.clock.now()
     new, problems = [], []
-    with _open_csv(file) as (reader, rows):
+    with _open_csv(file) as (reader, rows, _):
         _check_header(file, reader.fieldnames, required=("id", "email", "plan", "vat_percent"), known=ACCOUNT_COLUMNS)
         for line, row in rows:
             shape = _shape_problem(row)
@@ -365,7 +362,7 @@ def accounts_show(app: App, account_id: str, at: datetime | None, as_json: bool)
     settings["created_at"] = account.created_at.isoformat()
     settings["first_usage_at"] = account.first_usage_at.isoformat() if account.first_usage_at else None
     if as_json:
-        out.print_json(json.dumps({"account": account_id, "settings": settings, **_plan_json(plans[0], when)}))
+        out.print_json(json.dumps({"account": account_id, "settings": settings, **_plan_json(plans[0])}))
         return
     table = Table(title=f"account {account_id}", show_header=False)
     for key, value in settings.items():
@@ -467,7 +464,7 @@ def usage_import(app: App, file: Path, rejects: Path | None) -> None:
         disable=not err.is_terminal,
     )
     try:
-        with _open_csv(file) as (reader, rows), progress:
+        with _open_csv(file) as (reader, rows, handle), progress:
             _check_header(file, reader.fieldnames, required=FIELDS, known=FIELDS)
             task = progress.add_task(f"importing {file.name}", total=file.stat().st_size)
             for batch in _batches(rows, batch_size):
@@ -485,7 +482,7 @@ def usage_import(app: App, file: Path, rejects: Path | None) -> None:
                     reject_writer.writerow(["line", "reason", *FIELDS])
                 for outcome, row in bad:
                     reject_writer.writerow([outcome.position, outcome.reason, *(row.get(f) or "" for f in FIELDS)])
-                progress.update(task, completed=reader_position(reader))
+                progress.update(task, completed=handle.tell())
     finally:
         if reject_handle is not None:
             reject_handle.close()
@@ -498,11 +495,6 @@ def usage_import(app: App, file: Path, rejects: Path | None) -> None:
     )
     if counts["rejected"]:
         out.print(f"rejected rows with their line numbers and reasons: {rejects}")
-
-
-def reader_position(reader: Any) -> int:
-    handle = getattr(reader, "_recharged_handle", None)
-    return handle.tell() if handle is not None else 0
 
 
 def _batches(rows: Iterator[tuple[int, dict[str, str]]], size: int) -> Iterator[list[tuple[int, dict[str, str]]]]:
@@ -519,16 +511,12 @@ def _batches(rows: Iterator[tuple[int, dict[str, str]]], size: int) -> Iterator[
 EXTRA = "\x00extra"
 
 
-class _open_csv:
-    """Open a UTF-8 CSV (BOM allowed) and iterate (line number, row); see `_shape_problem` for ragged rows."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self) -> tuple[csv.DictReader[str], Iterator[tuple[int, dict[str, str]]]]:
-        self.handle = self.path.open("r", newline="", encoding="utf-8-sig")
-        reader = csv.DictReader(self.handle, restkey=EXTRA)
-        reader._recharged_handle = self.handle  # type: ignore[attr-defined]
+@contextmanager
+def _open_csv(path: Path) -> Iterator[tuple[csv.DictReader[str], Iterator[tuple[int, dict[str, str]]], IO[str]]]:
+    """Open a UTF-8 CSV (BOM allowed): its reader, its (line number, row) pairs, and the file (for progress).
+    See `_shape_problem` for ragged rows."""
+    with path.open("r", newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle, restkey=EXTRA)
 
         def rows() -> Iterator[tuple[int, dict[str, str]]]:
             try:
@@ -536,16 +524,13 @@ class _open_csv:
                     yield reader.line_num, row
             except UnicodeDecodeError as exc:
                 raise InputError(
-                    f"{self.path}: not UTF-8 text after line {reader.line_num} (byte {exc.start}); "
+                    f"{path}: not UTF-8 text after line {reader.line_num} (byte {exc.start}); "
                     "rows before it were processed, re-running after fixing the file is safe"
                 ) from None
             except csv.Error as exc:
-                raise InputError(f"{self.path}:{reader.line_num}: malformed CSV: {exc}") from None
+                raise InputError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from None
 
-        return reader, rows()
-
-    def __exit__(self, *_: object) -> None:
-        self.handle.close()
+        yield reader, rows(), handle
 
 
 def _shape_problem(row: dict[str, Any]) -> str | None:
@@ -590,21 +575,21 @@ def plan(app: App, at: datetime | None, as_json: bool, charges_only: bool) -> No
     _plan_table(list(plans), when)
 
 
-def _plan_json(p: AccountPlan, when: datetime) -> dict[str, Any]:
+def _plan_json(p: AccountPlan) -> dict[str, Any]:
     d = p.decision
     return {
         "account": p.account_id,
         "currency": p.currency,
-        "balance": _amount(d.balance),
+        "balance": format_ledger(d.balance),
         "window": {"start": p.window.start.isoformat(), "end": p.window.end.isoformat(), "days": d.history_days},
-        "average_daily_usage": _amount(d.average_daily),
-        "threshold": _amount(d.threshold),
-        "recharge_amount": _amount(d.recharge_amount),
+        "average_daily_usage": format_ledger(d.average_daily),
+        "threshold": format_ledger(d.threshold),
+        "recharge_amount": format_ledger(d.recharge_amount),
         "runway_days": None if d.runway_days is None else str(d.runway_days),
         "auto_recharge": p.auto_recharge,
         "decision": d.action,
         "reason": d.reason,
-        "charge_amount": _amount(d.charge_amount),
+        "charge_amount": format_ledger(d.charge_amount),
         "limited_by": d.limited_by,
     }
 
@@ -612,7 +597,7 @@ def _plan_json(p: AccountPlan, when: datetime) -> dict[str, Any]:
 def _stream_json(plans: Iterator[AccountPlan], when: datetime, write: Callable[[str], Any]) -> None:
     write('{"at": ' + json.dumps(when.isoformat()) + ', "accounts": [')
     for i, p in enumerate(plans):
-        write(("," if i else "") + "\n  " + json.dumps(_plan_json(p, when)))
+        write(("," if i else "") + "\n  " + json.dumps(_plan_json(p)))
     write("\n]}\n")
 
 
@@ -623,17 +608,17 @@ def _plan_table(plans: list[AccountPlan], when: datetime) -> None:
     charges = 0
     for p in plans:
         d = p.decision
-        verdict = f"[bold]charge {_amount(d.charge_amount)}[/]" if d.action == "charge" else "skip"
+        verdict = f"[bold]charge {format_ledger(d.charge_amount)}[/]" if d.action == "charge" else "skip"
         why = d.reason + (f" ({d.limited_by})" if d.limited_by else "")
         charges += d.action == "charge"
         table.add_row(
             p.account_id,
             p.currency,
-            _amount(d.balance),
-            _amount(d.average_daily),
+            format_ledger(d.balance),
+            format_ledger(d.average_daily),
             str(d.history_days),
-            _amount(d.threshold),
-            _amount(d.recharge_amount),
+            format_ledger(d.threshold),
+            format_ledger(d.recharge_amount),
             "-" if d.runway_days is None else str(d.runway_days),
             f"{verdict}: {why}",
         )
@@ -663,7 +648,7 @@ def sources_add(app: App, account_id: str, customer: str, payment_method: str, m
     card = app.gateway().card(customer, payment_method)
     source = sources_service.add_source(db, account_id, card, actor=actor, clock=app.clock, make_default=make_default)
     role = "default" if source.is_default else "backup"
-    out.print(f"account {account_id}: added {card.brand} ...{card.last4} as {role} funding source {source.id}")
+    out.print(f"account {account_id}: added {card_label(card, expiry=False)} as {role} funding source {source.id}")
 
 
 @sources_group.command("list")
@@ -726,12 +711,12 @@ def sources_reactivate(app: App, account_id: str, source_id: int, actor: str) ->
 @pass_app
 def topup(app: App, account_id: str, amount: str, actor: str) -> None:
     """Charge a one-time purchase of AMOUNT (plus VAT) now and credit the balance."""
-    accounts_service.parse_actor(actor)
+    signed = accounts_service.parse_actor(actor)
     try:
         units = parse_amount(amount)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    report = app.recharges().topup(account_id, units, accounts_service.parse_actor(actor))
+    report = app.recharges().topup(account_id, units, signed)
     _print_reports([report], "top-up")
     if report.phase != "finished":
         sys.exit(1)

@@ -16,7 +16,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Engine, Table, and_, bindparam, case, create_engine, event, func, insert, select, update
+from sqlalchemy import Engine, and_, create_engine, event, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
@@ -192,18 +192,6 @@ def rate_id(session: Session, plan: str, kind: str, values: Mapping[str, Any]) -
     return session.execute(select(Rate.id).where(and_(*conditions))).scalar_one()
 
 
-def insert_entries(session: Session, rows: Sequence[Mapping[str, Any]]) -> set[str]:
-    """Insert ledger entries, skipping any whose (type, external id) exists; returns the ids inserted."""
-    if not rows:
-        return set()
-    statement = (
-        _insert(session, Entry.__table__)
-        .on_conflict_do_nothing(index_elements=["entry_type", "external_id"])
-        .returning(Entry.__table__.c.external_id)
-    )
-    return set(session.execute(statement, list(rows)).scalars())
-
-
 def existing_entries(session: Session, entry_type: str, external_ids: Iterable[str]) -> dict[str, Entry]:
     ids = sorted(set(external_ids))
     if not ids:
@@ -212,30 +200,42 @@ def existing_entries(session: Session, entry_type: str, external_ids: Iterable[s
     return {entry.external_id: entry for entry in rows}
 
 
-def apply_balance_changes(session: Session, changes: Mapping[str, tuple[int, datetime | None]]) -> None:
-    """balance += delta (and first_usage_at = the earlier one) per account, in id order."""
-    if not changes:
-        return
-    table = cast(Table, Account.__table__)
-    first = bindparam("first", type_=table.c.first_usage_at.type)
-    statement = (
-        update(table)
-        .where(table.c.id == bindparam("account"))
+def post_entry(
+    session: Session,
+    account_id: str,
+    entry_type: str,
+    external_id: str,
+    amount: int,
+    at: datetime,
+    note: str | None = None,
+    *,
+    recorded_at: datetime | None = None,
+) -> bool:
+    """Post one non-usage entry (opening balance, adjustment, recharge or top-up credit) and move the cached
+    balance with it, once: False, and no change, when (entry_type, external_id) is already in the ledger."""
+    inserted = session.execute(
+        _insert(session, Entry.__table__)
         .values(
-            balance=table.c.balance + bindparam("delta"),
-            first_usage_at=case(
-                (first.is_(None), table.c.first_usage_at),
-                (table.c.first_usage_at.is_(None), first),
-                (first < table.c.first_usage_at, first),
-                else_=table.c.first_usage_at,
-            ),
+            account_id=account_id,
+            entry_type=entry_type,
+            external_id=external_id,
+            amount=amount,
+            occurred_at=at,
+            recorded_at=recorded_at or at,
+            note=note,
         )
+        .on_conflict_do_nothing(index_elements=["entry_type", "external_id"])
+        .returning(Entry.id)
+    ).scalar_one_or_none()
+    if inserted is None:
+        return False
+    session.execute(
+        update(Account)
+        .where(Account.id == account_id)
+        .values(balance=Account.balance + amount)
+        .execution_options(synchronize_session=False)
     )
-    params = [
-        {"account": account, "delta": delta, "first": first_at}
-        for account, (delta, first_at) in sorted(changes.items())
-    ]
-    session.connection().execute(statement, params)
+    return True
 
 
 def usage_totals(session: Session, start: date, end: date, account_ids: Sequence[str] | None = None) -> dict[str, int]:
@@ -441,35 +441,6 @@ def candidate_sources(
         .order_by(FundingSource.is_default.desc(), FundingSource.id)
     )
     return list(session.scalars(query))
-
-
-def credit_once(
-    session: Session, account_id: str, entry_type: str, external_id: str, amount: int, at: datetime
-) -> bool:
-    """Credit the balance under a unique external id; False (and no change) when already credited."""
-    inserted = insert_entries(
-        session,
-        [
-            {
-                "account_id": account_id,
-                "entry_type": entry_type,
-                "external_id": external_id,
-                "amount": amount,
-                "occurred_at": at,
-                "recorded_at": at,
-                "kind": None,
-                "duration_seconds": None,
-                "quantity": None,
-                "billable_quantity": None,
-                "rate_id": None,
-                "note": None,
-            }
-        ],
-    )
-    if not inserted:
-        return False
-    apply_balance_changes(session, {account_id: (amount, None)})
-    return True
 
 
 def open_recharge_ids(session: Session, now: datetime) -> list[int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -24,6 +24,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
+
+if TYPE_CHECKING:
+    from recharged.payments import CardInfo
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -136,6 +139,13 @@ class FundingSource(Base):
     unusable_reason: Mapped[str | None] = mapped_column(String(200))
     added_at: Mapped[datetime] = mapped_column(UTCDateTime())
     removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    def hold(self, card: CardInfo) -> None:
+        """Take the card's processor ids and display details (a card re-added after removal or a hard decline
+        is usable again)."""
+        self.customer, self.payment_method = card.customer, card.payment_method
+        self.brand, self.last4, self.exp_month, self.exp_year = card.brand, card.last4, card.exp_month, card.exp_year
+        self.unusable_reason, self.removed_at = None, None
 
 
 RECHARGE_OPEN = "phase NOT IN ('finished', 'failed')"

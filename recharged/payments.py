@@ -96,6 +96,25 @@ class CardInfo:
     exp_year: int
 
 
+class CardDetails(Protocol):
+    """What is known of a card for display: a CardInfo from the processor or a stored FundingSource."""
+
+    @property
+    def brand(self) -> str: ...
+    @property
+    def last4(self) -> str: ...
+    @property
+    def exp_month(self) -> int: ...
+    @property
+    def exp_year(self) -> int: ...
+
+
+def card_label(card: CardDetails, *, expiry: bool = True) -> str:
+    """How a card is named to admins and in logs: 'visa ...4242 exp 12/2030' (never more of the number)."""
+    label = f"{card.brand} ...{card.last4}"
+    return f"{label} exp {card.exp_month:02d}/{card.exp_year}" if expiry else label
+
+
 class PaymentGateway(Protocol):
     def charge(self, request: ChargeRequest) -> PaymentResult:
         """Send (or re-send, with the same key) one charge."""

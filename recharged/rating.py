@@ -10,8 +10,9 @@ Count-based kinds (SMS segments, lookups, connected calls, tasks) cost price-per
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from recharged.money import Units, div_half_up
 
@@ -92,3 +93,33 @@ def rate_event(rate: Rate, *, duration_seconds: int | None, quantity: int | None
     if quantity is None:
         raise ValueError("a count-based kind needs a quantity")
     return rate_count(quantity, rate)
+
+
+def rate_snapshot(kind_rate: Rate) -> dict[str, Any]:
+    """A rate as the columns of its stored snapshot (the `rates` table)."""
+    if isinstance(kind_rate, TimeRate):
+        return {
+            "measure": "time",
+            "price": kind_rate.price_per_minute,
+            "increment_seconds": kind_rate.increment_seconds,
+            "minimum_seconds": kind_rate.minimum_seconds,
+            "connect_fee": kind_rate.connect_fee,
+            "unit": "second",
+        }
+    return {
+        "measure": "count",
+        "price": kind_rate.price_per_unit,
+        "increment_seconds": 0,
+        "minimum_seconds": 0,
+        "connect_fee": 0,
+        "unit": kind_rate.unit,
+    }
+
+
+def rate_from_snapshot(columns: Mapping[str, Any]) -> Rate:
+    """The rate a stored snapshot describes: `verify` re-rates recorded events with it."""
+    if columns["measure"] == "time":
+        return TimeRate(
+            columns["price"], columns["increment_seconds"], columns["minimum_seconds"], columns["connect_fee"]
+        )
+    return CountRate(columns["price"], columns["unit"])

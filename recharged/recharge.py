@@ -30,12 +30,12 @@ from recharged.db import (
     Database,
     attempts_of,
     candidate_sources,
-    credit_once,
     insert_recharge,
     lock_account,
     lock_recharge,
     open_recharge_ids,
     pending_attempt,
+    post_entry,
     settle_attempt,
     take_lease,
 )
@@ -43,7 +43,14 @@ from recharged.errors import ConflictError, InputError, NotFoundError
 from recharged.faults import crashpoint
 from recharged.models import Account, ChargeAttempt, FundingSource, Recharge
 from recharged.money import Units, format_ledger, minor_step, percent_of, to_minor_units
-from recharged.payments import ChargeRequest, PaymentError, PaymentGateway, PaymentResult, TransientPaymentError
+from recharged.payments import (
+    ChargeRequest,
+    PaymentError,
+    PaymentGateway,
+    PaymentResult,
+    TransientPaymentError,
+    card_label,
+)
 from recharged.planning import plan_accounts, plans_in
 
 log = structlog.get_logger("recharged.recharge")
@@ -198,24 +205,19 @@ class RechargeService:
         )
 
     def process(self, recharge_id: int) -> RechargeReport:
-        """Advance a recharge until it is finished, failed, or waiting on the processor."""
-        while True:
-            phase = self._advance(recharge_id)
-            if phase in TERMINAL or phase == "waiting":
-                return self.report(recharge_id)
-
-    def _advance(self, recharge_id: int) -> str:
+        """Advance a recharge until it is finished, failed, or waiting on the processor. Each step re-checks
+        the phase under the recharge's lock and returns the phase it left the recharge in."""
         with self._db.transaction() as session:
             phase = session.get(Recharge, recharge_id).phase  # type: ignore[union-attr]
-        if phase == "claimed":
-            return self._choose_source(recharge_id)
-        if phase == "charging":
-            return self._charge(recharge_id)
-        if phase == "paid":
-            return self._credit(recharge_id)
-        if phase == "credited":
-            return self._finish(recharge_id)
-        return phase
+        steps = {
+            "claimed": self._choose_source,
+            "charging": self._charge,
+            "paid": self._credit,
+            "credited": self._finish,
+        }
+        while phase in steps:
+            phase = steps[phase](recharge_id)
+        return self.report(recharge_id)
 
     def _choose_source(self, recharge_id: int) -> str:
         """claimed -> charging: store a new attempt and its idempotency key before any request."""
@@ -325,7 +327,7 @@ class RechargeService:
             recharge.lease_until, recharge.updated_at = None, now
             source = session.get(FundingSource, recharge.source_id)
             assert source is not None
-            card = f"{source.brand} ...{source.last4}"
+            card = card_label(source, expiry=False)
             if result is None:
                 recharge.phase = "failed"
                 recharge.outcome = "no payment found for the attempt after the processor's idempotency window"
@@ -365,7 +367,7 @@ class RechargeService:
                 return recharge.phase
             assert recharge.payment_intent is not None
             entry_type = "recharge" if recharge.kind == "auto" else "topup"
-            credit_once(session, recharge.account_id, entry_type, recharge.payment_intent, recharge.amount, now)
+            post_entry(session, recharge.account_id, entry_type, recharge.payment_intent, recharge.amount, now)
             account = session.get(Account, recharge.account_id)
             assert account is not None
             if account.recharge_state == "backing_off":
@@ -437,5 +439,5 @@ class RechargeService:
                 r.amount,
                 r.total,
                 r.outcome or "",
-                f"{source.brand} ...{source.last4}" if source else None,
+                card_label(source, expiry=False) if source else None,
             )

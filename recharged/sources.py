@@ -13,14 +13,14 @@ from recharged.clock import Clock
 from recharged.db import Database
 from recharged.errors import ConflictError, InputError, NotFoundError
 from recharged.models import Account, FundingSource
-from recharged.payments import CardInfo
+from recharged.payments import CardInfo, card_label
 
 
 def describe(source: FundingSource) -> dict[str, Any]:
     """A source as shown to admins and recorded in the audit log (no full card data exists here)."""
     return {
         "source": source.id,
-        "card": f"{source.brand} ...{source.last4} exp {source.exp_month:02d}/{source.exp_year}",
+        "card": card_label(source),
         "customer": source.customer,
         "payment_method": source.payment_method,
         "default": source.is_default,
@@ -56,7 +56,7 @@ def add_source(
     """Add a card (re-adding a removed or unusable one restores it). The first card becomes the default."""
     actor = parse_actor(actor)
     if not (1 <= card.exp_month <= 12) or len(card.last4) != 4 or not card.last4.isdigit():
-        raise InputError(f"card details look wrong: {card.brand} ...{card.last4} exp {card.exp_month}/{card.exp_year}")
+        raise InputError(f"card details look wrong: {card_label(card)}")
     now = clock.now()
     with db.transaction() as session:
         account = load_account(session, account_id, lock=True)
@@ -69,22 +69,13 @@ def add_source(
         if existing is not None and existing.removed_at is None and existing.unusable_reason is None:
             raise ConflictError(f"{card.payment_method} is already funding source {existing.id} of {account_id}")
         before = describe(existing) if existing is not None else None
-        source = existing or FundingSource(account_id=account_id, added_at=now)
-        source.customer, source.payment_method = card.customer, card.payment_method
-        source.brand, source.last4, source.exp_month, source.exp_year = (
-            card.brand,
-            card.last4,
-            card.exp_month,
-            card.exp_year,
-        )
-        source.unusable_reason, source.removed_at = None, None
-        if make_default or not current:
+        source = existing or FundingSource(account_id=account_id, added_at=now, is_default=False)
+        source.hold(card)
+        if make_default or not current:  # the first card is always the default
             for other in current:
                 other.is_default = False
             session.flush()
             source.is_default = True
-        else:
-            source.is_default = source.is_default and existing is not None
         session.add(source)
         session.flush()
         _clear_action_required(account)

@@ -27,7 +27,7 @@ from recharged.db import (
 )
 from recharged.models import Entry
 from recharged.money import Units, parse_amount
-from recharged.rating import CountRate, Rate, Rated, TimeRate, rate_event
+from recharged.rating import Rate, TimeRate, rate_event, rate_snapshot
 from recharged.sms import count_segments
 
 FIELDS = ("event_id", "account_id", "kind", "started_at", "duration_seconds", "quantity", "text", "cost")
@@ -52,6 +52,11 @@ class UsageEvent:
     quantity: int | None
     has_text: bool
     cost: Units | None
+
+    @property
+    def content(self) -> tuple[object, ...]:
+        """What makes two events with the same id the same event."""
+        return (self.account_id, self.kind, self.started_at, self.duration_seconds, self.quantity, self.cost)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,35 +156,6 @@ def check_against_rate(event: UsageEvent, kind_rate: Rate, plan: str) -> None:
         raise ValueError(f"quantity is missing (kind {event.kind!r} is billed per {kind_rate.unit})")
 
 
-def _rate_columns(kind_rate: Rate) -> dict[str, Any]:
-    if isinstance(kind_rate, TimeRate):
-        return {
-            "measure": "time",
-            "price": kind_rate.price_per_minute,
-            "increment_seconds": kind_rate.increment_seconds,
-            "minimum_seconds": kind_rate.minimum_seconds,
-            "connect_fee": kind_rate.connect_fee,
-            "unit": "second",
-        }
-    return {
-        "measure": "count",
-        "price": kind_rate.price_per_unit,
-        "increment_seconds": 0,
-        "minimum_seconds": 0,
-        "connect_fee": 0,
-        "unit": kind_rate.unit,
-    }
-
-
-def rate_from_columns(columns: Mapping[str, Any]) -> Rate:
-    """The inverse of the rate snapshot: used by `verify` to re-rate recorded events."""
-    if columns["measure"] == "time":
-        return TimeRate(
-            columns["price"], columns["increment_seconds"], columns["minimum_seconds"], columns["connect_fee"]
-        )
-    return CountRate(columns["price"], columns["unit"])
-
-
 def _differences(entry: Entry, event: UsageEvent) -> list[str]:
     pairs = [
         ("account_id", entry.account_id, event.account_id),
@@ -191,25 +167,6 @@ def _differences(entry: Entry, event: UsageEvent) -> list[str]:
     if event.cost is not None:
         pairs.append(("cost", -entry.amount, event.cost))
     return [name for name, recorded, given in pairs if recorded != given]
-
-
-def _same_event(a: UsageEvent, b: UsageEvent) -> bool:
-    return (a.account_id, a.kind, a.started_at, a.duration_seconds, a.quantity, a.cost) == (
-        b.account_id,
-        b.kind,
-        b.started_at,
-        b.duration_seconds,
-        b.quantity,
-        b.cost,
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class _Pending:
-    index: int
-    event: UsageEvent
-    rated: Rated
-    cost: Units
 
 
 class UsageRecorder:
@@ -239,7 +196,7 @@ class UsageRecorder:
                 continue
             earlier = seen.get(event.event_id)
             if earlier is not None:
-                if _same_event(earlier[1], event):
+                if earlier[1].content == event.content:
                     repeats.append((i, earlier[0]))
                 else:
                     reason = "event_id appears earlier in this batch with other content"
@@ -252,7 +209,7 @@ class UsageRecorder:
             new_rate_ids: dict[tuple[str, str, Rate], int] = {}
             with self._db.transaction() as session:
                 accounts = lock_accounts(session, (event.account_id for _, event in parsed))
-                pending: list[_Pending] = []
+                pending: list[tuple[int, UsageEvent]] = []
                 rows: list[UsageRow] = []
                 for i, event in parsed:
                     try:
@@ -266,8 +223,8 @@ class UsageRecorder:
                     key = (plan, event.kind, kind_rate)
                     rid = self._rate_ids.get(key) or new_rate_ids.get(key)
                     if rid is None:
-                        rid = new_rate_ids[key] = rate_id(session, plan, event.kind, _rate_columns(kind_rate))
-                    pending.append(_Pending(i, event, rated, cost))
+                        rid = new_rate_ids[key] = rate_id(session, plan, event.kind, rate_snapshot(kind_rate))
+                    pending.append((i, event))
                     rows.append(
                         (
                             event.account_id,
@@ -309,31 +266,23 @@ class UsageRecorder:
     def _settle(
         self,
         session: Any,
-        pending: list[_Pending],
+        pending: list[tuple[int, UsageEvent]],
         inserted: set[str],
         outcomes: list[Outcome | None],
         where: list[int],
     ) -> None:
         """Mark each event accepted, duplicate, or rejected when its id was recorded with other content."""
-        already = existing_entries(
-            session, "usage", (p.event.event_id for p in pending if p.event.event_id not in inserted)
-        )
-        for p in pending:
-            event = p.event
+        already = existing_entries(session, "usage", (e.event_id for _, e in pending if e.event_id not in inserted))
+        for index, event in pending:
             if event.event_id in inserted:
-                outcomes[p.index] = Outcome(where[p.index], event.event_id, "accepted")
+                outcomes[index] = Outcome(where[index], event.event_id, "accepted")
                 continue
             differences = _differences(already[event.event_id], event)
-            outcomes[p.index] = (
-                Outcome(where[p.index], event.event_id, "duplicate")
-                if not differences
-                else Outcome(
-                    where[p.index],
-                    event.event_id,
-                    "rejected",
-                    f"event_id was already recorded with a different {', '.join(differences)}",
-                )
-            )
+            if differences:
+                reason = f"event_id was already recorded with a different {', '.join(differences)}"
+                outcomes[index] = Outcome(where[index], event.event_id, "rejected", reason)
+            else:
+                outcomes[index] = Outcome(where[index], event.event_id, "duplicate")
 
 
 def summarize(outcomes: Sequence[Outcome]) -> dict[str, int]:

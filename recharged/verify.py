@@ -25,8 +25,7 @@ from recharged.db import (
     usage_entries_with_rates,
 )
 from recharged.money import format_ledger
-from recharged.rating import rate_event
-from recharged.usage import rate_from_columns
+from recharged.rating import rate_event, rate_from_snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +67,7 @@ def verify(db: Database, progress: Callable[[int], None] | None = None, limit: i
             cost = -row.amount
             if row.rate_id is not None:
                 rated = rate_event(
-                    rate_from_columns(row._mapping),
+                    rate_from_snapshot(row._mapping),
                     duration_seconds=row.duration_seconds,
                     quantity=row.quantity,
                 )
