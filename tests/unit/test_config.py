@@ -113,3 +113,16 @@ def test_secret_comes_from_environment_before_credentials(tmp_path):
     assert secret is not None and secret.value == "sk_test_env"
     assert "sk_test" not in repr(secret) and "sk_test" not in str(secret)
     assert read_secret("stripe_api_key", {}) is None
+
+
+def test_every_setting_is_written_out_in_config_toml_and_the_readme():
+    import tomllib
+
+    shipped = tomllib.loads((REPO / "config.toml").read_text())
+    readme = (REPO / "README.md").read_text()
+    for section, field in Settings.model_fields.items():
+        if section == "plans":
+            continue
+        for key in field.annotation.model_fields:
+            assert key in shipped[section], f"config.toml lacks {section}.{key}"
+            assert key in readme, f"README.md does not describe {section}.{key}"
