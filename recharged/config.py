@@ -119,6 +119,8 @@ class PaymentsSettings(_Section):
     card_retry_after_decline_hours: float = Field(24.0, ge=0, le=24 * 30)
     # How long one worker may hold a recharge while it talks to the processor before another may take it over.
     lease_seconds: int = Field(300, ge=30, le=3600)
+    # Requests per second this instance sends to the processor at most (Stripe allows 100 in live mode).
+    max_requests_per_second: float = Field(90.0, gt=0, le=10_000)
 
 
 class TimeRateSettings(_Section):
@@ -178,6 +180,39 @@ def _standard_plan() -> dict[str, PlanSettings]:
     }
 
 
+class DaemonSettings(_Section):
+    """What `recharged run` schedules, and how hard it works."""
+
+    cycle_interval_hours: float = Field(4.0, gt=0, le=24)
+    # Each cycle starts up to this many seconds late, at random, so instances and restarts spread out.
+    cycle_jitter_seconds: int = Field(300, ge=0, le=3600)
+    # A cycle that could not start on time (the daemon was stopped or busy) still runs if it is this late at most.
+    misfire_grace_seconds: int = Field(1800, ge=1, le=86_400)
+    # The completer finishes recharges left half-way (a crash, a processor that did not answer) this often.
+    completer_interval_seconds: int = Field(300, ge=1, le=3600)
+    # Charges sent to the processor at once during a cycle.
+    charge_concurrency: int = Field(32, ge=1, le=256)
+    # Charge an account at once, without waiting for the next cycle, when its balance lasts less than the time
+    # to that cycle plus this margin.
+    urgent_margin_hours: float = Field(2.0, ge=0, le=168)
+    # On SIGTERM, in-flight charges get this long to finish before the daemon exits anyway (recovery completes
+    # whatever is left on the next start).
+    shutdown_timeout_seconds: float = Field(60.0, gt=0, le=600)
+
+
+class HttpSettings(_Section):
+    """The daemon's HTTP server: health, metrics, the usage and account API, Stripe webhooks."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8450, ge=0, le=65_535)
+    # Largest request body accepted, and most usage events in one POST /v1/usage.
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
+    max_events_per_request: int = Field(1000, ge=1, le=50_000)
+    # A Stripe webhook signed longer ago than this is refused (replay protection).
+    webhook_tolerance_seconds: int = Field(300, ge=1, le=3600)
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -191,6 +226,8 @@ class Settings(_Section):
     recharge: RechargeSettings = RechargeSettings()
     payments: PaymentsSettings = PaymentsSettings()
     plans: dict[KindName, PlanSettings] = Field(default_factory=_standard_plan, min_length=1)
+    daemon: DaemonSettings = DaemonSettings()
+    http: HttpSettings = HttpSettings()
     logging: LoggingSettings = LoggingSettings()
 
 

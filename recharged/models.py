@@ -107,6 +107,8 @@ class Account(Base):
     failed_cycles: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     state_reason: Mapped[str | None] = mapped_column(String(200))
+    # When recorded usage first took the balance under its threshold; cleared when the balance is credited.
+    due_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
@@ -315,3 +317,32 @@ class AuditRecord(Base):
     action: Mapped[str] = mapped_column(String(40))
     before: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     after: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class JobRun(Base):
+    """One run of a scheduled job (the recharge cycle, the completer, ...) by one daemon instance: what ops
+    and `recharged status` read to see the last and next cycle, whichever instance ran it."""
+
+    __tablename__ = "job_runs"
+    __table_args__ = (Index("ix_job_runs_job_started", "job", "started_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job: Mapped[str] = mapped_column(String(40))
+    instance: Mapped[str] = mapped_column(String(120))  # host:pid
+    status: Mapped[str] = mapped_column(String(12))  # running | succeeded | failed
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(String(500))
+
+
+class WebhookEvent(Base):
+    """A processor event already handled: deliveries of the same event id are acknowledged and ignored."""
+
+    __tablename__ = "webhook_events"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)  # evt_...
+    type: Mapped[str] = mapped_column(String(80))
+    payment_intent: Mapped[str | None] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    outcome: Mapped[str | None] = mapped_column(String(200))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from recharged.errors import ConfigError
 
-SECRET_NAMES = ("stripe_api_key", "api_tokens", "smtp_password")
+SECRET_NAMES = ("stripe_api_key", "stripe_webhook_secret", "api_tokens", "smtp_password")
 
 
 def env_name(name: str) -> str:
