@@ -16,14 +16,24 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Engine, and_, create_engine, event, func, insert, select, update
+from sqlalchemy import Engine, and_, create_engine, event, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from recharged.errors import DatabaseError
-from recharged.models import Account, ChargeAttempt, DailyUsage, Entry, FundingSource, Rate, Recharge
+from recharged.models import (
+    Account,
+    ChargeAttempt,
+    DailyUsage,
+    Entry,
+    FundingSource,
+    JobRun,
+    Rate,
+    Recharge,
+    WebhookEvent,
+)
 
 CHARGE_TYPES = ("recharge",)  # what the spend caps count: automatic recharges
 
@@ -40,15 +50,20 @@ def masked_url(url: str) -> str:
     return make_url(normalize_url(url)).render_as_string(hide_password=True)
 
 
-def make_engine(url: str) -> Engine:
-    """An engine configured for recharged: WAL and BEGIN IMMEDIATE on SQLite, pre-ping on PostgreSQL."""
+def make_engine(url: str, connections: int | None = None) -> Engine:
+    """An engine configured for recharged: WAL and BEGIN IMMEDIATE on SQLite, pre-ping on PostgreSQL.
+    `connections`: how many threads may hold a connection at once (the daemon's charge workers and HTTP
+    threads); SQLAlchemy's default pool allows 15."""
     url = normalize_url(url)
+    pool: dict[str, Any] = {}
+    if connections is not None:
+        pool = {"pool_size": min(connections, 10), "max_overflow": max(0, connections - 10), "pool_timeout": 60}
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if database and database != ":memory:" and not Path(database).parent.exists():
             raise DatabaseError(f"database {url}: directory {Path(database).parent} does not exist")
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": 30}, **pool)
 
         @event.listens_for(engine, "connect")
         def _configure(dbapi_connection: Any, _record: Any) -> None:
@@ -66,7 +81,7 @@ def make_engine(url: str) -> Engine:
 
         return engine
     if parsed.get_backend_name() == "postgresql":
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, **pool)
     raise DatabaseError(f"database {masked_url(url)}: only sqlite:// and postgresql:// are supported")
 
 
@@ -82,9 +97,9 @@ def migrations_dir() -> Path:
 class Database:
     """One database: its engine, transactions and schema version."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, connections: int | None = None) -> None:
         self.url = normalize_url(url)
-        self.engine = make_engine(self.url)
+        self.engine = make_engine(self.url, connections)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @property
@@ -443,15 +458,106 @@ def candidate_sources(
     return list(session.scalars(query))
 
 
-def open_recharge_ids(session: Session, now: datetime) -> list[int]:
-    """Recharges left in an intermediate phase whose lease (if any) has run out, oldest first."""
+def open_recharge_ids(session: Session, now: datetime, idle_since: datetime | None = None) -> list[int]:
+    """Recharges left in an intermediate phase whose lease (if any) has run out, oldest first; with
+    `idle_since`, only those not changed since then."""
     query = (
         select(Recharge.id)
         .where(Recharge.phase.not_in(("finished", "failed")))
         .where((Recharge.lease_until.is_(None)) | (Recharge.lease_until < now))
         .order_by(Recharge.id)
     )
+    if idle_since is not None:
+        query = query.where(Recharge.updated_at < idle_since)
     return list(session.scalars(query))
+
+
+# --- the daemon: job runs and webhook events --------------------------------------------------------------
+
+
+def start_job_run(session: Session, job: str, instance: str, at: datetime) -> int:
+    run = JobRun(job=job, instance=instance, status="running", started_at=at)
+    session.add(run)
+    session.flush()
+    return run.id
+
+
+def finish_job_run(
+    session: Session, run_id: int, status: str, at: datetime, summary: Mapping[str, Any] | None, error: str | None
+) -> None:
+    session.execute(
+        update(JobRun)
+        .where(JobRun.id == run_id)
+        .values(status=status, finished_at=at, summary=dict(summary) if summary else None, error=error)
+    )
+
+
+def last_job_run(session: Session, job: str, status: str | None = None) -> JobRun | None:
+    query = select(JobRun).where(JobRun.job == job)
+    if status is not None:
+        query = query.where(JobRun.status == status)
+    return session.scalars(query.order_by(JobRun.started_at.desc(), JobRun.id.desc()).limit(1)).first()
+
+
+def running_job_runs(session: Session) -> list[JobRun]:
+    return list(session.scalars(select(JobRun).where(JobRun.status == "running")))
+
+
+def record_webhook_event(session: Session, values: Mapping[str, Any]) -> bool:
+    """Remember a handled processor event; False when its id was handled before."""
+    try:
+        with session.begin_nested():
+            session.execute(insert(WebhookEvent).values(**values))
+    except IntegrityError:
+        return False
+    return True
+
+
+def webhook_event_seen(session: Session, event_id: str) -> bool:
+    return session.get(WebhookEvent, event_id) is not None
+
+
+def recharge_of_payment(session: Session, payment_intent: str, recharge_hint: str | None) -> int | None:
+    """The recharge a PaymentIntent belongs to: by the id recorded on the recharge or one of its attempts, or
+    by the recharge id our metadata carries (an answer we never received)."""
+    found = session.scalar(select(Recharge.id).where(Recharge.payment_intent == payment_intent))
+    if found is None:
+        found = session.scalar(
+            select(ChargeAttempt.recharge_id).where(ChargeAttempt.payment_intent == payment_intent).limit(1)
+        )
+    if found is None and recharge_hint is not None and recharge_hint.isdigit():
+        found = session.scalar(select(Recharge.id).where(Recharge.id == int(recharge_hint)))
+    return None if found is None else int(found)
+
+
+CLAIM_LOCK_SPACE = 0x52435244  # "RCRD": the advisory-lock key space of recharge claims
+
+
+def try_claim_lock(session: Session, account_id: str, *, wait: bool) -> bool:
+    """The right to claim a recharge for an account, until the transaction ends: on PostgreSQL a
+    transaction-level advisory lock, so instances working through the same due accounts pass over the one
+    another instance is claiming at that moment (without `wait`) instead of queueing behind it. SQLite has
+    one writer at a time already."""
+    if session.get_bind().dialect.name != "postgresql":
+        return True
+    function = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
+    statement = f"SELECT {function}(:space, hashtext(:account))"
+    result = session.execute(text(statement), {"space": CLAIM_LOCK_SPACE, "account": account_id}).scalar()
+    return True if wait else bool(result)
+
+
+def mark_due(session: Session, account_ids: Sequence[str], at: datetime) -> None:
+    """Note when each account fell under its threshold (kept until its balance is credited)."""
+    waiting = sorted(
+        session.scalars(select(Account.id).where(Account.id.in_(account_ids), Account.due_since.is_(None)))
+    )
+    for account_id in waiting:  # one row at a time, in id order: the lock order of every writer
+        session.execute(
+            update(Account)
+            .where(Account.id == account_id, Account.due_since.is_(None))
+            .values(due_since=at)
+            .execution_options(synchronize_session=False)
+        )
 
 
 def accounts_with_open_recharge(session: Session, ids: Sequence[str] | None = None) -> set[str]:
@@ -614,3 +720,31 @@ def recharge_credit_problems(session: Session) -> list[str]:
     )
     problems += [f"recharge {recharge_id}: {n} succeeded attempts" for recharge_id, n in doubles]
     return problems
+
+
+# --- receipts, the outbox, notices, statements ------------------------------------------------------------------
+
+
+def insert_once(session: Session, model: Any, values: Mapping[str, Any], conflict: Sequence[str]) -> bool:
+    """Insert one row unless a row with the same `conflict` columns exists; True when this call inserted it."""
+    statement = _insert(session, model.__table__).values(**values).on_conflict_do_nothing(index_elements=conflict)
+    return bool(cast(Any, session.execute(statement)).rowcount)
+
+
+def next_receipt_number(session: Session, issuer: str) -> int:
+    """The issuer's next receipt number, taken from its counter row, which stays locked until the transaction
+    ends: numbers are sequential, and a rolled-back transaction gives its number back, so there are no gaps."""
+    from recharged.models import ReceiptCounter
+
+    raise_counter = (
+        update(ReceiptCounter)
+        .where(ReceiptCounter.issuer == issuer)
+        .values(last_number=ReceiptCounter.last_number + 1)
+        .returning(ReceiptCounter.last_number)
+        .execution_options(synchronize_session=False)
+    )
+    number = session.execute(raise_counter).scalar_one_or_none()
+    if number is None:
+        insert_once(session, ReceiptCounter, {"issuer": issuer, "last_number": 0}, ["issuer"])
+        number = session.execute(raise_counter).scalar_one()
+    return int(number)

@@ -9,7 +9,9 @@ finds it later. Card declines are answers, not errors, and are never retried her
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
@@ -168,8 +170,39 @@ def _from_intent(intent: Any) -> PaymentResult:
     )
 
 
+class RateLimiter:
+    """At most `per_second` requests per second across all threads: each request takes the next free slot,
+    slots 1/per_second apart, and waits for it. Real time on purpose: it paces requests, it decides nothing."""
+
+    def __init__(
+        self,
+        per_second: float,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._spacing = 1.0 / per_second
+        self._monotonic, self._sleep = monotonic, sleep
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        with self._lock:
+            now = self._monotonic()
+            slot = max(now, self._next)
+            self._next = slot + self._spacing
+        if slot > now:
+            self._sleep(slot - now)
+
+
+CallObserver = Callable[[str, "str | None"], None]  # (what, None when it succeeded or else the error)
+
+
 class StripeGateway:
-    """PaymentGateway on Stripe, through `StripeClient` (never the global `stripe.api_key`)."""
+    """PaymentGateway on Stripe, through `StripeClient` (never the global `stripe.api_key`).
+
+    `rate_limiter` paces every request, retries included; `on_call` hears the final outcome of each call
+    (health shows the last one) and `on_retry` each inline retry (metrics count them)."""
 
     def __init__(
         self,
@@ -181,7 +214,11 @@ class StripeGateway:
         wait: wait_base | None = None,
         retry_initial_seconds: float = 0.5,
         retry_max_seconds: float = 8.0,
+        rate_limiter: RateLimiter | None = None,
+        on_call: CallObserver | None = None,
+        on_retry: Callable[[str], None] | None = None,
     ) -> None:
+        self._limiter, self._on_call, self._on_retry = rate_limiter, on_call, on_retry
         session = requests.Session()
         if urlsplit(api_base).hostname in ("127.0.0.1", "localhost", "::1"):
             session.trust_env = False  # a local test server is never reached through a proxy
@@ -200,10 +237,25 @@ class StripeGateway:
         self.retries = 0  # transient failures retried so far, for metrics
 
     def _call(self, what: str, fn: Any) -> Any:
+        try:
+            result = self._call_with_retries(what, fn)
+        except RechargedError as exc:
+            if self._on_call is not None:
+                self._on_call(what, str(exc))
+            raise
+        if self._on_call is not None:
+            self._on_call(what, None)
+        return result
+
+    def _call_with_retries(self, what: str, fn: Any) -> Any:
         for attempt in self._retry:
             with attempt:
                 if attempt.retry_state.attempt_number > 1:
                     self.retries += 1
+                    if self._on_retry is not None:
+                        self._on_retry(what)
+                if self._limiter is not None:
+                    self._limiter.acquire()
                 try:
                     return fn()
                 except (stripe.APIConnectionError, stripe.RateLimitError) as exc:

@@ -77,6 +77,23 @@ def rate_time(duration_seconds: int, rate: TimeRate) -> Rated:
     return Rated(billed, rate.connect_fee + div_half_up(rate.price_per_minute * billed, 60))
 
 
+def longest_call(balance: Units, rate: TimeRate, *, limit_seconds: int = 30 * 86_400) -> int:
+    """The longest call, in seconds, whose cost the balance covers (0 when not even the shortest one is
+    covered), found with `rate_time` itself so it can never disagree with how calls are billed."""
+    if balance <= 0 or rate_time(1, rate).cost > balance:
+        return 0
+    if rate_time(limit_seconds, rate).cost <= balance:
+        return limit_seconds
+    low, high = 1, limit_seconds  # cost(low) <= balance < cost(high); cost never falls as calls get longer
+    while high - low > 1:
+        middle = (low + high) // 2
+        if rate_time(middle, rate).cost <= balance:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
 def rate_count(quantity: int, rate: CountRate) -> Rated:
     """Rate a counted event (segments, lookups, ...)."""
     if quantity < 0:

@@ -15,11 +15,15 @@ an attempt's outcome recorded only while it is pending, and a ledger credit uniq
 
 from __future__ import annotations
 
+import random
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Protocol
 
 import structlog
 from sqlalchemy.orm import Session
@@ -33,11 +37,13 @@ from recharged.db import (
     insert_recharge,
     lock_account,
     lock_recharge,
+    mark_due,
     open_recharge_ids,
     pending_attempt,
     post_entry,
     settle_attempt,
     take_lease,
+    try_claim_lock,
 )
 from recharged.errors import ConflictError, InputError, NotFoundError
 from recharged.faults import crashpoint
@@ -51,10 +57,11 @@ from recharged.payments import (
     TransientPaymentError,
     card_label,
 )
-from recharged.planning import plan_accounts, plans_in
+from recharged.planning import AccountPlan, plan_accounts, plans_in
 
 log = structlog.get_logger("recharged.recharge")
 TERMINAL = ("finished", "failed")
+_BUSY = -1  # claim_due: another worker holds the account's claim lock
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,45 +85,166 @@ class CycleReport:
     recovered: list[RechargeReport] = field(default_factory=list)
     charged: list[RechargeReport] = field(default_factory=list)
     not_claimed: list[str] = field(default_factory=list)  # no longer due when re-decided under the lock
+    errors: dict[str, str] = field(default_factory=dict)  # account -> what went wrong (the cycle goes on)
+    left_for_next: list[str] = field(default_factory=list)  # due, but the daemon was stopping
+    accounts: int = 0
+
+    def summary(self) -> dict[str, object]:
+        """Counts and amounts (per currency, in the ledger's 5-decimal form) for logs, status and job runs."""
+        charged: dict[str, int] = {}
+        for r in self.charged:
+            if r.phase == "finished":
+                charged[r.currency] = charged.get(r.currency, 0) + r.total
+        return {
+            "accounts": self.accounts,
+            "due": len(self.charged) + len(self.not_claimed) + len(self.errors) + len(self.left_for_next),
+            "charged": sum(1 for r in self.charged if r.phase == "finished"),
+            "failed": sum(1 for r in self.charged if r.phase == "failed"),
+            "waiting": sum(1 for r in self.charged if r.phase not in TERMINAL),
+            "not_claimed": len(self.not_claimed),
+            "errors": len(self.errors),
+            "left_for_next": len(self.left_for_next),
+            "recovered": len(self.recovered),
+            "charged_total": {currency: format_ledger(total) for currency, total in sorted(charged.items())},
+        }
+
+
+class Observer(Protocol):
+    """Hears what the charge flow decides and does (the daemon's metrics)."""
+
+    def decided(self, plan: AccountPlan) -> None: ...
+
+    def attempted(self, status: str, decline_class: str | None) -> None: ...
+
+    def credited(self, kind: str, amount: Units, currency: str) -> None: ...
+
+
+class _Unobserved:
+    def decided(self, plan: AccountPlan) -> None:
+        pass
+
+    def attempted(self, status: str, decline_class: str | None) -> None:
+        pass
+
+    def credited(self, kind: str, amount: Units, currency: str) -> None:
+        pass
 
 
 class RechargeService:
     """Runs recharges for one database, configuration, processor and clock."""
 
-    def __init__(self, db: Database, settings: Settings, gateway: Callable[[], PaymentGateway], clock: Clock) -> None:
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        gateway: Callable[[], PaymentGateway],
+        clock: Clock,
+        observer: Observer | None = None,
+    ) -> None:
         self._db = db
         self._settings = settings
         self._payments = settings.payments
         self._gateway_factory = gateway
         self._gateway: PaymentGateway | None = None
+        self._gateway_lock = threading.Lock()
         self._clock = clock
+        self._observer: Observer = observer or _Unobserved()
 
     @property
     def gateway(self) -> PaymentGateway:
-        if self._gateway is None:
-            self._gateway = self._gateway_factory()
-        return self._gateway
+        with self._gateway_lock:
+            if self._gateway is None:
+                self._gateway = self._gateway_factory()
+            return self._gateway
 
     # --- the cycle -----------------------------------------------------------------------------------------
 
-    def run_cycle(self, at: datetime | None = None) -> CycleReport:
-        """Recover what was left open, then charge every account the plan says to charge."""
+    def run_cycle(
+        self,
+        at: datetime | None = None,
+        *,
+        concurrency: int = 1,
+        stop: threading.Event | None = None,
+        plans_seen: Callable[[Sequence[AccountPlan]], object] | None = None,
+    ) -> CycleReport:
+        """Recover what was left open, then charge every account the plan says to charge, `concurrency` at
+        a time. Once `stop` is set no new account is claimed; charges already claimed are finished.
+
+        Several instances may run cycles at once against one PostgreSQL: each account is claimed under a
+        transaction-level advisory lock and re-decided under its row lock, so each due account is charged once,
+        by whichever instance gets to it first. Each instance walks the due accounts in its own random order."""
         at = at or self._clock.now()
         report = CycleReport(at)
         report.recovered = self.recover()
-        due = [p.account_id for p in plan_accounts(self._db, self._settings, at) if p.decision.action == "charge"]
-        for account_id in due:
-            recharge_id = self.claim_due(account_id, at)
-            if recharge_id is None:
-                report.not_claimed.append(account_id)
-                continue
-            report.charged.append(self.process(recharge_id))
+        plans = list(plan_accounts(self._db, self._settings, at))
+        report.accounts = len(plans)
+        for plan in plans:
+            self._observer.decided(plan)
+        if plans_seen is not None:
+            plans_seen(plans)
+        due = [p.account_id for p in plans if p.decision.action == "charge"]
+        random.shuffle(due)
+
+        def charge(account_id: str, wait_for_lock: bool) -> str | None:
+            """The account id again when another instance was claiming it at that moment."""
+            if stop is not None and stop.is_set():
+                report.left_for_next.append(account_id)
+                return None
+            try:
+                recharge_id = self.claim_due(account_id, at, wait_for_lock=wait_for_lock)
+                if recharge_id == _BUSY:
+                    return account_id
+                if recharge_id is None:
+                    report.not_claimed.append(account_id)
+                else:
+                    report.charged.append(self.process(recharge_id))
+            except Exception as exc:  # one account's trouble never stops the others' charges
+                log.exception("cycle.account_failed", account=account_id, error=str(exc))
+                report.errors[account_id] = str(exc)[:300]
+            return None
+
+        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="charge") as pool:
+            busy = [a for a in pool.map(lambda a: charge(a, False), due) if a is not None]
+            # Claimed by another instance a moment ago: decide again now, when its claim is visible.
+            list(pool.map(lambda a: charge(a, True), busy))
         return report
 
-    def recover(self) -> list[RechargeReport]:
-        """Finish every recharge left in an intermediate phase (at start-up and every few minutes)."""
+    def charge_now(self, account_id: str) -> RechargeReport | None:
+        """Charge one account at once if it is due (usage made its runway too short to wait for the cycle)."""
+        recharge_id = self.claim_due(account_id, self._clock.now(), wait_for_lock=True)
+        if recharge_id is None or recharge_id == _BUSY:
+            return None
+        return self.process(recharge_id)
+
+    def mark_due(self, account_ids: Iterable[str], next_cycle: datetime | None, margin: timedelta) -> list[str]:
+        """After usage was recorded: note when each account fell under its threshold (it is charged in the next
+        cycle), and return the ones whose balance will not last until that cycle plus `margin`, to charge now."""
+        at = self._clock.now()
+        ids = sorted(set(account_ids))
+        if not ids:
+            return []
+        urgent: list[str] = []
         with self._db.transaction() as session:
-            ids = open_recharge_ids(session, self._clock.now())
+            due = []
+            for plan in plans_in(session, self._settings, at, ids):
+                if plan.decision.action != "charge":
+                    continue
+                due.append(plan.account_id)
+                runway = plan.decision.runway_days
+                if next_cycle is not None and runway is not None:
+                    days_to_wait = ((next_cycle - at) + margin) / timedelta(days=1)
+                    if runway < Decimal(str(days_to_wait)):
+                        urgent.append(plan.account_id)
+            if due:
+                mark_due(session, due, at)
+        return urgent
+
+    def recover(self, *, idle_for: timedelta | None = None) -> list[RechargeReport]:
+        """Finish every recharge left in an intermediate phase (at start-up and every few minutes); with
+        `idle_for`, only those untouched for that long (the completer leaves a running cycle's work alone)."""
+        now = self._clock.now()
+        with self._db.transaction() as session:
+            ids = open_recharge_ids(session, now, idle_since=None if idle_for is None else now - idle_for)
         return [self.process(recharge_id) for recharge_id in ids]
 
     def topup(self, account_id: str, amount: Units, actor: str) -> RechargeReport:
@@ -136,10 +264,13 @@ class RechargeService:
 
     # --- phases --------------------------------------------------------------------------------------------
 
-    def claim_due(self, account_id: str, at: datetime) -> int | None:
+    def claim_due(self, account_id: str, at: datetime, *, wait_for_lock: bool = True) -> int | None:
         """Claim an automatic recharge if the account is still due, decided afresh under its lock: a plan made
-        moments ago may be stale (another worker may have charged it since). None when not due any more."""
+        moments ago may be stale (another worker may have charged it since). None when not due any more;
+        `_BUSY` when `wait_for_lock` is false and another worker is claiming the account right now."""
         with self._db.transaction() as session:
+            if not try_claim_lock(session, account_id, wait=wait_for_lock):
+                return _BUSY
             account = lock_account(session, account_id)
             if account is None:
                 return None
@@ -353,9 +484,11 @@ class RechargeService:
                 account=recharge.account_id,
                 amount=format_ledger(recharge.total),
                 currency=recharge.currency,
+                card=card,
                 outcome=status,
                 decline=None if result is None else result.decline_code or result.code,
             )
+            self._observer.attempted(status, None if result is None else result.decline_class)
             return recharge.phase
 
     def _credit(self, recharge_id: int) -> str:
@@ -370,6 +503,7 @@ class RechargeService:
             post_entry(session, recharge.account_id, entry_type, recharge.payment_intent, recharge.amount, now)
             account = session.get(Account, recharge.account_id)
             assert account is not None
+            account.due_since = None
             if account.recharge_state == "backing_off":
                 account.recharge_state, account.failed_cycles, account.retry_at, account.state_reason = (
                     "ok",
@@ -378,7 +512,9 @@ class RechargeService:
                     None,
                 )
             recharge.phase, recharge.updated_at = "credited", now
+            kind, amount, currency = recharge.kind, recharge.amount, recharge.currency
         crashpoint("after_credit")
+        self._observer.credited(kind, amount, currency)
         return "credited"
 
     def _finish(self, recharge_id: int) -> str:

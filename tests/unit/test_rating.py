@@ -8,7 +8,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from recharged.rating import CountRate, Rated, TimeRate, billable_seconds, rate_count, rate_event, rate_time
+from recharged.money import parse_amount
+from recharged.rating import (
+    CountRate,
+    Rated,
+    TimeRate,
+    billable_seconds,
+    longest_call,
+    rate_count,
+    rate_event,
+    rate_time,
+)
 
 PER_MINUTE = TimeRate(price_per_minute=1_000)  # 0.01 per minute, billed per started minute
 PER_SECOND = TimeRate(price_per_minute=6_000, increment_seconds=1)  # 0.06 per minute, billed per second
@@ -158,3 +168,40 @@ def test_cost_matches_decimal_formula(duration: int, rate: TimeRate) -> None:
     exact = Decimal(rate.price_per_minute) * billed / 60
     expected = rate.connect_fee + int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP))
     assert rate_time(duration, rate) == Rated(billed, expected)
+
+
+def test_longest_call_is_the_longest_duration_the_balance_covers():
+    rate = TimeRate(price_per_minute=parse_amount("0.02"), increment_seconds=60)
+    # $0.05 buys two whole minutes at 2 cents; a 121-second call bills three.
+    assert longest_call(parse_amount("0.05"), rate) == 120
+    assert rate_time(120, rate).cost <= parse_amount("0.05") < rate_time(121, rate).cost
+
+
+def test_longest_call_counts_the_connect_fee_and_minimum():
+    rate = TimeRate(
+        price_per_minute=parse_amount("0.06"),
+        increment_seconds=6,
+        minimum_seconds=30,
+        connect_fee=parse_amount("0.01"),
+    )
+    assert longest_call(parse_amount("0.0099"), rate) == 0  # not even the connect fee
+    assert longest_call(parse_amount("0.04"), rate) == 30  # 0.01 + 30 s at 0.001/s
+    assert longest_call(parse_amount("0.0459"), rate) == 30
+    assert longest_call(parse_amount("0.046"), rate) == 36
+
+
+def test_longest_call_is_zero_without_balance_and_capped_for_a_free_rate():
+    rate = TimeRate(price_per_minute=parse_amount("0.02"))
+    assert longest_call(0, rate) == 0
+    assert longest_call(-5, rate) == 0
+    assert longest_call(parse_amount("1"), TimeRate(price_per_minute=0), limit_seconds=3600) == 3600
+
+
+@given(st.integers(min_value=0, max_value=10**9), st.sampled_from([1, 6, 30, 60]), st.integers(0, 120))
+def test_longest_call_never_disagrees_with_the_rater(balance, increment, minimum):
+    rate = TimeRate(price_per_minute=1234, increment_seconds=increment, minimum_seconds=minimum, connect_fee=7)
+    seconds = longest_call(balance, rate, limit_seconds=10**6)
+    if seconds < 10**6:
+        assert rate_time(seconds + 1, rate).cost > balance
+    if seconds:
+        assert rate_time(seconds, rate).cost <= balance

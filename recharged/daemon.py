@@ -1,0 +1,422 @@
+"""`recharged run`: the long-running service. It wires the scheduler, the HTTP server, systemd notification and
+signals around the services, and owns the process's lifecycle:
+
+- start: validate config and secrets, check the schema, refuse a second instance on SQLite, finish whatever a
+  previous process left half-way, start the scheduler and the HTTP server, then READY=1;
+- SIGHUP: re-read and validate config.toml, swap it in atomically; on error keep the old one and log why;
+- SIGTERM / SIGINT: stop taking work (HTTP and new claims), let charges in flight finish within
+  `daemon.shutdown_timeout_seconds`, exit 0. Whatever is still open is completed on the next start.
+
+Signals are taken by the main thread alone with `sigwait` (every other thread has them blocked), so uvicorn,
+APScheduler and the charge workers never see them; uvicorn runs in its own thread and is told to exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+import uvicorn
+from sqlalchemy.engine import make_url
+
+from recharged import __version__, sdnotify
+from recharged.clock import Clock
+from recharged.config import Settings, load_settings
+from recharged.db import Database, last_job_run, masked_url
+from recharged.errors import ConfigError, RechargedError
+from recharged.health import Health, LastCall
+from recharged.http import create_app
+from recharged.jobs import JobRecorder, close_interrupted_runs, instance_name
+from recharged.logs import configure
+from recharged.metrics import Metrics
+from recharged.payments import PaymentGateway
+from recharged.runtime import Runtime, build_runtime
+from recharged.scheduler import Scheduler, job_specs
+
+log = structlog.get_logger("recharged.daemon")
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Settings a reload cannot change in a running process: they need a restart.
+RESTART_ONLY = (("database", "url"), ("http", "enabled"), ("http", "host"), ("http", "port"))
+
+
+class InstanceError(RechargedError):
+    """Another daemon already works on this SQLite database."""
+
+    exit_code = 75  # EX_TEMPFAIL
+
+
+@contextlib.contextmanager
+def single_instance(url: str) -> Iterator[None]:
+    """On SQLite only one daemon may run: hold an exclusive lock on `<database>.daemon.lock` while running.
+    The kernel releases it when the process dies, even by kill -9. PostgreSQL allows several instances."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        yield
+        return
+    path = Path(f"{parsed.database}.daemon.lock")
+    handle: IO[str] = path.open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise InstanceError(
+                f"another recharged daemon ({holder}) is running on {masked_url(url)}; SQLite allows one "
+                "instance: stop it first, or use PostgreSQL to run several"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+@dataclass
+class _Work:
+    """Counts work in flight (jobs, urgent charges) so shutdown can wait for it."""
+
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._changed:
+            self.count += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.count -= 1
+                self._changed.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self.count == 0, timeout)
+
+
+class Daemon:
+    """One running instance. `gateway` replaces Stripe (tests); `clock` is the daemon's notion of now."""
+
+    def __init__(
+        self,
+        config_path: Path | None,
+        settings: Settings,
+        clock: Clock,
+        gateway: Callable[[Settings], PaymentGateway] | None = None,
+    ) -> None:
+        self._config_path = config_path
+        self._clock = clock
+        self._gateway = gateway
+        self.instance = instance_name()
+        self.metrics = Metrics()
+        self._processor = LastCall(clock)
+        self._stop = threading.Event()
+        self._work = _Work()
+        self._settings = settings
+        daemon = settings.daemon
+        self.db = Database(settings.database.url, connections=daemon.charge_concurrency + 24)
+        self._runtime: Runtime | None = None
+        self._scheduler = Scheduler(on_missed=lambda job: self.metrics.jobs_missed.labels(job).inc())
+        self._urgent = ThreadPoolExecutor(max_workers=4, thread_name_prefix="urgent")
+        self._urgent_pending: set[str] = set()
+        self._urgent_lock = threading.Lock()
+        self._jobs = JobRecorder(self.db, clock, self.metrics, self.instance)
+        self._server: uvicorn.Server | None = None
+        self._server_thread: threading.Thread | None = None
+        self._last_status = "starting"
+        self.health = Health(
+            db=self.db,
+            clock=clock,
+            started_at=clock.now(),
+            cycle_interval=lambda: timedelta(hours=self.runtime().settings.daemon.cycle_interval_hours),
+            cycle_grace=lambda: timedelta(
+                seconds=self.runtime().settings.daemon.misfire_grace_seconds
+                + self.runtime().settings.daemon.cycle_jitter_seconds
+            ),
+            scheduler_running=lambda: self._scheduler.running,
+            next_cycle=self.next_cycle,
+            processor=self._processor,
+            mail=None,
+            service_id=self.instance,
+            version=__version__,
+        )
+
+    # --- what the HTTP API asks ------------------------------------------------------------------------------
+
+    def runtime(self) -> Runtime:
+        assert self._runtime is not None, "the daemon has not started"
+        return self._runtime
+
+    def alive(self) -> tuple[bool, str]:
+        if self._stop.is_set():
+            return True, "stopping"
+        return (True, "running") if self._scheduler.running else (False, "the scheduler is not running")
+
+    def ready(self) -> tuple[bool, str]:
+        if self._stop.is_set():
+            return False, "stopping"
+        try:
+            self.db.require_current()
+        except RechargedError as exc:
+            return False, str(exc)
+        return True, "ready"
+
+    def next_cycle(self) -> datetime | None:
+        return self._scheduler.next_run("cycle")
+
+    def usage_recorded(self, account_ids: set[str]) -> None:
+        """Mark accounts that fell under their threshold as due; charge at once those whose balance will not
+        last until the next cycle (plus the margin). Runs after the usage was committed, off the request."""
+        if self._stop.is_set():
+            return
+        with self._urgent_lock:
+            fresh = account_ids - self._urgent_pending
+            self._urgent_pending |= fresh
+        if fresh:
+            self._urgent.submit(self._after_usage, fresh)
+
+    def _after_usage(self, account_ids: set[str]) -> None:
+        with self._work.held():
+            try:
+                runtime = self.runtime()
+                margin = timedelta(hours=runtime.settings.daemon.urgent_margin_hours)
+                for account_id in runtime.recharges.mark_due(account_ids, self.next_cycle(), margin):
+                    if self._stop.is_set():
+                        return
+                    report = runtime.recharges.charge_now(account_id)
+                    if report is not None:
+                        self.metrics.urgent_charges.inc()
+                        log.info("charge.urgent", account=account_id, phase=report.phase, amount=report.total)
+            except Exception as exc:  # the next cycle charges them anyway
+                log.exception("usage.after_failed", error=str(exc))
+            finally:
+                with self._urgent_lock:
+                    self._urgent_pending -= account_ids
+
+    # --- jobs -------------------------------------------------------------------------------------------------
+
+    def _cycle(self) -> None:
+        if self._stop.is_set():
+            return
+        with self._work.held():
+            started = time.perf_counter()
+            runtime = self.runtime()
+
+            def body() -> Mapping[str, Any]:
+                report = runtime.recharges.run_cycle(
+                    concurrency=runtime.settings.daemon.charge_concurrency, stop=self._stop
+                )
+                return report.summary()
+
+            try:
+                summary = self._jobs.run("cycle", body)
+            except Exception:
+                self.metrics.cycles.labels("failed").inc()
+                self._status("last cycle failed; see the log")
+                return
+            self.metrics.cycles.labels("succeeded").inc()
+            self.metrics.cycle_duration.observe(time.perf_counter() - started)
+            self.metrics.last_success.set(self._clock.now().timestamp())
+            self._status(
+                f"last cycle {self._clock.now():%Y-%m-%d %H:%M} UTC: {summary['charged']} charged, "
+                f"{summary['failed']} failed, {summary['errors']} errors; next {self._next_text()}"
+            )
+
+    def _complete(self) -> None:
+        if self._stop.is_set():
+            return
+        with self._work.held():
+            runtime = self.runtime()
+            idle = timedelta(seconds=runtime.settings.daemon.completer_interval_seconds)
+
+            def body() -> Mapping[str, Any]:
+                reports = runtime.recharges.recover(idle_for=idle)
+                return {"completed": len(reports), "phases": sorted({r.phase for r in reports})}
+
+            with contextlib.suppress(Exception):
+                self._jobs.run("completer", body, record=False)
+
+    def _maintain(self) -> None:
+        """SQLite keeps no statistics unless asked; the plan's queries need them (PRAGMA optimize is cheap)."""
+        if self.db.dialect != "sqlite" or self._stop.is_set():
+            return
+
+        def body() -> Mapping[str, Any]:
+            with self.db.engine.connect() as connection:
+                connection.exec_driver_sql("PRAGMA optimize")
+            return {"sqlite": "optimized"}
+
+        with self._work.held(), contextlib.suppress(Exception):
+            self._jobs.run("maintenance", body, record=False)
+
+    def _jobs_table(self) -> dict[str, Callable[[], object]]:
+        return {"cycle": self._cycle, "completer": self._complete, "maintenance": self._maintain}
+
+    # --- lifecycle --------------------------------------------------------------------------------------------
+
+    def _status(self, text: str) -> None:
+        self._last_status = text
+        sdnotify.status(text)
+
+    def _next_text(self) -> str:
+        upcoming = self.next_cycle()
+        return "not scheduled" if upcoming is None else f"{upcoming:%Y-%m-%d %H:%M} UTC"
+
+    def _specs(self, settings: Settings) -> Any:
+        with self.db.transaction() as session:
+            last = last_job_run(session, "cycle", "succeeded")
+        return job_specs(settings.daemon, self._clock.now(), None if last is None else last.finished_at)
+
+    def _bind(self, settings: Settings) -> socket.socket:
+        host, port = settings.http.host, settings.http.port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            return socket.create_server((host, port), family=family, backlog=512, reuse_port=False)
+        except OSError as exc:
+            raise ConfigError(f"http: cannot listen on {host}:{port}: {exc.strerror}") from None
+
+    def _start_http(self, settings: Settings) -> None:
+        listener = self._bind(settings)
+        address = listener.getsockname()
+        config = uvicorn.Config(
+            create_app(self),
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=int(settings.daemon.shutdown_timeout_seconds),
+            limit_concurrency=1000,
+            server_header=False,
+        )
+        self._server = uvicorn.Server(config)
+        server = self._server
+        self._server_thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="http")
+        self._server_thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not self._server_thread.is_alive() or time.monotonic() > deadline:
+                raise ConfigError(f"http: the server did not start on {address[0]}:{address[1]}")
+            time.sleep(0.01)
+        log.info("http.listening", address=f"http://{address[0]}:{address[1]}")
+
+    def prepare(self) -> Runtime:
+        """Check the schema and build the runtime (the processor key and API tokens are read here)."""
+        self.db.require_current()
+        self._runtime = build_runtime(
+            self._settings, self.db, self._clock, self.metrics, self._processor, self._gateway
+        )
+        if not self._runtime.api_tokens:
+            log.warning("http.no_tokens", hint="set RECHARGED_API_TOKENS: /v1/ answers 503 until then")
+        return self._runtime
+
+    def run(self) -> int:
+        """Run until SIGTERM or SIGINT; returns the exit status."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # every thread started from here on inherits this
+        settings = self._settings
+        with single_instance(self.db.url):
+            self.prepare()
+            closed = close_interrupted_runs(self.db, self._clock)
+            self._scheduler.start(self._jobs_table(), self._specs(settings))
+            if settings.http.enabled:
+                try:
+                    self._start_http(settings)
+                except RechargedError:
+                    self._scheduler.shutdown()
+                    raise
+            log.info(
+                "daemon.started",
+                instance=self.instance,
+                version=__version__,
+                database=masked_url(self.db.url),
+                interrupted_runs=closed,
+                next_cycle=str(self.next_cycle()),
+            )
+            sdnotify.ready(f"running; next cycle {self._next_text()}")
+            watchdog = sdnotify.Watchdog.from_environment(lambda: self.alive()[0])
+            if watchdog is not None:
+                watchdog.start()
+            try:
+                while True:
+                    received = signal.sigwait(SIGNALS)
+                    if received == signal.SIGHUP:
+                        self.reload()
+                        continue
+                    log.info("daemon.stopping", signal=signal.Signals(received).name)
+                    break
+            finally:
+                if watchdog is not None:
+                    watchdog.stop()
+                clean = self.stop()
+            log.info("daemon.stopped", clean=clean)
+        return 0
+
+    def stop(self) -> bool:
+        """Stop taking work, wait for work in flight (bounded), stop the threads. True when nothing was cut."""
+        sdnotify.stopping("stopping: finishing charges in flight")
+        self._stop.set()
+        if self._server is not None:
+            self._server.should_exit = True
+        self._scheduler.pause()
+        timeout = self.runtime().settings.daemon.shutdown_timeout_seconds if self._runtime else 10.0
+        clean = self._work.wait_idle(timeout)
+        if not clean:
+            log.warning(
+                "daemon.stop_timeout",
+                seconds=timeout,
+                hint="charges still in flight are completed by the next start (recover)",
+            )
+        self._scheduler.shutdown()
+        self._urgent.shutdown(wait=False, cancel_futures=True)
+        if self._server_thread is not None:
+            self._server_thread.join(timeout=max(1.0, timeout))
+        self.db.close()
+        return clean
+
+    def reload(self) -> bool:
+        """SIGHUP: validate the file again and swap it in whole, or keep the running configuration."""
+        sdnotify.reloading("reloading configuration")
+        try:
+            fresh = load_settings(self._config_path)
+            changed = [".".join(key) for key in RESTART_ONLY if _get(fresh, key) != _get(self._settings, key)]
+            if changed:
+                raise ConfigError(f"{', '.join(changed)} cannot change while running; restart the service instead")
+            runtime = build_runtime(fresh, self.db, self._clock, self.metrics, self._processor, self._gateway)
+        except RechargedError as exc:
+            log.error("config.reload_refused", error=str(exc), kept="the running configuration")
+            sdnotify.ready(f"reload refused, running with the previous configuration: {exc}"[:200])
+            return False
+        old = self._settings
+        self._settings, self._runtime = fresh, runtime  # one assignment each; readers take `runtime()` once
+        configure(fresh.logging)
+        if fresh.daemon != old.daemon:
+            self._scheduler.reschedule(self._specs(fresh), ("cycle", "completer"))
+        log.info("config.reloaded", path=str(self._config_path), next_cycle=str(self.next_cycle()))
+        sdnotify.ready(f"configuration reloaded; {self._last_status}"[:200])
+        return True
+
+
+def _get(settings: Settings, key: tuple[str, str]) -> object:
+    return getattr(getattr(settings, key[0]), key[1])
+
+
+def run_daemon(config_path: Path | None, clock: Clock) -> int:
+    """The `run` command: load and check everything, then run until stopped."""
+    settings = load_settings(config_path)
+    configure(settings.logging)
+    return Daemon(config_path, settings, clock).run()

@@ -1,0 +1,155 @@
+"""/healthz in the `application/health+json` format (draft-inadarei-api-health-check): status pass, warn or
+fail, and a `checks` object. Each check sits beside what it checks; none calls the payment processor or the
+mail server: their last real call's outcome is remembered and shown instead.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import text
+
+from recharged.clock import Clock
+from recharged.db import Database, last_job_run
+
+Status = Literal["pass", "warn", "fail"]
+CONTENT_TYPE = "application/health+json"
+_ORDER: dict[Status, int] = {"pass": 0, "warn": 1, "fail": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class CallOutcome:
+    at: datetime
+    call: str
+    error: str | None
+
+
+class LastCall:
+    """The outcome of the last call to an outside service, recorded by whoever made it."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.last: CallOutcome | None = None
+
+    def record(self, call: str, error: str | None) -> None:
+        with self._lock:
+            self.last = CallOutcome(self._clock.now(), call, error)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat().replace("+00:00", "Z")
+
+
+def worst(statuses: list[Status]) -> Status:
+    return max(statuses, key=_ORDER.__getitem__, default="pass")
+
+
+@dataclass
+class Health:
+    """Everything /healthz reads. `next_cycle` and `scheduler_running` come from the scheduler; `mail` from the
+    outbox (None until there is one)."""
+
+    db: Database
+    clock: Clock
+    started_at: datetime
+    cycle_interval: Callable[[], timedelta]
+    cycle_grace: Callable[[], timedelta]
+    scheduler_running: Callable[[], bool]
+    next_cycle: Callable[[], datetime | None]
+    processor: LastCall
+    mail: Callable[[], Mapping[str, Any] | None] | None = None
+    service_id: str = ""
+    version: str = ""
+
+    def ping_database(self) -> tuple[Status, float, str | None]:
+        started = time.perf_counter()
+        try:
+            with self.db.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        except Exception as exc:
+            return "fail", (time.perf_counter() - started) * 1000, f"{type(exc).__name__}: {exc}"[:300]
+        return "pass", (time.perf_counter() - started) * 1000, None
+
+    def report(self) -> dict[str, Any]:
+        now = self.clock.now()
+        checks: dict[str, list[dict[str, Any]]] = {}
+
+        db_status, elapsed_ms, db_error = self.ping_database()
+        checks["database:responseTime"] = [
+            {
+                "componentType": "datastore",
+                "observedValue": round(elapsed_ms, 2),
+                "observedUnit": "ms",
+                "status": db_status,
+                "time": _iso(now),
+                **({"output": db_error} if db_error else {}),
+            }
+        ]
+
+        running = self.scheduler_running()
+        checks["scheduler:running"] = [
+            {
+                "componentType": "component",
+                "observedValue": running,
+                "status": "pass" if running else "fail",
+                "time": _iso(now),
+                "output": f"next cycle at {_iso(self.next_cycle())}" if running else "the scheduler is not running",
+            }
+        ]
+
+        # Age of the last successful cycle, whichever instance ran it; before the first one, the time since start.
+        last = None
+        if db_status == "pass":
+            with self.db.transaction() as session:
+                run = last_job_run(session, "cycle", "succeeded")
+                last = None if run is None else run.finished_at
+        since = last or self.started_at
+        age = (now - since).total_seconds()
+        allowed = self.cycle_interval() + self.cycle_grace()
+        age_status: Status = "pass"
+        if age > 2 * allowed.total_seconds():
+            age_status = "fail"
+        elif age > allowed.total_seconds():
+            age_status = "warn"
+        checks["cycle:age"] = [
+            {
+                "componentType": "component",
+                "observedValue": round(age, 1),
+                "observedUnit": "s",
+                "status": age_status if db_status == "pass" else "warn",
+                "time": _iso(last),
+                "output": "no successful cycle yet since start" if last is None else "last successful cycle",
+            }
+        ]
+
+        call = self.processor.last
+        checks["payments:lastCall"] = [
+            {
+                "componentType": "system",
+                "status": "pass" if call is None or call.error is None else "warn",
+                "time": _iso(None if call is None else call.at),
+                "output": "no call yet"
+                if call is None
+                else (f"{call.call} ok" if call.error is None else f"{call.call} failed: {call.error}"[:300]),
+            }
+        ]
+
+        mail = self.mail() if self.mail is not None else None
+        if mail is not None:
+            checks["smtp:lastDelivery"] = [dict(mail)]
+
+        statuses: list[Status] = [entry["status"] for entries in checks.values() for entry in entries]
+        return {
+            "status": worst(statuses),
+            "version": "1",
+            "releaseId": self.version,
+            "serviceId": self.service_id,
+            "description": "recharged: prepaid balances and automatic recharges",
+            "checks": checks,
+        }

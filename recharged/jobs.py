@@ -1,0 +1,82 @@
+"""The daemon's scheduled work: each job is recorded in `job_runs` (so any instance, `recharged status` and
+/healthz see the last and next cycle), counted in metrics and logged as one canonical line. The work itself
+lives in the services (`recharge.py`, ...); this module only runs it and keeps the record.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+
+from recharged.clock import Clock
+from recharged.db import Database, finish_job_run, running_job_runs, start_job_run
+from recharged.metrics import Metrics
+
+log = structlog.get_logger("recharged.jobs")
+
+
+def instance_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"[:120]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_interrupted_runs(db: Database, clock: Clock) -> int:
+    """Job runs this host started in a process that is gone (kill -9, power loss) are marked interrupted."""
+    host = socket.gethostname()
+    closed = 0
+    with db.transaction() as session:
+        for run in running_job_runs(session):
+            name, _, pid = run.instance.rpartition(":")
+            if name == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                finish_job_run(session, run.id, "interrupted", clock.now(), run.summary, "the process ended mid-run")
+                closed += 1
+    return closed
+
+
+class JobRecorder:
+    """Runs a job body, records its run, counts it, and never lets an error escape into the scheduler
+    unlogged."""
+
+    def __init__(self, db: Database, clock: Clock, metrics: Metrics, instance: str) -> None:
+        self._db, self._clock, self._metrics, self._instance = db, clock, metrics, instance
+
+    def run(self, job: str, body: Callable[[], Mapping[str, Any]], *, record: bool = True) -> Mapping[str, Any]:
+        started = time.perf_counter()
+        run_id = None
+        if record:
+            with self._db.transaction() as session:
+                run_id = start_job_run(session, job, self._instance, self._clock.now())
+        try:
+            summary = body()
+        except Exception as exc:
+            self._metrics.job_runs.labels(job, "failed").inc()
+            log.exception("job.failed", job=job, error=str(exc), seconds=round(time.perf_counter() - started, 3))
+            if run_id is not None:
+                try:
+                    with self._db.transaction() as session:
+                        finish_job_run(session, run_id, "failed", self._clock.now(), None, str(exc)[:500])
+                except Exception:  # the database itself may be what failed
+                    log.exception("job.record_failed", job=job)
+            raise
+        seconds = time.perf_counter() - started
+        if run_id is not None:
+            with self._db.transaction() as session:
+                finish_job_run(session, run_id, "succeeded", self._clock.now(), summary, None)
+        self._metrics.job_runs.labels(job, "succeeded").inc()
+        # Recorded jobs (the cycle) always log their canonical line; the frequent ones only at debug level.
+        (log.info if record else log.debug)(f"{job}.finished", job=job, seconds=round(seconds, 3), **summary)
+        return summary

@@ -1,0 +1,96 @@
+"""Prometheus metrics of one daemon: `recharged_` prefix, base units (seconds, currency units), `_total` counters.
+
+Each daemon builds its own registry (no global state), so tests can run several side by side. `Metrics` is
+also the charge flow's `Observer`: it hears decisions, attempts and credits as they happen.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from recharged.money import PLACES, Units
+from recharged.planning import AccountPlan
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.cycles = Counter("recharged_cycles", "Recharge cycles run, by outcome", ["outcome"], registry=r)
+        self.cycle_duration = Histogram(
+            "recharged_cycle_duration_seconds",
+            "How long a recharge cycle took",
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600),
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "recharged_last_successful_cycle_timestamp_seconds",
+            "When the last recharge cycle of this instance finished without error (Unix time)",
+            registry=r,
+        )
+        self.decisions = Counter(
+            "recharged_decisions",
+            "Recharge decisions taken in cycles, by action and reason",
+            ["action", "reason"],
+            registry=r,
+        )
+        self.charges = Counter(
+            "recharged_charges",
+            "Charge attempts sent to the payment processor, by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.declines = Counter(
+            "recharged_declines", "Declined charge attempts by class (hard, soft)", ["decline_class"], registry=r
+        )
+        self.charged_amount = Counter(
+            "recharged_credited_amount",
+            "Amounts credited to balances after successful charges, in currency units (net of VAT)",
+            ["currency", "kind"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "recharged_payment_retries", "Inline retries of transient payment-processor failures", ["call"], registry=r
+        )
+        self.processor_errors = Counter(
+            "recharged_payment_errors", "Processor calls that failed after their retries", ["call"], registry=r
+        )
+        self.usage_events = Counter(
+            "recharged_usage_events", "Usage events received over the API, by outcome", ["outcome"], registry=r
+        )
+        self.job_runs = Counter(
+            "recharged_job_runs", "Scheduled job runs by job and outcome", ["job", "outcome"], registry=r
+        )
+        self.jobs_missed = Counter(
+            "recharged_jobs_missed",
+            "Scheduled runs that could not start within their grace time",
+            ["job"],
+            registry=r,
+        )
+        self.webhooks = Counter("recharged_webhooks", "Stripe webhook deliveries by outcome", ["outcome"], registry=r)
+        self.urgent_charges = Counter(
+            "recharged_urgent_charges",
+            "Accounts charged between cycles because their runway was too short",
+            registry=r,
+        )
+
+    # --- the charge flow's Observer ------------------------------------------------------------------------
+
+    def decided(self, plan: AccountPlan) -> None:
+        self.decisions.labels(plan.decision.action, plan.decision.reason).inc()
+
+    def attempted(self, status: str, decline_class: str | None) -> None:
+        self.charges.labels(status).inc()
+        if status == "declined":
+            self.declines.labels(decline_class or "unknown").inc()
+
+    def credited(self, kind: str, amount: Units, currency: str) -> None:
+        self.charged_amount.labels(currency, kind).inc(float(Decimal(amount).scaleb(-PLACES)))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

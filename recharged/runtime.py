@@ -1,0 +1,97 @@
+"""What the daemon's jobs and HTTP handlers work with, built from one validated configuration.
+
+A reload (SIGHUP) builds a new `Runtime` and swaps the daemon's reference to it in one assignment: work that
+started with the old settings finishes with them, new work sees the new ones, and nothing sees a mix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from recharged import secrets
+from recharged.clock import Clock
+from recharged.config import Settings
+from recharged.db import Database
+from recharged.errors import ConfigError
+from recharged.health import LastCall
+from recharged.metrics import Metrics
+from recharged.payments import PaymentGateway, RateLimiter, StripeGateway
+from recharged.recharge import RechargeService
+from recharged.usage import UsageRecorder
+from recharged.webhooks import WebhookHandler
+
+
+@dataclass(frozen=True)
+class Runtime:
+    settings: Settings
+    recharges: RechargeService
+    usage: UsageRecorder
+    webhooks: WebhookHandler
+    api_tokens: tuple[str, ...]
+    webhook_secret: str | None
+
+
+def api_tokens() -> tuple[str, ...]:
+    """Bearer tokens for /v1/: RECHARGED_API_TOKENS or the credential api_tokens, comma- or line-separated."""
+    secret = secrets.read_secret("api_tokens")
+    if secret is None:
+        return ()
+    tokens = tuple(t.strip() for t in secret.value.replace("\n", ",").split(",") if t.strip())
+    short = [t for t in tokens if len(t) < 16]
+    if short:
+        raise ConfigError(f"api_tokens ({secret.source}): every token must have at least 16 characters")
+    return tokens
+
+
+def stripe_gateway(settings: Settings, processor: LastCall | None, metrics: Metrics | None) -> PaymentGateway:
+    """The Stripe gateway; the key comes only from the environment or systemd credentials."""
+    key = secrets.read_secret("stripe_api_key")
+    if key is None:
+        raise ConfigError("no Stripe API key: set RECHARGED_STRIPE_API_KEY or the systemd credential stripe_api_key")
+    payments = settings.payments
+
+    def on_call(call: str, error: str | None) -> None:
+        if processor is not None:
+            processor.record(call, error)
+        if metrics is not None and error is not None:
+            metrics.processor_errors.labels(call).inc()
+
+    def on_retry(call: str) -> None:
+        if metrics is not None:
+            metrics.retries.labels(call).inc()
+
+    return StripeGateway(
+        key.value,
+        api_base=payments.stripe_api_base,
+        timeout_seconds=payments.timeout_seconds,
+        max_retries=payments.max_retries,
+        retry_initial_seconds=payments.retry_initial_seconds,
+        retry_max_seconds=payments.retry_max_seconds,
+        rate_limiter=RateLimiter(payments.max_requests_per_second),
+        on_call=on_call,
+        on_retry=on_retry,
+    )
+
+
+def build_runtime(
+    settings: Settings,
+    db: Database,
+    clock: Clock,
+    metrics: Metrics,
+    processor: LastCall,
+    gateway: Callable[[Settings], PaymentGateway] | None = None,
+) -> Runtime:
+    """Everything that depends on the configuration, checked before it is used (a missing key fails here)."""
+    make_gateway = gateway or (lambda s: stripe_gateway(s, processor, metrics))
+    the_gateway = make_gateway(settings)
+    recharges = RechargeService(db, settings, lambda: the_gateway, clock, observer=metrics)
+    webhook_secret = secrets.read_secret("stripe_webhook_secret")
+    return Runtime(
+        settings=settings,
+        recharges=recharges,
+        usage=UsageRecorder(db, settings, clock),
+        webhooks=WebhookHandler(db, recharges, clock),
+        api_tokens=api_tokens(),
+        webhook_secret=None if webhook_secret is None else webhook_secret.value,
+    )

@@ -1,0 +1,110 @@
+"""Stripe webhooks: verify the signature on the raw body, handle each event id once, and finish the recharge
+the event is about through the same path as the completer.
+
+The event's contents are never trusted for the outcome: events arrive late, twice or out of order. The
+PaymentIntent is fetched again from the processor, and `RechargeService.process` (which re-reads the processor
+under the recharge's lock and lease) decides what happens to the recharge.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import stripe
+import structlog
+
+from recharged.clock import Clock
+from recharged.db import Database, recharge_of_payment, record_webhook_event, webhook_event_seen
+from recharged.errors import InputError
+from recharged.recharge import RechargeService
+
+log = structlog.get_logger("recharged.webhooks")
+PAYMENT_INTENT_EVENTS = frozenset(
+    {
+        "payment_intent.succeeded",
+        "payment_intent.payment_failed",
+        "payment_intent.processing",
+        "payment_intent.requires_action",
+        "payment_intent.canceled",
+    }
+)
+
+
+class SignatureError(InputError):
+    """The body is not signed with our endpoint secret, or was signed too long ago."""
+
+
+def verified_event(payload: bytes, header: str | None, secret: str, tolerance_seconds: int) -> dict[str, Any]:
+    """The event in a webhook body, after checking its `Stripe-Signature` header with Stripe's own code
+    (HMAC-SHA256 of "timestamp.body", constant-time comparison, timestamp within the tolerance)."""
+    if not header:
+        raise SignatureError("the Stripe-Signature header is missing")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SignatureError("the body is not UTF-8") from None
+    try:
+        stripe.WebhookSignature.verify_header(text, header, secret, tolerance_seconds)
+    except stripe.SignatureVerificationError as exc:
+        raise SignatureError(f"signature check failed: {exc.user_message or exc}") from None
+    try:
+        event = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"the body is not JSON: {exc}") from None
+    if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not isinstance(event.get("type"), str):
+        raise InputError("the body is not a Stripe event (it needs an id and a type)")
+    return event
+
+
+@dataclass(frozen=True, slots=True)
+class Handled:
+    event_id: str
+    outcome: str  # duplicate | ignored | not_ours | the recharge's phase after processing
+    recharge_id: int | None = None
+
+
+class WebhookHandler:
+    def __init__(self, db: Database, recharges: RechargeService, clock: Clock) -> None:
+        self._db, self._recharges, self._clock = db, recharges, clock
+
+    def handle(self, event: dict[str, Any]) -> Handled:
+        """Act on one verified event. Recorded as handled only after it was acted on, so a delivery that fails
+        half-way is acted on again when Stripe redelivers it."""
+        event_id, event_type = event["id"], event["type"]
+        with self._db.transaction() as session:
+            if webhook_event_seen(session, event_id):
+                return Handled(event_id, "duplicate")
+        obj = (event.get("data") or {}).get("object") or {}
+        intent_id = obj.get("id") if isinstance(obj, dict) else None
+        if event_type not in PAYMENT_INTENT_EVENTS or not isinstance(intent_id, str):
+            self._remember(event_id, event_type, None, "ignored")
+            return Handled(event_id, "ignored")
+        metadata = obj.get("metadata")
+        hint = metadata.get("recharged_recharge") if isinstance(metadata, dict) else None
+        # Fetch it again: the processor's current state, not what the event said at the time it was sent.
+        current = self._recharges.gateway.retrieve(intent_id)
+        with self._db.transaction() as session:
+            recharge_id = recharge_of_payment(session, intent_id, hint if isinstance(hint, str) else None)
+        if recharge_id is None:
+            self._remember(event_id, event_type, intent_id, "not_ours")
+            return Handled(event_id, "not_ours")
+        report = self._recharges.process(recharge_id)
+        outcome = f"recharge {recharge_id} {report.phase} (payment {current.outcome})"
+        log.info("webhook.handled", event=event_id, type=event_type, payment_intent=intent_id, outcome=outcome)
+        self._remember(event_id, event_type, intent_id, outcome)
+        return Handled(event_id, report.phase, recharge_id)
+
+    def _remember(self, event_id: str, event_type: str, intent_id: str | None, outcome: str) -> None:
+        with self._db.transaction() as session:
+            record_webhook_event(
+                session,
+                {
+                    "id": event_id,
+                    "type": event_type[:80],
+                    "payment_intent": intent_id,
+                    "received_at": self._clock.now(),
+                    "outcome": outcome[:200],
+                },
+            )
