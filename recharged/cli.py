@@ -25,12 +25,13 @@ from recharged import sources as sources_service
 from recharged.clock import Clock, FixedClock, SystemClock, parse_instant
 from recharged.config import Settings, default_config_path, load_settings
 from recharged.db import Database, masked_url
-from recharged.errors import ConfigError, InputError, RechargedError
+from recharged.errors import InputError, RechargedError
 from recharged.logs import configure
 from recharged.money import format_ledger, parse_amount
-from recharged.payments import PaymentGateway, StripeGateway, card_label
+from recharged.payments import PaymentGateway, card_label
 from recharged.planning import AccountPlan, plan_accounts
 from recharged.recharge import RechargeReport, RechargeService
+from recharged.runtime import stripe_gateway
 from recharged.usage import FIELDS, Outcome, UsageRecorder, summarize
 from recharged.verify import verify as verify_ledger
 
@@ -63,20 +64,7 @@ class App:
 
     def gateway(self) -> PaymentGateway:
         """The Stripe gateway; the key comes only from the environment or systemd credentials."""
-        key = secrets.read_secret("stripe_api_key")
-        if key is None:
-            raise ConfigError(
-                "no Stripe API key: set RECHARGED_STRIPE_API_KEY or the systemd credential stripe_api_key"
-            )
-        payments = self.settings.payments
-        return StripeGateway(
-            key.value,
-            api_base=payments.stripe_api_base,
-            timeout_seconds=payments.timeout_seconds,
-            max_retries=payments.max_retries,
-            retry_initial_seconds=payments.retry_initial_seconds,
-            retry_max_seconds=payments.retry_max_seconds,
-        )
+        return stripe_gateway(self.settings, None, None)
 
     def recharges(self) -> RechargeService:
         gateway = self.gateway()  # fail before doing anything when the key is missing
@@ -760,15 +748,30 @@ def cycle(app: App, once: bool, at: datetime | None) -> None:
     """Run one recharge cycle now: recover unfinished recharges, decide, charge, credit; print what it did."""
     if at is not None:
         app.clock = FixedClock(at)
-    report = app.recharges().run_cycle()
+    report = app.recharges().run_cycle(concurrency=app.settings.daemon.charge_concurrency)
     out.print(f"recharge cycle at {report.at.isoformat()}")
     if report.recovered:
         _print_reports(report.recovered, "recovered")
-    _print_reports(report.charged, "charged")
+    _print_reports(sorted(report.charged, key=lambda r: r.account_id), "charged")
+    for account_id, problem in sorted(report.errors.items()):
+        err.print(f"account {account_id}: not charged: {problem}", markup=False)
     for account_id in report.not_claimed:
         out.print(f"account {account_id}: skipped, no longer due (another worker charged it, or it changed)")
     if any(r.phase not in ("finished", "failed") for r in report.recovered + report.charged):
         out.print("some recharges wait on the processor; the next cycle (or `cycle --once`) finishes them")
+    if report.errors:
+        sys.exit(1)
+
+
+@main.command("run")
+@pass_app
+def run(app: App) -> None:
+    """Run the daemon: recharge cycles on schedule, the HTTP API, health and metrics, until SIGTERM.
+
+    Meant for systemd (Type=notify; see deploy/recharged.service). SIGHUP reloads config.toml."""
+    from recharged.daemon import run_daemon
+
+    sys.exit(run_daemon(app.config_path, app.clock))
 
 
 @main.command("recover")
