@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from recharged import notices
 from recharged.clock import Clock, parse_instant
 from recharged.config import RechargeSettings, Settings
 from recharged.db import Database, post_entry
@@ -158,8 +159,10 @@ def settings_of(account: Account) -> dict[str, Any]:
 
 def audit_change(
     session: Session, account_id: str, actor: str, at: datetime, action: str, before: Any, after: Any
-) -> None:
-    session.add(AuditRecord(account_id=account_id, actor=actor, at=at, action=action, before=before, after=after))
+) -> AuditRecord:
+    record = AuditRecord(account_id=account_id, actor=actor, at=at, action=action, before=before, after=after)
+    session.add(record)
+    return record
 
 
 @dataclass
@@ -332,7 +335,7 @@ def change_account(
             changed = [k for k in after if after[k] != before[k]]
             auto_settings = {"auto_recharge", "recharge_state", *OVERRIDES}
             action = "auto_recharge.changed" if set(changed) <= auto_settings else "account.changed"
-            audit_change(
+            record = audit_change(
                 session,
                 account_id,
                 actor,
@@ -341,6 +344,7 @@ def change_account(
                 {k: before[k] for k in changed},
                 {k: after[k] for k in changed},
             )
+            notices.settings_changed(session, record)  # tells the customer about automatic recharge changes
     return before, after
 
 

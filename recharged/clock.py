@@ -54,7 +54,10 @@ def parse_instant(text: str) -> datetime:
         raise ValueError(f"{text!r} is not an ISO 8601 date-time (e.g. 2026-11-01T09:30:00Z)") from None
     if parsed.tzinfo is None:
         raise ValueError(f"{text!r} has no UTC offset; add Z or +HH:MM")
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-23:59 is past the year 9999 in UTC
+        raise ValueError(f"{text!r} is out of range in UTC") from None
 
 
 def start_of_day(value: datetime) -> datetime:

@@ -213,6 +213,63 @@ class HttpSettings(_Section):
     webhook_tolerance_seconds: int = Field(300, ge=1, le=3600)
 
 
+class BusinessSettings(_Section):
+    """Who issues receipts and statements: shown on every message (and kept with each receipt as issued)."""
+
+    name: str = Field("recharged", min_length=1, max_length=200)
+    # Postal address; lines separated by "\n".
+    address: str = Field("", max_length=1000)
+    vat_id: str = Field("", max_length=40)
+    website: str = Field("", max_length=200)
+
+
+class ReceiptsSettings(_Section):
+    """Credit receipts: numbered per issuer, with no gaps, as ISSUER-000001."""
+
+    issuer: str = Field("R", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,19}$")
+    # The usage kind whose price per minute tells the customer how many minutes the new balance buys.
+    minutes_kind: KindName = "dialer"
+
+
+class SmtpSettings(_Section):
+    """The mail server; with no host, messages are written as .eml files into [outbox] folder instead.
+    The password comes only from RECHARGED_SMTP_PASSWORD or the credential smtp_password."""
+
+    host: str = Field("", max_length=253)
+    port: int = Field(587, ge=1, le=65_535)
+    # starttls (port 587), tls (implicit TLS, port 465) or none (a local relay only).
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    user: str = Field("", max_length=254)
+    from_address: str = Field("billing@example.com", pattern=r"^[^@\s<>]{1,64}@[^@\s<>]+\.[^@\s<>]{2,}$")
+    # Display name of the sender (default: [business] name).
+    from_name: str = Field("", max_length=200)
+    reply_to: str = Field("", pattern=r"^$|^[^@\s<>]{1,64}@[^@\s<>]+\.[^@\s<>]{2,}$")
+    timeout_seconds: float = Field(30.0, gt=0, le=300)
+
+
+class OutboxSettings(_Section):
+    """The transactional outbox: how receipts and notices are delivered, retried and given up on."""
+
+    # Where messages go as .eml files when [smtp] host is empty.
+    folder: str = Field("outbox", min_length=1)
+    # The sender's journal of messages the server accepted (fsync'ed before the database records it).
+    journal: str = Field("outbox.journal", min_length=1)
+    # A folder of templates that replace the shipped ones of the same name (empty: the shipped ones).
+    templates_dir: str = ""
+    # Transient SMTP failures (connection, 4xx) are retried at once this many times with exponential back-off.
+    max_retries: int = Field(3, ge=0, le=20)
+    retry_initial_seconds: float = Field(1.0, ge=0, le=60)
+    retry_max_seconds: float = Field(30.0, ge=0, le=600)
+    # After a delivery run fails, wait this long before the next, one step per failed run; failed after the last.
+    retry_after_minutes: list[Annotated[float, Field(gt=0, le=24 * 60 * 7)]] = Field(
+        default_factory=lambda: [1.0, 5.0, 30.0, 120.0, 480.0, 1440.0], min_length=1, max_length=20
+    )
+    # How long one sender may hold a message while talking to the server before recovery decides its fate.
+    lease_seconds: int = Field(300, ge=30, le=3600)
+    # How often the daemon delivers what is pending.
+    send_interval_seconds: int = Field(60, ge=1, le=3600)
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -228,6 +285,10 @@ class Settings(_Section):
     plans: dict[KindName, PlanSettings] = Field(default_factory=_standard_plan, min_length=1)
     daemon: DaemonSettings = DaemonSettings()
     http: HttpSettings = HttpSettings()
+    business: BusinessSettings = BusinessSettings()
+    receipts: ReceiptsSettings = ReceiptsSettings()
+    smtp: SmtpSettings = SmtpSettings()
+    outbox: OutboxSettings = OutboxSettings()
     logging: LoggingSettings = LoggingSettings()
 
 

@@ -20,7 +20,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -41,9 +41,13 @@ from recharged.http import create_app
 from recharged.jobs import JobRecorder, close_interrupted_runs, instance_name
 from recharged.logs import configure
 from recharged.metrics import Metrics
+from recharged.notices import notify_from_plans
+from recharged.outbox import OutboxSender, outbox_health
 from recharged.payments import PaymentGateway
+from recharged.planning import AccountPlan
 from recharged.runtime import Runtime, build_runtime
 from recharged.scheduler import Scheduler, job_specs
+from recharged.statements import issue_monthly_statements
 
 log = structlog.get_logger("recharged.daemon")
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -138,6 +142,7 @@ class Daemon:
         self._urgent_pending: set[str] = set()
         self._urgent_lock = threading.Lock()
         self._jobs = JobRecorder(self.db, clock, self.metrics, self.instance)
+        self._sender = OutboxSender(self.db, settings, clock)
         self._server: uvicorn.Server | None = None
         self._server_thread: threading.Thread | None = None
         self._last_status = "starting"
@@ -153,12 +158,28 @@ class Daemon:
             scheduler_running=lambda: self._scheduler.running,
             next_cycle=self.next_cycle,
             processor=self._processor,
-            mail=None,
+            mail=self._mail_health,
             service_id=self.instance,
             version=__version__,
         )
 
     # --- what the HTTP API asks ------------------------------------------------------------------------------
+
+    def _mail_health(self) -> dict[str, Any]:
+        """The last delivery attempt's outcome and what waits, from the outbox (no call to the mail server)."""
+        with self.db.transaction() as session:
+            mail = outbox_health(session)
+        outcome = mail["last_outcome"]
+        status = "fail" if mail["failed"] else ("warn" if outcome and outcome != "sent" else "pass")
+        return {
+            "componentType": "system",
+            "status": status,
+            "time": mail["last_attempt_at"],
+            "observedValue": mail["pending"],
+            "observedUnit": "messages waiting",
+            "output": f"last delivery: {outcome or 'none yet'}; {mail['failed']} failed for good"
+            + (f", oldest waiting since {mail['oldest_pending_at']}" if mail["oldest_pending_at"] else ""),
+        }
 
     def runtime(self) -> Runtime:
         assert self._runtime is not None, "the daemon has not started"
@@ -220,13 +241,19 @@ class Daemon:
             runtime = self.runtime()
 
             def body() -> Mapping[str, Any]:
+                notices = 0
+
+                def notify(plans: Sequence[AccountPlan]) -> None:
+                    nonlocal notices
+                    notices = notify_from_plans(self.db, self._clock.now(), plans)
+
                 report = runtime.recharges.run_cycle(
-                    concurrency=runtime.settings.daemon.charge_concurrency, stop=self._stop
+                    concurrency=runtime.settings.daemon.charge_concurrency, stop=self._stop, plans_seen=notify
                 )
-                return report.summary()
+                return {**report.summary(), "notices": notices}
 
             try:
-                summary = self._jobs.run("cycle", body)
+                summary = self._jobs.run("cycle", body, stopped=lambda summary: bool(summary["left_for_next"]))
             except Exception:
                 self.metrics.cycles.labels("failed").inc()
                 self._status("last cycle failed; see the log")
@@ -266,8 +293,46 @@ class Daemon:
         with self._work.held(), contextlib.suppress(Exception):
             self._jobs.run("maintenance", body, record=False)
 
+    def _send_mail(self) -> None:
+        if self._stop.is_set():
+            return
+        with self._work.held():
+            sender = self._sender
+
+            def body() -> Mapping[str, Any]:
+                report = sender.send_pending()
+                return {
+                    "sent": len(report.sent),
+                    "recovered": len(report.recovered),
+                    "retrying": len(report.retrying),
+                    "failed": len(report.failed),
+                    "error": report.error,
+                }
+
+            with contextlib.suppress(Exception):
+                self._jobs.run("mail", body, record=False)
+
+    def _statements(self) -> None:
+        if self._stop.is_set():
+            return
+        with self._work.held():
+            settings = self.runtime().settings
+
+            def body() -> Mapping[str, Any]:
+                return {"statements": issue_monthly_statements(self.db, settings, self._clock)}
+
+            with contextlib.suppress(Exception):
+                self._jobs.run("statements", body)
+        self._send_mail()
+
     def _jobs_table(self) -> dict[str, Callable[[], object]]:
-        return {"cycle": self._cycle, "completer": self._complete, "maintenance": self._maintain}
+        return {
+            "cycle": self._cycle,
+            "completer": self._complete,
+            "maintenance": self._maintain,
+            "mail": self._send_mail,
+            "statements": self._statements,
+        }
 
     # --- lifecycle --------------------------------------------------------------------------------------------
 
@@ -282,7 +347,12 @@ class Daemon:
     def _specs(self, settings: Settings) -> Any:
         with self.db.transaction() as session:
             last = last_job_run(session, "cycle", "succeeded")
-        return job_specs(settings.daemon, self._clock.now(), None if last is None else last.finished_at)
+        return job_specs(
+            settings.daemon,
+            self._clock.now(),
+            None if last is None else last.finished_at,
+            mail_interval_seconds=settings.outbox.send_interval_seconds,
+        )
 
     def _bind(self, settings: Settings) -> socket.socket:
         host, port = settings.http.host, settings.http.port
@@ -404,8 +474,9 @@ class Daemon:
         old = self._settings
         self._settings, self._runtime = fresh, runtime  # one assignment each; readers take `runtime()` once
         configure(fresh.logging)
-        if fresh.daemon != old.daemon:
-            self._scheduler.reschedule(self._specs(fresh), ("cycle", "completer"))
+        self._sender = OutboxSender(self.db, fresh, self._clock)
+        if fresh.daemon != old.daemon or fresh.outbox != old.outbox:
+            self._scheduler.reschedule(self._specs(fresh), ("cycle", "completer", "mail"))
         log.info("config.reloaded", path=str(self._config_path), next_cycle=str(self.next_cycle()))
         sdnotify.ready(f"configuration reloaded; {self._last_status}"[:200])
         return True

@@ -9,6 +9,7 @@ read earlier, so no update is lost.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from recharged.models import (
     WebhookEvent,
 )
 
+_BUSY_TIMEOUT_SECONDS = 30  # how long SQLite waits for another writer before giving up
 CHARGE_TYPES = ("recharge",)  # what the spend caps count: automatic recharges
 
 
@@ -63,7 +65,7 @@ def make_engine(url: str, connections: int | None = None) -> Engine:
         database = parsed.database or ""
         if database and database != ":memory:" and not Path(database).parent.exists():
             raise DatabaseError(f"database {url}: directory {Path(database).parent} does not exist")
-        engine = create_engine(url, connect_args={"timeout": 30}, **pool)
+        engine = create_engine(url, connect_args={"timeout": _BUSY_TIMEOUT_SECONDS}, **pool)
 
         @event.listens_for(engine, "connect")
         def _configure(dbapi_connection: Any, _record: Any) -> None:
@@ -72,7 +74,7 @@ def make_engine(url: str, connections: int | None = None) -> Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_SECONDS * 1000}")
             cursor.close()
 
         @event.listens_for(engine, "begin")
@@ -101,6 +103,12 @@ class Database:
         self.url = normalize_url(url)
         self.engine = make_engine(self.url, connections)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite lets one transaction at a time write, and every transaction here is a writer (BEGIN IMMEDIATE).
+        # Its busy handler waits by sleeping, longer each time (up to 100 ms), so threads of one process that
+        # wait for it leave the database idle between turns. They queue on this lock instead, and the next one
+        # starts the moment the last one ends; other processes still meet SQLite's lock and busy timeout.
+        self._writer = threading.Lock() if self.dialect == "sqlite" else None
+        self._writing: dict[int, int] = {}  # thread id -> transactions open in that thread
 
     @property
     def dialect(self) -> str:
@@ -109,11 +117,33 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A session in one transaction: committed on success, rolled back on any error."""
+        with self._writer_turn():
+            try:
+                with self._sessions.begin() as session:
+                    yield session
+            except OperationalError as exc:
+                raise DatabaseError(f"database {masked_url(self.url)}: {exc.orig}") from exc
+
+    @contextmanager
+    def _writer_turn(self) -> Iterator[None]:
+        """On SQLite, wait for this process's turn to write (a transaction nested in the same thread takes none;
+        after the busy timeout the wait is left to SQLite, as it was)."""
+        if self._writer is None:
+            yield
+            return
+        thread = threading.get_ident()
+        depth = self._writing.get(thread, 0)
+        queued = depth == 0 and self._writer.acquire(timeout=_BUSY_TIMEOUT_SECONDS)
+        self._writing[thread] = depth + 1
         try:
-            with self._sessions.begin() as session:
-                yield session
-        except OperationalError as exc:
-            raise DatabaseError(f"database {masked_url(self.url)}: {exc.orig}") from exc
+            yield
+        finally:
+            if depth:
+                self._writing[thread] = depth
+            else:
+                del self._writing[thread]
+            if queued:
+                self._writer.release()
 
     def _alembic(self) -> Any:
         from alembic.config import Config

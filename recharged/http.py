@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
@@ -37,6 +38,7 @@ from recharged.webhooks import SignatureError, verified_event
 
 log = structlog.get_logger("recharged.http")
 DIALER_KIND = "dialer"
+_ACCOUNT_ID = re.compile(r"[\x21-\x7e]{1,64}")  # what accounts.new_account allows
 
 
 class Backend(Protocol):
@@ -166,6 +168,20 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _parse_json(body: bytes) -> Any:
+    """The body's JSON; a 400 for anything json.loads refuses (including integers past Python's digit limit and
+    nesting past the recursion limit) and for strings with lone surrogate escapes, which no answer could echo."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ApiError(400, f"the body is not valid JSON: {str(exc)[:200]}") from None
+    try:
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ApiError(400, "the body is not valid JSON: a string holds a lone surrogate escape") from None
+    return data
+
+
 def create_app(backend: Backend) -> FastAPI:
     app = FastAPI(
         title="recharged",
@@ -257,10 +273,7 @@ def create_app(backend: Backend) -> FastAPI:
         if content_type.split(";")[0].strip().lower() != "application/json":
             raise ApiError(415, "the body must be application/json")
         body = await _read_body(request, settings.max_body_bytes)
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"the body is not valid JSON: {exc}") from None
+        data = _parse_json(body)
         if not isinstance(data, dict) or not isinstance(data.get("events"), list):
             raise ApiError(422, 'the body must be an object with an "events" array')
         events = data["events"]
@@ -292,7 +305,7 @@ def create_app(backend: Backend) -> FastAPI:
         for status, count in counts.items():
             if count:
                 backend.metrics.usage_events.labels(status).inc(count)
-        touched = {str(events[r.index]["account_id"]) for r in results if r.status == "accepted"}
+        touched = {str(events[r.index]["account_id"]).strip() for r in results if r.status == "accepted"}
         if touched:
             backend.usage_recorded(touched)
         return UsageResult(
@@ -308,7 +321,7 @@ def create_app(backend: Backend) -> FastAPI:
     )
     def get_account_view(account_id: str, request: Request) -> AccountView:
         runtime = authorize(request)
-        if not account_id or len(account_id) > 64:
+        if not _ACCOUNT_ID.fullmatch(account_id):  # never a valid id: no need to ask the database
             raise ApiError(404, "no such account")
         try:
             return account_view(backend, runtime, account_id)
@@ -343,7 +356,7 @@ def create_app(backend: Backend) -> FastAPI:
             handled = await run_in_threadpool(runtime.webhooks.handle, event)
         except RechargedError as exc:  # the processor could not be asked: Stripe redelivers later
             backend.metrics.webhooks.labels("retry_later").inc()
-            log.warning("webhook.retry_later", event=event["id"], error=str(exc))
+            log.warning("webhook.retry_later", event_id=event["id"], error=str(exc))
             raise ApiError(503, f"could not act on the event now, deliver it again later: {exc}") from None
         backend.metrics.webhooks.labels(
             handled.outcome if handled.outcome in ("duplicate", "ignored", "not_ours") else "handled"

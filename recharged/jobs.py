@@ -54,7 +54,16 @@ class JobRecorder:
     def __init__(self, db: Database, clock: Clock, metrics: Metrics, instance: str) -> None:
         self._db, self._clock, self._metrics, self._instance = db, clock, metrics, instance
 
-    def run(self, job: str, body: Callable[[], Mapping[str, Any]], *, record: bool = True) -> Mapping[str, Any]:
+    def run(
+        self,
+        job: str,
+        body: Callable[[], Mapping[str, Any]],
+        *,
+        record: bool = True,
+        stopped: Callable[[Mapping[str, Any]], bool] = lambda _summary: False,
+    ) -> Mapping[str, Any]:
+        """Run `body`; its summary is recorded with status succeeded, or stopped when `stopped(summary)` says
+        the run was cut short by a shutdown (the next start then runs it again at once)."""
         started = time.perf_counter()
         run_id = None
         if record:
@@ -74,8 +83,9 @@ class JobRecorder:
             raise
         seconds = time.perf_counter() - started
         if run_id is not None:
+            status = "stopped" if stopped(summary) else "succeeded"
             with self._db.transaction() as session:
-                finish_job_run(session, run_id, "succeeded", self._clock.now(), summary, None)
+                finish_job_run(session, run_id, status, self._clock.now(), summary, None)
         self._metrics.job_runs.labels(job, "succeeded").inc()
         # Recorded jobs (the cycle) always log their canonical line; the frequent ones only at debug level.
         (log.info if record else log.debug)(f"{job}.finished", job=job, seconds=round(seconds, 3), **summary)

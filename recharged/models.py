@@ -19,6 +19,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
     text,
 )
@@ -329,7 +330,7 @@ class JobRun(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     job: Mapped[str] = mapped_column(String(40))
     instance: Mapped[str] = mapped_column(String(120))  # host:pid
-    status: Mapped[str] = mapped_column(String(12))  # running | succeeded | failed
+    status: Mapped[str] = mapped_column(String(12))  # running | succeeded | stopped | failed | interrupted
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
@@ -346,3 +347,110 @@ class WebhookEvent(Base):
     payment_intent: Mapped[str | None] = mapped_column(String(64))
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     outcome: Mapped[str | None] = mapped_column(String(200))
+
+
+# --- receipts, the outbox, notices and statements -------------------------------------------------------------
+
+# Statements read an account's credits and adjustments by time: a partial index the usage entries never touch.
+Index(
+    "ix_entries_non_usage",
+    Entry.account_id,
+    Entry.occurred_at,
+    postgresql_where=text("entry_type <> 'usage'"),
+    sqlite_where=text("entry_type <> 'usage'"),
+)
+
+
+class ReceiptCounter(Base):
+    """The last receipt number of an issuer, locked and raised in the transaction that issues a receipt: a
+    rolled-back credit takes its number back with it, so numbers have no gaps."""
+
+    __tablename__ = "receipt_counters"
+
+    issuer: Mapped[str] = mapped_column(String(20), primary_key=True)
+    last_number: Mapped[int] = mapped_column(BigInteger)
+
+
+class Receipt(Base):
+    """The receipt of one credit of a balance (an automatic recharge or a one-time purchase), as issued."""
+
+    __tablename__ = "receipts"
+    __table_args__ = (UniqueConstraint("issuer", "seq"), CheckConstraint("seq > 0", name="positive_seq"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    number: Mapped[str] = mapped_column(String(32), unique=True)  # ISSUER-000042
+    issuer: Mapped[str] = mapped_column(String(20))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    recharge_id: Mapped[int] = mapped_column(ForeignKey("recharges.id"), unique=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(10))  # auto | topup
+    issued_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    currency: Mapped[str] = mapped_column(String(3))
+    amount: Mapped[int] = mapped_column(BigInteger)  # credited (net)
+    vat: Mapped[int] = mapped_column(BigInteger)
+    total: Mapped[int] = mapped_column(BigInteger)  # charged
+    balance_after: Mapped[int] = mapped_column(BigInteger)
+    payment_reference: Mapped[str] = mapped_column(String(64))
+    # Everything the receipt shows (business details, card, reason, ...) as it was when issued.
+    content: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+OUTBOX_STATUSES = ("pending", "sending", "sent", "failed")
+
+
+class OutboxMessage(Base):
+    """An email to deliver, written in the same transaction as what it reports. Its key says what it is about
+    (one message per key); its Message-ID and bytes are fixed when it is first sent, so a re-send is identical.
+
+    pending -> sending (claimed, leased) -> sent | pending (retry later) | failed (permanent, or gave up)."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'sending', 'sent', 'failed')", name="known_status"),
+        Index("ix_outbox_status_due", "status", "next_attempt_at"),
+        Index("ix_outbox_last_attempt", "last_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(200), unique=True)  # e.g. receipt:R-000042
+    kind: Mapped[str] = mapped_column(String(40))  # the template: receipt, payment_declined, statement, ...
+    account_id: Mapped[str | None] = mapped_column(ForeignKey("accounts.id"), index=True)
+    to_address: Mapped[str] = mapped_column(String(254))
+    context: Mapped[dict[str, Any]] = mapped_column(JSON)  # what the template renders
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    status: Mapped[str] = mapped_column(String(10), default="pending", server_default=text("'pending'"))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    claimed_by: Mapped[str | None] = mapped_column(String(120))  # host:pid of the sender holding it
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    message_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    subject: Mapped[str | None] = mapped_column(String(255))
+    raw: Mapped[str | None] = mapped_column(Text)  # the RFC 5322 message, fixed at the first send
+    last_error: Mapped[str | None] = mapped_column(String(500))
+
+
+class NoticeEpisode(Base):
+    """A condition an account is in that the customer has been told about (balance low, spend cap reached):
+    one notice per episode, and the row is removed when the condition ends."""
+
+    __tablename__ = "notice_episodes"
+
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(40), primary_key=True)
+    since: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Statement(Base):
+    """The monthly statement of one account, as issued (one per account and calendar month, UTC)."""
+
+    __tablename__ = "statements"
+
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
+    month: Mapped[date] = mapped_column(Date, primary_key=True)  # the first day of the month
+    issued_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    currency: Mapped[str] = mapped_column(String(3))
+    opening_balance: Mapped[int] = mapped_column(BigInteger)
+    closing_balance: Mapped[int] = mapped_column(BigInteger)
+    content: Mapped[dict[str, Any]] = mapped_column(JSON)

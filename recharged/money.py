@@ -20,6 +20,7 @@ Units: TypeAlias = int
 SCALE = 100_000
 PLACES = 5
 _QUANTUM = Decimal(1).scaleb(-PLACES)
+MAX_UNITS = 2**63 - 1  # what a BIGINT column holds
 
 # ISO 4217 minor-unit exponents of the currencies recharged accepts.
 MINOR_EXPONENT: dict[str, int] = {
@@ -59,10 +60,15 @@ def parse_amount(value: str | int | Decimal, *, what: str = "amount") -> Units:
         raise ValueError(f"{what} {value!r} is not a decimal number") from None
     if not amount.is_finite():
         raise ValueError(f"{what} {value!r} is not a finite number")
-    scaled = amount.scaleb(PLACES)
-    if scaled != scaled.to_integral_value():
+    if amount and amount.adjusted() > 18 - PLACES:  # checked before scaling: 1E+999999999 would not fit
+        raise ValueError(f"{what} {value!r} is too large")
+    # Compared exactly: scaling first would round past the context's 28 digits and let 1.000...0001 through.
+    if amount != amount.quantize(_QUANTUM):
         raise ValueError(f"{what} {value!r} has more than {PLACES} decimal places")
-    return int(scaled)
+    units = int(amount.scaleb(PLACES))
+    if abs(units) > MAX_UNITS:
+        raise ValueError(f"{what} {value!r} is too large")
+    return units
 
 
 def div_half_up(numerator: int, denominator: int) -> int:

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import requests
 import stripe
+from requests.adapters import HTTPAdapter
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 from tenacity.wait import wait_base
 
@@ -195,6 +196,7 @@ class RateLimiter:
             self._sleep(slot - now)
 
 
+MAX_CONNECTIONS = 300  # kept open to the processor: charges in flight (daemon.charge_concurrency <= 256) and more
 CallObserver = Callable[[str, "str | None"], None]  # (what, None when it succeeded or else the error)
 
 
@@ -220,6 +222,11 @@ class StripeGateway:
     ) -> None:
         self._limiter, self._on_call, self._on_retry = rate_limiter, on_call, on_retry
         session = requests.Session()
+        # requests keeps 10 connections per host: with more charges in flight, every request beyond those
+        # would open (and, against Stripe, TLS-handshake) a connection of its own and log that it dropped it.
+        adapter = HTTPAdapter(pool_maxsize=MAX_CONNECTIONS)
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
         if urlsplit(api_base).hostname in ("127.0.0.1", "localhost", "::1"):
             session.trust_env = False  # a local test server is never reached through a proxy
         self._client = stripe.StripeClient(

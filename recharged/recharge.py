@@ -28,6 +28,7 @@ from typing import Protocol
 import structlog
 from sqlalchemy.orm import Session
 
+from recharged import notices
 from recharged.clock import Clock
 from recharged.config import Settings
 from recharged.db import (
@@ -58,6 +59,7 @@ from recharged.payments import (
     card_label,
 )
 from recharged.planning import AccountPlan, plan_accounts, plans_in
+from recharged.receipts import issue_receipt
 
 log = structlog.get_logger("recharged.recharge")
 TERMINAL = ("finished", "failed")
@@ -473,11 +475,13 @@ class RechargeService:
                 account = session.get(Account, recharge.account_id)
                 assert account is not None
                 account.recharge_state, account.state_reason = "action_required", recharge.outcome
+                notices.action_required(session, recharge, attempt_id, source, now)
             else:
                 why = result.decline_code or result.code or "declined"
                 recharge.phase, recharge.outcome = "claimed", f"{card} declined ({why}); trying the next source"
                 if result.decline_class == "hard":
                     source.unusable_reason = f"{why} on {now:%Y-%m-%d}"
+                notices.declined_attempt(session, recharge, attempt_id, source, now, self._payments)
             log.info(
                 "charge.attempt",
                 recharge=recharge_id,
@@ -512,6 +516,7 @@ class RechargeService:
                     None,
                 )
             recharge.phase, recharge.updated_at = "credited", now
+            issue_receipt(session, self._settings, recharge, now)  # numbered and queued with the credit
             kind, amount, currency = recharge.kind, recharge.amount, recharge.currency
         crashpoint("after_credit")
         self._observer.credited(kind, amount, currency)
@@ -541,6 +546,7 @@ class RechargeService:
         recharge.phase, recharge.updated_at = "failed", now
         recharge.outcome = "every funding source declined" if tried else "no funding source can be charged now"
         if recharge.kind != "auto" or not tried:
+            notices.recharge_failed(session, recharge, now)
             return
         account = session.get(Account, recharge.account_id)
         assert account is not None
@@ -555,6 +561,7 @@ class RechargeService:
             account.state_reason = (
                 f"{account.failed_cycles} failed recharge cycle(s); next try {account.retry_at:%Y-%m-%d %H:%M} UTC"
             )
+        notices.recharge_failed(session, recharge, now)
 
     def _release(self, recharge_id: int, outcome: str) -> None:
         with self._db.transaction() as session:

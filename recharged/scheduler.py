@@ -31,7 +31,9 @@ class JobSpec:
     first_run: datetime | None = None  # None: one interval after start
 
 
-def job_specs(settings: DaemonSettings, now: datetime, last_cycle: datetime | None) -> dict[str, JobSpec]:
+def job_specs(
+    settings: DaemonSettings, now: datetime, last_cycle: datetime | None, *, mail_interval_seconds: int = 60
+) -> dict[str, JobSpec]:
     """When each job runs. The first cycle runs one interval after the last successful one (whichever
     instance ran it), or at once when that is already past, so restarts never skip a cycle."""
     interval = timedelta(hours=settings.cycle_interval_hours)
@@ -50,8 +52,14 @@ def job_specs(settings: DaemonSettings, now: datetime, last_cycle: datetime | No
             now,
         ),
         "maintenance": JobSpec(IntervalTrigger(hours=24, timezone=UTC), 3600, now + timedelta(minutes=1)),
-        "mail": JobSpec(IntervalTrigger(seconds=60, timezone=UTC), 60, now + timedelta(seconds=5)),
-        "statements": JobSpec(CronTrigger(day=1, hour=0, minute=30, timezone=UTC), 86_400 - 1800),
+        "mail": JobSpec(
+            IntervalTrigger(seconds=mail_interval_seconds, timezone=UTC),
+            mail_interval_seconds,
+            now + timedelta(seconds=2),
+        ),
+        # The first of each month at 06:00 UTC, so late usage imports of the last day land first; a daemon that
+        # was down then issues them when it starts later that day (statements are idempotent per account and month).
+        "statements": JobSpec(CronTrigger(day=1, hour=6, minute=0, timezone=UTC), 18 * 3600),
     }
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from recharged import notices
 from recharged.accounts import audit_change, load_account, parse_actor
 from recharged.clock import Clock
 from recharged.db import Database
@@ -79,7 +80,9 @@ def add_source(
         session.add(source)
         session.flush()
         _clear_action_required(account)
-        audit_change(session, account_id, actor, now, "source.added", before, describe(source))
+        record = audit_change(session, account_id, actor, now, "source.added", before, describe(source))
+        role = " (your default card)" if source.is_default else ""
+        notices.cards_changed(session, record, "Card added", "-", notices.card_words(source) + role)
         return source
 
 
@@ -96,7 +99,7 @@ def make_default(db: Database, account_id: str, source_id: int, *, actor: str, c
             previous.is_default = False
             session.flush()
         source.is_default = True
-        audit_change(
+        record = audit_change(
             session,
             account_id,
             actor,
@@ -105,6 +108,7 @@ def make_default(db: Database, account_id: str, source_id: int, *, actor: str, c
             {"default": previous.id if previous else None},
             {"default": source.id},
         )
+        notices.cards_changed(session, record, "Default card", notices.card_words(previous), notices.card_words(source))
 
 
 def remove_source(db: Database, account_id: str, source_id: int, *, actor: str, clock: Clock) -> FundingSource | None:
@@ -122,9 +126,11 @@ def remove_source(db: Database, account_id: str, source_id: int, *, actor: str, 
             promoted = next(iter(active_sources(session, account_id)), None)
             if promoted is not None:
                 promoted.is_default = True
-        audit_change(
+        record = audit_change(
             session, account_id, actor, now, "source.removed", before, {"default": promoted.id if promoted else None}
         )
+        now_default = f"; your default card is now {notices.card_words(promoted)}" if promoted else ""
+        notices.cards_changed(session, record, "Card removed", notices.card_words(source), "removed" + now_default)
         return promoted
 
 
@@ -140,7 +146,10 @@ def reactivate_source(db: Database, account_id: str, source_id: int, *, actor: s
         before = describe(source)
         source.unusable_reason = None
         _clear_action_required(account)
-        audit_change(session, account_id, actor, now, "source.reactivated", before, describe(source))
+        record = audit_change(session, account_id, actor, now, "source.reactivated", before, describe(source))
+        notices.cards_changed(
+            session, record, "Card can be charged again", "paused after a decline", notices.card_words(source)
+        )
 
 
 def list_sources(db: Database, account_id: str) -> list[dict[str, Any]]:

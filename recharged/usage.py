@@ -26,16 +26,18 @@ from recharged.db import (
     record_usage,
 )
 from recharged.models import Entry
-from recharged.money import Units, parse_amount
+from recharged.money import SCALE, Units, parse_amount
 from recharged.rating import Rate, TimeRate, rate_event, rate_snapshot
 from recharged.sms import count_segments
 
 FIELDS = ("event_id", "account_id", "kind", "started_at", "duration_seconds", "quantity", "text", "cost")
 REQUIRED = ("event_id", "account_id", "kind", "started_at")
 _ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
+_ACCOUNT = re.compile(r"^[\x21-\x7e]{1,64}$")
 _KIND = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 MAX_DURATION = 7 * 24 * 3600
 MAX_QUANTITY = 1_000_000
+MAX_COST = 1_000_000 * SCALE  # a million currency units for one event keeps balances far from overflow
 
 Status = Literal["accepted", "duplicate", "rejected"]
 
@@ -111,8 +113,8 @@ def parse_event(raw: Mapping[str, Any], *, now: datetime, future_tolerance: time
         raise ValueError(f"{missing[0]} is missing")
     if not _ID.match(event_id):
         raise ValueError("event_id must be 1-128 printable characters without spaces")
-    if len(account_id) > 64:
-        raise ValueError("account_id is longer than 64 characters")
+    if not _ACCOUNT.match(account_id):  # what accounts.new_account allows; NUL would break PostgreSQL
+        raise ValueError("account_id must be 1-64 printable characters without spaces")
     kind = kind_raw.lower()
     if not _KIND.match(kind):
         raise ValueError(f"kind {raw.get('kind')!r} is not a usage kind name")
@@ -137,6 +139,8 @@ def parse_event(raw: Mapping[str, Any], *, now: datetime, future_tolerance: time
         cost = parse_amount(cost_raw, what="cost")
         if cost < 0:
             raise ValueError("cost must not be negative")
+        if cost > MAX_COST:
+            raise ValueError(f"cost {cost_raw!r} is more than {MAX_COST // SCALE} for one event")
     return UsageEvent(event_id, account_id, kind, started_at, duration, quantity, has_text, cost)
 
 

@@ -6,7 +6,9 @@
 - the per-day usage totals equal the usage entries summed per account, UTC day and kind;
 - every account's first usage time is the earliest of its usage entries;
 - every credited recharge has exactly one ledger credit, for its PaymentIntent and its net amount; every
-  charge credit belongs to a credited recharge; no recharge has two succeeded attempts.
+  charge credit belongs to a credited recharge; no recharge has two succeeded attempts;
+- receipt numbers run from 1 with no gap per issuer, up to the issuer's counter; every credited recharge has
+  one receipt with its amounts, and every receipt its email in the outbox; sent messages are complete.
 Uniqueness of external ids and "usage is a debit" are enforced by the database's own constraints.
 """
 
@@ -25,7 +27,9 @@ from recharged.db import (
     usage_entries_with_rates,
 )
 from recharged.money import format_ledger
+from recharged.outbox import outbox_problems
 from recharged.rating import rate_event, rate_from_snapshot
+from recharged.receipts import receipt_problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,4 +110,6 @@ def verify(db: Database, progress: Callable[[int], None] | None = None, limit: i
             ],
         )
         report("charging", recharge_credit_problems(session))
+        report("receipts", receipt_problems(session))
+        report("outbox", outbox_problems(session))
     return Report(checked, violations)

@@ -21,6 +21,8 @@ from recharged.errors import InputError
 from recharged.recharge import RechargeService
 
 log = structlog.get_logger("recharged.webhooks")
+MAX_EVENT_ID = 255  # webhook_events.id
+MAX_INTENT_ID = 64  # webhook_events.payment_intent; Stripe's ids are far shorter
 PAYMENT_INTENT_EVENTS = frozenset(
     {
         "payment_intent.succeeded",
@@ -51,10 +53,13 @@ def verified_event(payload: bytes, header: str | None, secret: str, tolerance_se
         raise SignatureError(f"signature check failed: {exc.user_message or exc}") from None
     try:
         event = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"the body is not JSON: {exc}") from None
+        json.dumps(event, ensure_ascii=False).encode()  # a lone surrogate escape could be neither stored nor echoed
+    except (ValueError, RecursionError) as exc:  # also past the integer digit and nesting limits
+        raise InputError(f"the body is not JSON: {str(exc)[:200]}") from None
     if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not isinstance(event.get("type"), str):
         raise InputError("the body is not a Stripe event (it needs an id and a type)")
+    if not 0 < len(event["id"]) <= MAX_EVENT_ID:
+        raise InputError(f"the event id must have 1 to {MAX_EVENT_ID} characters")
     return event
 
 
@@ -76,23 +81,27 @@ class WebhookHandler:
         with self._db.transaction() as session:
             if webhook_event_seen(session, event_id):
                 return Handled(event_id, "duplicate")
-        obj = (event.get("data") or {}).get("object") or {}
-        intent_id = obj.get("id") if isinstance(obj, dict) else None
-        if event_type not in PAYMENT_INTENT_EVENTS or not isinstance(intent_id, str):
+        data = event.get("data")
+        obj = data.get("object") if isinstance(data, dict) else None
+        obj = obj if isinstance(obj, dict) else {}
+        intent_id = obj.get("id")
+        if event_type not in PAYMENT_INTENT_EVENTS or not isinstance(intent_id, str) or len(intent_id) > MAX_INTENT_ID:
             self._remember(event_id, event_type, None, "ignored")
             return Handled(event_id, "ignored")
         metadata = obj.get("metadata")
         hint = metadata.get("recharged_recharge") if isinstance(metadata, dict) else None
-        # Fetch it again: the processor's current state, not what the event said at the time it was sent.
-        current = self._recharges.gateway.retrieve(intent_id)
+        if not (isinstance(hint, str) and hint.isascii() and hint.isdigit() and len(hint) <= 18):
+            hint = None  # our recharge ids are plain numbers that fit a BIGINT; "²" or 30 nines are not
         with self._db.transaction() as session:
-            recharge_id = recharge_of_payment(session, intent_id, hint if isinstance(hint, str) else None)
-        if recharge_id is None:
+            recharge_id = recharge_of_payment(session, intent_id, hint)
+        if recharge_id is None:  # someone else's payment: no need to ask the processor about it
             self._remember(event_id, event_type, intent_id, "not_ours")
             return Handled(event_id, "not_ours")
+        # Fetch it again: the processor's current state, not what the event said at the time it was sent.
+        current = self._recharges.gateway.retrieve(intent_id)
         report = self._recharges.process(recharge_id)
         outcome = f"recharge {recharge_id} {report.phase} (payment {current.outcome})"
-        log.info("webhook.handled", event=event_id, type=event_type, payment_intent=intent_id, outcome=outcome)
+        log.info("webhook.handled", event_id=event_id, type=event_type, payment_intent=intent_id, outcome=outcome)
         self._remember(event_id, event_type, intent_id, outcome)
         return Handled(event_id, report.phase, recharge_id)
 

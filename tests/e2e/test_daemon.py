@@ -219,6 +219,9 @@ shutdown_timeout_seconds = 30
 [http]
 port = 0
 
+[outbox]
+send_interval_seconds = 1
+
 [logging]
 level = "info"
 """
@@ -304,6 +307,14 @@ def test_the_daemon_charges_usage_as_it_arrives_reloads_and_stops_cleanly(daemon
     assert metric(daemon, 'recharged_usage_events_total{outcome="accepted"}') == 2
     assert metric(daemon, "recharged_urgent_charges_total") == 1
     assert daemon.get("/v1/accounts/acme").json()["due_since"] is None
+
+    # Each credit is followed by its receipt; with no SMTP server configured they land as .eml files.
+    def receipts() -> list[str]:
+        mails = [path.read_text() for path in (daemon.dir / "outbox").glob("*.eml")]
+        return [mail for mail in mails if "Message-ID: <recharged.receipt." in mail]
+
+    assert len(wait_for("two receipts", lambda: len(receipts()) == 2 and receipts())) == 2
+    assert daemon.get("/healthz").json()["checks"]["smtp:lastDelivery"][0]["status"] == "pass"
 
     assert daemon.stop() == 0
     assert any(n.startswith("STOPPING=1") for n in daemon.notified())

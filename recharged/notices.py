@@ -1,0 +1,314 @@
+"""Customer notices: each one is put in the outbox in the same transaction as the event it reports, under a key
+that makes it unique (one notice per declined attempt, per failed recharge, per audited change, per episode).
+
+- payment declined, saying what happens next (the next card is tried now, or the next try's time, or nothing
+  for a one-time purchase); the bank's reason is shown only when it is safe and useful to show (insufficient
+  funds, expired card, ...): lost, stolen, fraudulent and every other decline read as a generic decline;
+- action required: the card needs the customer to authenticate it or be replaced;
+- automatic recharge suspended after the retry schedule ran out;
+- balance low or run out while automatic recharge is off, and spend cap reached: conditions seen in the recharge
+  plan, one notice per episode (`notify_from_plans`, which the recharge cycle calls with its plans);
+- an admin changed the customer's automatic recharge settings or cards: what changed, when, by whom.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from recharged.config import PaymentsSettings
+from recharged.db import Database, candidate_sources, insert_once
+from recharged.models import Account, AuditRecord, ChargeAttempt, FundingSource, NoticeEpisode, Recharge
+from recharged.money import format_customer, parse_amount
+from recharged.outbox import enqueue
+from recharged.planning import AccountPlan
+
+GENERIC_DECLINE = "your bank declined the payment; please contact your bank or use another card"
+# Decline reasons a customer may be told, and can act on. Anything else (lost, stolen, fraudulent, pick-up,
+# do-not-honor, generic, ...) is shown as GENERIC_DECLINE.
+CUSTOMER_REASONS = {
+    "insufficient_funds": "the card has insufficient funds",
+    "expired_card": "the card has expired",
+    "incorrect_cvc": "the card's security code was not accepted",
+    "invalid_cvc": "the card's security code was not accepted",
+    "incorrect_number": "the card number was not accepted",
+    "invalid_number": "the card number was not accepted",
+    "invalid_expiry_month": "the card's expiry date was not accepted",
+    "invalid_expiry_year": "the card's expiry date was not accepted",
+    "card_velocity_exceeded": "the card has reached its spending limit",
+    "withdrawal_count_limit_exceeded": "the card has reached its spending limit",
+    "processing_error": "the bank had a processing error; trying again may work",
+    "card_not_supported": "the card does not support this kind of payment",
+    "currency_not_supported": "the card does not support payments in this currency",
+}
+
+
+def customer_reason(decline_code: str | None, code: str | None) -> str:
+    """Why a card was declined, as the customer may read it."""
+    for candidate in (decline_code, code):
+        if candidate in CUSTOMER_REASONS:
+            return CUSTOMER_REASONS[candidate]
+    return GENERIC_DECLINE
+
+
+def _card(source: FundingSource) -> dict[str, str]:
+    return {"brand": source.brand, "last4": source.last4}
+
+
+def _account(session: Session, account_id: str) -> tuple[Account, dict[str, Any]]:
+    account = session.get(Account, account_id)
+    assert account is not None
+    balance = session.execute(select(Account.balance).where(Account.id == account_id)).scalar_one()
+    return account, {"account": {"id": account.id, "email": account.email}, "balance": balance}
+
+
+def _notice(session: Session, key: str, kind: str, account: Account, context: dict[str, Any], at: datetime) -> bool:
+    return enqueue(
+        session,
+        key=key,
+        kind=kind,
+        to=account.email,
+        context={**context, "currency": account.currency, "at": at.isoformat()},
+        at=at,
+        account_id=account.id,
+    )
+
+
+# --- from the charge flow -------------------------------------------------------------------------------------
+
+
+def declined_attempt(
+    session: Session,
+    recharge: Recharge,
+    attempt_id: int,
+    source: FundingSource,
+    at: datetime,
+    payments: PaymentsSettings,
+) -> None:
+    """A card was declined and another card will be tried now: say so. When no card is left, the recharge
+    fails and `recharge_failed` sends the one notice that says what happens next."""
+    following = candidate_sources(
+        session,
+        recharge.account_id,
+        recharge.id,
+        at,
+        timedelta(hours=payments.card_retry_after_decline_hours),
+        payments.max_declines_per_card_30_days,
+    )
+    if not following:
+        return
+    attempt = session.get(ChargeAttempt, attempt_id)
+    assert attempt is not None
+    account, context = _account(session, recharge.account_id)
+    context |= {
+        "kind": recharge.kind,
+        "total": recharge.total,
+        "card": _card(source),
+        "reason": customer_reason(attempt.decline_code, attempt.code),
+        "next": {"action": "next_card", "card": _card(following[0]), "at": None},
+    }
+    _notice(session, f"declined:attempt:{attempt_id}", "payment_declined", account, context, at)
+
+
+def action_required(session: Session, recharge: Recharge, attempt_id: int, source: FundingSource, at: datetime) -> None:
+    """The card needs the customer: authenticate it with the bank, or give another card."""
+    account, context = _account(session, recharge.account_id)
+    context |= {"kind": recharge.kind, "total": recharge.total, "card": _card(source)}
+    _notice(session, f"action_required:attempt:{attempt_id}", "action_required", account, context, at)
+
+
+def recharge_failed(session: Session, recharge: Recharge, at: datetime) -> None:
+    """Every card was declined (call after the account's retry state is updated): the decline and the next try's
+    time, or that automatic recharge is suspended, or for a purchase that nothing was charged."""
+    last = session.scalars(
+        select(ChargeAttempt)
+        .where(ChargeAttempt.recharge_id == recharge.id, ChargeAttempt.status == "declined")
+        .order_by(ChargeAttempt.id.desc())
+        .limit(1)
+    ).one_or_none()
+    if last is None:
+        return  # no card was declined in this recharge (none could be tried): nothing new to tell
+    source = session.get(FundingSource, last.source_id)
+    assert source is not None
+    account, context = _account(session, recharge.account_id)
+    reason = customer_reason(last.decline_code, last.code)
+    if recharge.kind == "auto" and account.recharge_state == "suspended":
+        context |= {"failed_cycles": account.failed_cycles, "card": _card(source), "reason": reason}
+        _notice(session, f"suspended:recharge:{recharge.id}", "auto_recharge_suspended", account, context, at)
+        return
+    retry_at = account.retry_at if recharge.kind == "auto" and account.recharge_state == "backing_off" else None
+    context |= {
+        "kind": recharge.kind,
+        "total": recharge.total,
+        "card": _card(source),
+        "reason": reason,
+        "next": {"action": "retry", "card": None, "at": retry_at.isoformat()}
+        if retry_at
+        else {"action": "none", "card": None, "at": None},
+    }
+    _notice(session, f"declined:recharge:{recharge.id}", "payment_declined", account, context, at)
+
+
+# --- from the plan --------------------------------------------------------------------------------------------
+
+EPISODE_KINDS = ("balance_low", "balance_exhausted", "spend_cap_reached")
+CAP_PERIODS = {
+    "max_charged_per_day": ("per 24 hours", "24-hour"),
+    "max_charged_per_30_days": ("per 30 days", "30-day"),
+    "max_recharge": ("per charge", "charge"),
+}
+
+
+def conditions(plan: AccountPlan) -> list[str]:
+    """The notice-worthy conditions an account's plan shows, most severe first."""
+    d = plan.decision
+    if d.reason == "cap_reached":
+        return ["spend_cap_reached"]
+    if d.reason == "auto_recharge_off" and not plan.auto_recharge:
+        if d.balance <= 0:
+            return ["balance_exhausted", "balance_low"]
+        if d.balance < d.threshold:
+            return ["balance_low"]
+    return []
+
+
+def notify_from_plans(db: Database, at: datetime, plans: Iterable[AccountPlan]) -> int:
+    """Notices for conditions the recharge plans show (balance low or run out with automatic recharge off,
+    spend cap reached): one per episode, not one per cycle. An episode starts when a plan first shows the
+    condition and ends when a plan of the same account no longer does. Returns the notices queued.
+
+    Safe to call from several workers at once: an episode is a row with a primary key, and only the worker
+    that inserts it queues the notice."""
+    wanted = {p.account_id: (p, conditions(p)) for p in plans}
+    if not wanted:
+        return 0
+    queued = 0
+    with db.transaction() as session:
+        open_episodes: dict[str, set[str]] = {}
+        for account_id, kind in session.execute(select(NoticeEpisode.account_id, NoticeEpisode.kind)):
+            if account_id in wanted:
+                open_episodes.setdefault(account_id, set()).add(kind)
+        for account_id, (plan, active) in wanted.items():
+            known = open_episodes.get(account_id, set())
+            ended = known - set(active)
+            if ended:
+                session.execute(
+                    delete(NoticeEpisode).where(NoticeEpisode.account_id == account_id, NoticeEpisode.kind.in_(ended))
+                )
+            started = [
+                kind
+                for kind in active
+                if kind not in known
+                and insert_once(
+                    session,
+                    NoticeEpisode,
+                    {"account_id": account_id, "kind": kind, "since": at},
+                    ["account_id", "kind"],
+                )
+            ]
+            if started:  # the most severe new condition; a lesser one starting with it goes unsaid
+                queued += _episode_notice(session, plan, started[0], at)
+    return queued
+
+
+def _episode_notice(session: Session, plan: AccountPlan, kind: str, at: datetime) -> int:
+    account = session.get(Account, plan.account_id)
+    if account is None:
+        return 0
+    d = plan.decision
+    context: dict[str, Any] = {
+        "account": {"id": account.id, "email": account.email},
+        "balance": d.balance,
+        "threshold": d.threshold,
+        "average_daily": d.average_daily,
+        "runway_days": None if d.runway_days is None else str(d.runway_days),
+    }
+    if kind == "spend_cap_reached":
+        cap_name = d.limited_by if d.limited_by in CAP_PERIODS else "max_charged_per_30_days"
+        cap = getattr(plan.policy, cap_name)
+        context |= {"cap": cap, "period": CAP_PERIODS[cap_name][0], "period_short": CAP_PERIODS[cap_name][1]}
+    key = f"{kind}:{account.id}:{at:%Y%m%dT%H%M%S}"
+    return int(_notice(session, key, kind, account, context, at))
+
+
+# --- admin changes --------------------------------------------------------------------------------------------
+
+SETTING_WORDS = {
+    "auto_recharge": "Automatic recharge",
+    "recharge_state": "Automatic recharge status",
+    "window_days": "Days of usage averaged",
+    "threshold_days": "Minimum reserve, in days of usage",
+    "recharge_days": "Recharge amount, in days of usage",
+    "min_threshold": "Smallest minimum reserve",
+    "min_recharge": "Smallest recharge",
+    "max_recharge": "Largest single recharge",
+    "max_charged_per_day": "Spending limit per 24 hours",
+    "max_charged_per_30_days": "Spending limit per 30 days",
+}
+STATE_WORDS = {
+    "ok": "active",
+    "backing_off": "retrying after a declined payment",
+    "suspended": "paused after declined payments",
+    "action_required": "waiting for you to confirm your card",
+}
+AMOUNT_SETTINGS = ("min_threshold", "min_recharge", "max_recharge", "max_charged_per_day", "max_charged_per_30_days")
+
+
+def _setting_value(name: str, value: Any, currency: str) -> str:
+    if value is None:
+        return "standard setting"
+    if name == "auto_recharge":
+        return "on" if value else "off"
+    if name == "recharge_state":
+        return STATE_WORDS.get(str(value), str(value))
+    if name in AMOUNT_SETTINGS:
+        return format_customer(parse_amount(str(value)), currency)
+    return str(value)
+
+
+def card_words(source: FundingSource | None) -> str:
+    if source is None:
+        return "none"
+    return f"{source.brand.title()} ending in {source.last4}"
+
+
+def settings_changed(session: Session, record: AuditRecord) -> None:
+    """An admin changed automatic recharge settings (audited in `record`): tell the customer what changed."""
+    account = session.get(Account, record.account_id)
+    assert account is not None
+    before, after = record.before or {}, record.after or {}
+    changes = [
+        {
+            "what": SETTING_WORDS[name],
+            "before": _setting_value(name, before.get(name), account.currency),
+            "after": _setting_value(name, after.get(name), account.currency),
+        }
+        for name in after
+        if name in SETTING_WORDS and before.get(name) != after.get(name)
+    ]
+    if changes:
+        _admin_notice(session, account, record, "automatic recharge settings", changes)
+
+
+def cards_changed(session: Session, record: AuditRecord, what: str, before: str, after: str) -> None:
+    """An admin changed the customer's cards (audited in `record`)."""
+    account = session.get(Account, record.account_id)
+    assert account is not None
+    _admin_notice(session, account, record, "cards on file", [{"what": what, "before": before, "after": after}])
+
+
+def _admin_notice(
+    session: Session, account: Account, record: AuditRecord, subject_what: str, changes: list[dict[str, str]]
+) -> None:
+    session.flush()  # the audit record's id makes the notice's key
+    context = {
+        "account": {"id": account.id, "email": account.email},
+        "actor": record.actor,
+        "subject_what": subject_what,
+        "changes": changes,
+    }
+    _notice(session, f"settings:audit:{record.id}", "settings_changed", account, context, record.at)

@@ -1,0 +1,265 @@
+"""Credit receipts: one per credited recharge, numbered per issuer with no gaps, written with the credit.
+
+`issue_receipt` runs inside the transaction that posts the ledger credit: it takes the next number from the
+issuer's counter row (locked until that transaction ends, so a rollback gives the number back), records what
+the receipt shows as it is at that moment (business details, card, new balance, the reason in plain words),
+and puts the email in the outbox. The receipt is unique per recharge, its number unique per issuer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import String, func, literal, select
+from sqlalchemy.orm import Session
+
+from recharged.balance import history_days
+from recharged.clock import Clock
+from recharged.config import Settings, TimeRateSettings
+from recharged.db import POLICY_COLUMNS, Database, next_receipt_number
+from recharged.errors import ConflictError, NotFoundError
+from recharged.models import Account, FundingSource, OutboxMessage, Receipt, ReceiptCounter, Recharge
+from recharged.money import Units, ceil_to_minor, minor_step, parse_amount, round_to_minor
+from recharged.outbox import enqueue
+from recharged.templating import common_context, render
+
+
+def receipt_number(issuer: str, seq: int) -> str:
+    return f"{issuer}-{seq:06d}"
+
+
+def receipt_key(number: str) -> str:
+    """The outbox key of a receipt's email (its Message-ID derives from it)."""
+    return f"receipt:{number}"
+
+
+def issue_receipt(session: Session, settings: Settings, recharge: Recharge, at: datetime) -> Receipt:
+    """Number and record the receipt of a recharge credited in this transaction, and queue its email."""
+    account = session.get(Account, recharge.account_id)
+    source = session.get(FundingSource, recharge.source_id) if recharge.source_id is not None else None
+    assert account is not None and source is not None and recharge.payment_intent is not None
+    # Read the balance from the database: the credit moved it with an UPDATE the loaded object has not seen.
+    balance_after = session.execute(select(Account.balance).where(Account.id == account.id)).scalar_one()
+    issuer = settings.receipts.issuer
+    seq = next_receipt_number(session, issuer)
+    number = receipt_number(issuer, seq)
+    content: dict[str, Any] = {
+        "number": number,
+        "issued_at": at.isoformat(),
+        "kind": recharge.kind,
+        "copy": False,
+        **common_context(settings),
+        "account": {"id": account.id, "email": account.email},
+        "currency": recharge.currency,
+        "amount": recharge.amount,
+        "vat": recharge.vat,
+        "vat_percent": str(recharge.vat_percent),
+        "total": recharge.total,
+        "card": {"brand": source.brand, "last4": source.last4},
+        "payment_reference": recharge.payment_intent,
+        "balance_after": balance_after,
+        **_minutes(settings, account.plan, balance_after),
+        "reason": _reason(settings, account, recharge) if recharge.kind == "auto" else None,
+    }
+    receipt = Receipt(
+        number=number,
+        issuer=issuer,
+        seq=seq,
+        recharge_id=recharge.id,
+        account_id=account.id,
+        kind=recharge.kind,
+        issued_at=at,
+        currency=recharge.currency,
+        amount=recharge.amount,
+        vat=recharge.vat,
+        total=recharge.total,
+        balance_after=balance_after,
+        payment_reference=recharge.payment_intent,
+        content=content,
+    )
+    session.add(receipt)
+    session.flush()
+    enqueue(
+        session,
+        key=receipt_key(number),
+        kind="receipt",
+        to=account.email,
+        context=content,
+        at=at,
+        account_id=account.id,
+    )
+    return receipt
+
+
+def _minutes(settings: Settings, plan: str, balance: Units) -> dict[str, Any]:
+    """About how many minutes of the configured kind the balance buys at the plan's price per minute."""
+    kind = settings.receipts.minutes_kind
+    plan_settings = settings.plans.get(plan)
+    rate = plan_settings.rates.get(kind) if plan_settings is not None else None
+    if not isinstance(rate, TimeRateSettings) or rate.price_per_minute <= 0 or balance <= 0:
+        return {"minutes": None, "minutes_label": None, "price_per_minute": None}
+    price = parse_amount(rate.price_per_minute)
+    return {
+        "minutes": balance // price,
+        "minutes_label": f"{kind.replace('_', ' ')} minutes",
+        "price_per_minute": price,
+    }
+
+
+def _reason(settings: Settings, account: Account, recharge: Recharge) -> dict[str, Any] | None:
+    """The figures behind an automatic recharge, in the words the customer reads."""
+    if recharge.average_daily is None or recharge.threshold is None:
+        return None
+    overrides = {name: getattr(account, name) for name in POLICY_COLUMNS}
+    policy = settings.recharge.policy().overridden(overrides)
+    days = history_days(recharge.created_at, account.created_at, account.first_usage_at, policy.window_days)
+    currency = recharge.currency
+    nominal = max(
+        ceil_to_minor(policy.min_recharge, currency),
+        round_to_minor(recharge.average_daily * policy.recharge_days, currency),
+    )
+    note = None
+    if recharge.amount > nominal + minor_step(currency):
+        note = "This time we added more than that, to bring your balance back above the minimum."
+    elif recharge.amount < nominal - minor_step(currency):
+        note = "This time we added less than that, to stay within your spending limits."
+    return {
+        "window_days": days,
+        "average_daily": recharge.average_daily,
+        "threshold_days": policy.threshold_days,
+        "threshold": recharge.threshold,
+        "recharge_days": policy.recharge_days,
+        "recharge_amount": recharge.amount,
+        "note": note,
+    }
+
+
+# --- reading and re-sending -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptRow:
+    number: str
+    issued_at: datetime
+    kind: str
+    currency: str
+    amount: Units
+    vat: Units
+    vat_percent: Decimal
+    total: Units
+    card: str
+    payment_reference: str
+    email_status: str | None  # the outbox status of the receipt's email
+
+
+def list_receipts(db: Database, account_id: str) -> list[ReceiptRow]:
+    """An account's receipts, oldest first, with the delivery status of each email."""
+    with db.transaction() as session:
+        if session.get(Account, account_id) is None:
+            raise NotFoundError(f"no account {account_id!r}")
+        rows = session.execute(
+            select(Receipt, OutboxMessage.status)
+            .outerjoin(OutboxMessage, OutboxMessage.key == literal("receipt:", String) + Receipt.number)
+            .where(Receipt.account_id == account_id)
+            .order_by(Receipt.issuer, Receipt.seq)
+        ).all()
+        return [
+            ReceiptRow(
+                r.number,
+                r.issued_at,
+                r.kind,
+                r.currency,
+                r.amount,
+                r.vat,
+                Decimal(r.content["vat_percent"]),
+                r.total,
+                f"{r.content['card']['brand']} ...{r.content['card']['last4']}",
+                r.payment_reference,
+                status,
+            )
+            for r, status in rows
+        ]
+
+
+def get_receipt(db: Database, number: str) -> Receipt:
+    with db.transaction() as session:
+        receipt = session.scalars(select(Receipt).where(Receipt.number == number.strip())).one_or_none()
+        if receipt is None:
+            raise NotFoundError(f"no receipt {number!r}")
+        return receipt
+
+
+def receipt_text(settings: Settings, receipt: Receipt) -> str:
+    """The receipt as its email's text part shows it."""
+    return render(settings, "receipt", receipt.content).text
+
+
+def resend_copy(db: Database, clock: Clock, number: str) -> int:
+    """Queue a copy of a receipt, marked as a copy, to the account's current email; returns its outbox id."""
+    now = clock.now()
+    with db.transaction() as session:
+        receipt = session.scalars(select(Receipt).where(Receipt.number == number.strip())).one_or_none()
+        if receipt is None:
+            raise NotFoundError(f"no receipt {number!r}")
+        account = session.get(Account, receipt.account_id, with_for_update=True)
+        assert account is not None
+        prefix = f"{receipt_key(receipt.number)}:copy:"
+        copies = session.scalar(select(func.count()).where(OutboxMessage.key.startswith(prefix, autoescape=True)))
+        key = f"{prefix}{int(copies or 0) + 1}"
+        context = {**receipt.content, "copy": True, "account": {"id": account.id, "email": account.email}}
+        if not enqueue(
+            session, key=key, kind="receipt", to=account.email, context=context, at=now, account_id=account.id
+        ):
+            raise ConflictError(f"another copy of receipt {number} is being queued; try again")
+        message_id = session.scalars(select(OutboxMessage.id).where(OutboxMessage.key == key)).one()
+        return int(message_id)
+
+
+# --- invariants (`recharged verify`) --------------------------------------------------------------------------
+
+
+def receipt_problems(session: Session) -> list[str]:
+    """Receipt numbers run 1..N per issuer with no gap and N is the issuer's counter; every credited recharge
+    has exactly one receipt, with its amounts; every receipt has its email in the outbox."""
+    problems = []
+    counters = dict(session.execute(select(ReceiptCounter.issuer, ReceiptCounter.last_number)).all())
+    ranges = session.execute(
+        select(Receipt.issuer, func.count(), func.min(Receipt.seq), func.max(Receipt.seq)).group_by(Receipt.issuer)
+    ).all()
+    for issuer, count, low, high in ranges:
+        if (low, high) != (1, count):
+            problems.append(f"receipts of issuer {issuer}: {count} numbers from {low} to {high}, not 1 to {count}")
+        if counters.pop(issuer, None) != high:
+            problems.append(f"receipts of issuer {issuer}: counter is not at the last number {high}")
+    problems += [f"receipts of issuer {i}: counter at {n} but no receipts" for i, n in counters.items() if n]
+    credited = ("credited", "finished")
+    missing = session.scalars(
+        select(Recharge.id)
+        .outerjoin(Receipt, Receipt.recharge_id == Recharge.id)
+        .where(Recharge.phase.in_(credited), Receipt.id.is_(None))
+        .order_by(Recharge.id)
+    )
+    problems += [f"recharge {recharge_id}: credited without a receipt" for recharge_id in missing]
+    mismatched = session.execute(
+        select(Receipt.number, Recharge.id, Recharge.phase)
+        .join(Recharge, Recharge.id == Receipt.recharge_id)
+        .where(
+            (Recharge.phase.not_in(credited))
+            | (Recharge.amount != Receipt.amount)
+            | (Recharge.vat != Receipt.vat)
+            | (Recharge.total != Receipt.total)
+            | (Recharge.account_id != Receipt.account_id)
+            | (Recharge.payment_intent != Receipt.payment_reference)
+        )
+    )
+    problems += [f"receipt {n}: does not match recharge {r} ({phase})" for n, r, phase in mismatched]
+    unsent = session.scalars(
+        select(Receipt.number)
+        .outerjoin(OutboxMessage, OutboxMessage.key == literal("receipt:", String) + Receipt.number)
+        .where(OutboxMessage.id.is_(None))
+    )
+    problems += [f"receipt {number}: no email in the outbox" for number in unsent]
+    return problems

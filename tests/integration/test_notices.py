@@ -1,0 +1,164 @@
+"""Customer notices, each written with the event it reports: declines (and what happens next), action required,
+suspension, balance low or run out with automatic recharge off and spend caps (one per episode), and admin
+changes. SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from recharged.accounts import adjust_balance, change_account
+from recharged.models import AuditRecord, OutboxMessage
+from recharged.notices import GENERIC_DECLINE, notify_from_plans
+from recharged.payments import CardInfo
+from recharged.planning import plan_accounts
+from recharged.recharge import RechargeService
+from recharged.sources import add_source, make_default, remove_source
+from recharged.templating import render
+from tests.conftest import add_account, busy_account, mail_settings
+
+ACTOR = "Jane Doe"
+CARD_NOTICES = ("settings_changed",)
+
+
+@pytest.fixture
+def mail(tmp_path):
+    return mail_settings(tmp_path)
+
+
+def notices(db, *kinds: str) -> list[OutboxMessage]:
+    with db.transaction() as s:
+        query = select(OutboxMessage).order_by(OutboxMessage.id)
+        if kinds:
+            query = query.where(OutboxMessage.kind.in_(kinds))
+        return list(s.scalars(query))
+
+
+def text_of(settings, message: OutboxMessage) -> str:
+    rendered = render(settings, message.kind, message.context)
+    return rendered.subject + "\n" + rendered.text
+
+
+def test_a_lost_card_is_a_generic_decline_and_says_the_backup_is_tried(db, mail, gateway_factory, clock, stripe_client):
+    busy_account(db, mail, clock, stripe_client, "pm_card_chargeDeclinedLostCard", "pm_card_visa")
+    RechargeService(db, mail, gateway_factory, clock).run_cycle()
+    [declined] = notices(db, "payment_declined")
+    text = text_of(mail, declined)
+    assert declined.key.startswith("declined:attempt:") and declined.to_address == "billing@acme.example"
+    assert f"Reason: {GENERIC_DECLINE}" in text
+    assert "lost" not in text.lower() and "stolen" not in text.lower()
+    assert "we are trying your Visa card ending in 4242 now" in text
+    assert [m.kind for m in notices(db, "receipt")] == ["receipt"]  # the backup paid: the receipt follows
+
+
+def test_every_card_declined_says_when_we_try_again_then_that_it_is_paused(
+    db, mail, gateway_factory, clock, stripe_client
+):
+    payments = mail.payments.model_copy(update={"retry_schedule_hours": [4.0], "card_retry_after_decline_hours": 0})
+    settings = mail.model_copy(update={"payments": payments})
+    busy_account(db, settings, clock, stripe_client, "pm_card_chargeDeclinedInsufficientFunds")
+    service = RechargeService(db, settings, gateway_factory, clock)
+    start = clock.now()
+    service.run_cycle()
+    [declined] = notices(db, "payment_declined")
+    text = text_of(settings, declined)
+    assert "Reason: the card has insufficient funds" in text
+    assert f"we will try again after {start + timedelta(hours=4):%d %b %Y, %H:%M} UTC" in text
+    clock.advance(timedelta(hours=4, minutes=1))
+    service.run_cycle()
+    [suspended] = notices(db, "auto_recharge_suspended")
+    assert "We have paused automatic recharge" in text_of(settings, suspended)
+    assert len(notices(db, "payment_declined")) == 1  # the last decline is told once, by the suspension notice
+
+
+def test_a_card_that_needs_the_customer_says_what_to_do(db, mail, gateway_factory, clock, stripe_client):
+    busy_account(db, mail, clock, stripe_client, "pm_card_authenticationRequired", "pm_card_visa")
+    RechargeService(db, mail, gateway_factory, clock).run_cycle()
+    [notice] = notices(db, "action_required")
+    assert "authenticate the card with your bank, or give us another card" in text_of(mail, notice)
+    assert notices(db, "payment_declined") == []
+
+
+def test_a_declined_purchase_says_nothing_was_charged(db, mail, gateway_factory, clock, stripe_client):
+    busy_account(db, mail, clock, stripe_client, "pm_card_chargeDeclined")
+    RechargeService(db, mail, gateway_factory, clock).topup("acme", 1_000_000, ACTOR)
+    [notice] = notices(db, "payment_declined")
+    assert "nothing was charged" in text_of(mail, notice) and "your purchase" in text_of(mail, notice)
+
+
+def test_low_balance_with_auto_recharge_off_is_told_once_per_episode(db, mail, clock):
+    add_account(db, mail, clock, opening_balance="3.00")  # under the $5.00 minimum reserve
+
+    def run() -> int:
+        return notify_from_plans(db, clock.now(), plan_accounts(db, mail, clock.now()))
+
+    assert run() == 1
+    assert run() == 0  # the same episode: not again every cycle
+    [low] = notices(db, "balance_low")
+    assert "The balance of account acme is $3.00" in text_of(mail, low)
+    adjust_balance(db, "acme", -400_000, reason="usage", actor=ACTOR, clock=clock)  # now -$1.00: run out
+    clock.advance(timedelta(hours=4))
+    assert run() == 1
+    [out] = notices(db, "balance_exhausted")
+    assert "has run out: it is -$1.00" in text_of(mail, out)
+    adjust_balance(db, "acme", 2_000_000, reason="paid", actor=ACTOR, clock=clock)  # $19.00: episode over
+    clock.advance(timedelta(hours=4))
+    assert run() == 0
+    adjust_balance(db, "acme", -1_700_000, reason="usage", actor=ACTOR, clock=clock)  # $2.00: a new episode
+    clock.advance(timedelta(hours=4))
+    assert run() == 1
+    assert len(notices(db, "balance_low")) == 2
+
+
+def test_a_spend_cap_reached_is_told_once(db, mail, clock):
+    add_account(db, mail, clock, opening_balance="1.00", auto_recharge=True)
+    card = CardInfo("cus_1", "pm_1", "visa", "4242", 12, 2030)
+    add_source(db, "acme", card, actor=ACTOR, clock=clock)
+    change_account(db, "acme", actor=ACTOR, clock=clock, settings=mail, overrides={"max_charged_per_day": "0"})
+    plans = list(plan_accounts(db, mail, clock.now()))
+    assert plans[0].decision.reason == "cap_reached"
+    assert notify_from_plans(db, clock.now(), plans) == 1
+    assert notify_from_plans(db, clock.now(), plans) == 0
+    [cap] = notices(db, "spend_cap_reached")
+    assert "your spending limit of $0.00 per 24 hours" in text_of(mail, cap)
+
+
+def test_admin_changes_are_told_with_what_when_and_who(db, mail, clock):
+    add_account(db, mail, clock)
+    change_account(
+        db,
+        "acme",
+        actor=ACTOR,
+        clock=clock,
+        settings=mail,
+        auto_recharge=True,
+        overrides={"max_recharge": "250", "threshold_days": "5"},
+    )
+    change_account(db, "acme", actor=ACTOR, clock=clock, settings=mail, email="ap@acme.example")  # not a notice
+    visa = add_source(db, "acme", CardInfo("cus_1", "pm_1", "visa", "4242", 12, 2030), actor=ACTOR, clock=clock)
+    amex = add_source(db, "acme", CardInfo("cus_1", "pm_2", "amex", "0005", 1, 2031), actor=ACTOR, clock=clock)
+    make_default(db, "acme", amex.id, actor=ACTOR, clock=clock)
+    remove_source(db, "acme", visa.id, actor=ACTOR, clock=clock)
+    changed = notices(db, "settings_changed")
+    assert len(changed) == 5
+    first = text_of(mail, changed[0])
+    assert "Your automatic recharge settings for account acme changed" in first
+    assert (
+        f"Jane Doe changed the automatic recharge settings of account acme on {clock.now():%d %b %Y, %H:%M} UTC"
+        in first
+    )
+    for line in (
+        "- Automatic recharge: off -> on",
+        "- Largest single recharge: standard setting -> $250.00",
+        "- Minimum reserve, in days of usage: standard setting -> 5",
+    ):
+        assert line in first, line
+    assert changed[1].to_address == "ap@acme.example"
+    assert "- Card added: - -> Visa ending in 4242 (your default card)" in text_of(mail, changed[1])
+    assert "- Default card: Visa ending in 4242 -> Amex ending in 0005" in text_of(mail, changed[3])
+    assert "- Card removed: Visa ending in 4242 -> removed" in text_of(mail, changed[4])
+    with db.transaction() as s:  # each notice belongs to its audit record, written in the same transaction
+        audited = {f"settings:audit:{r.id}" for r in s.scalars(select(AuditRecord))}
+    assert {m.key for m in changed} <= audited
