@@ -17,7 +17,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Engine, and_, create_engine, event, func, insert, select, text, update
+from sqlalchemy import Engine, and_, create_engine, event, func, insert, literal_column, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
@@ -752,6 +752,70 @@ def recharge_credit_problems(session: Session) -> list[str]:
     return problems
 
 
+def recharge_phase_problems(session: Session) -> list[str]:
+    """Each recharge's phase agrees with its attempts: charging has exactly one pending attempt and nothing
+    else has one; paid, credited and finished have one succeeded attempt for their PaymentIntent; failed and
+    claimed have none; an account's recharge state has the fields it needs."""
+    problems: list[str] = []
+    attempts: dict[int, list[ChargeAttempt]] = {}
+    for attempt in session.scalars(select(ChargeAttempt)):
+        attempts.setdefault(attempt.recharge_id, []).append(attempt)
+    for recharge in session.scalars(select(Recharge).order_by(Recharge.id)):
+        mine = attempts.get(recharge.id, [])
+        pending = [a for a in mine if a.status == "pending"]
+        succeeded = [a for a in mine if a.status == "succeeded"]
+        where = f"recharge {recharge.id} ({recharge.phase})"
+        if recharge.phase == "charging" and len(pending) != 1:
+            problems.append(f"{where}: {len(pending)} pending attempts, expected exactly one")
+        if recharge.phase != "charging" and pending:
+            problems.append(f"{where}: has a pending attempt outside the charging phase")
+        if recharge.phase in ("paid", "credited", "finished"):
+            if len(succeeded) != 1 or succeeded[0].payment_intent != recharge.payment_intent:
+                problems.append(f"{where}: expected one succeeded attempt for {recharge.payment_intent}")
+        elif succeeded:
+            problems.append(f"{where}: a succeeded attempt but the recharge was never paid")
+        if recharge.total < recharge.amount or recharge.amount <= 0:
+            problems.append(f"{where}: amount {recharge.amount} and total {recharge.total} do not add up")
+    for account in session.scalars(select(Account).where(Account.recharge_state != "ok")):
+        if account.recharge_state == "backing_off" and account.retry_at is None:
+            problems.append(f"account {account.id}: backing off without a retry time")
+        if account.recharge_state not in ("backing_off", "suspended", "action_required"):
+            problems.append(f"account {account.id}: unknown recharge state {account.recharge_state!r}")
+    return problems
+
+
+def uniqueness_problems(session: Session) -> list[str]:
+    """What the database's unique indexes promise, checked again (an index dropped by hand, a restore from a
+    dump without them): one ledger entry per origin, one open recharge and one default source per account."""
+    problems = [
+        f"ledger: {n} entries for {entry_type} {external_id}"
+        for entry_type, external_id, n in session.execute(
+            select(Entry.entry_type, Entry.external_id, func.count())
+            .group_by(Entry.entry_type, Entry.external_id)
+            .having(func.count() > 1)
+        )
+    ]
+    problems += [
+        f"account {account_id}: {n} open recharges"
+        for account_id, n in session.execute(
+            select(Recharge.account_id, func.count())
+            .where(Recharge.phase.not_in(("finished", "failed")))
+            .group_by(Recharge.account_id)
+            .having(func.count() > 1)
+        )
+    ]
+    problems += [
+        f"account {account_id}: {n} default funding sources"
+        for account_id, n in session.execute(
+            select(FundingSource.account_id, func.count())
+            .where(FundingSource.is_default, FundingSource.removed_at.is_(None))
+            .group_by(FundingSource.account_id)
+            .having(func.count() > 1)
+        )
+    ]
+    return problems
+
+
 # --- receipts, the outbox, notices, statements ------------------------------------------------------------------
 
 
@@ -778,3 +842,155 @@ def next_receipt_number(session: Session, issuer: str) -> int:
         insert_once(session, ReceiptCounter, {"issuer": issuer, "last_number": 0}, ["issuer"])
         number = session.execute(raise_counter).scalar_one()
     return int(number)
+
+
+# --- status, account history and reconciliation (`recharged status`, `accounts history`, `reconcile`) ---------
+
+CREDIT_TYPES = ("recharge", "topup")
+_NOT_USAGE: Any = literal_column("'usage'")  # inline, so the partial index on non-usage entries applies
+_IN_CHUNK = 500  # ids per IN (...) list
+
+
+def recharges_finished_since(session: Session, since: datetime) -> list[tuple[str, int, int, int]]:
+    """Recharges finished at or after `since`, per currency: (currency, count, credited, charged)."""
+    query = (
+        select(Recharge.currency, func.count(), func.sum(Recharge.amount), func.sum(Recharge.total))
+        .where(Recharge.phase == "finished", Recharge.updated_at >= since)
+        .group_by(Recharge.currency)
+        .order_by(Recharge.currency)
+    )
+    return [(row[0], int(row[1]), int(row[2]), int(row[3])) for row in session.execute(query)]
+
+
+def accounts_not_ok(session: Session) -> list[Account]:
+    """Accounts whose automatic recharge is not in the ok state, in id order."""
+    return list(session.scalars(select(Account).where(Account.recharge_state != "ok").order_by(Account.id)))
+
+
+def unusable_sources(session: Session) -> list[FundingSource]:
+    """Cards on file (not removed) that a hard decline made unusable, by account."""
+    query = (
+        select(FundingSource)
+        .where(FundingSource.removed_at.is_(None), FundingSource.unusable_reason.is_not(None))
+        .order_by(FundingSource.account_id, FundingSource.id)
+    )
+    return list(session.scalars(query))
+
+
+def undelivered_mail(session: Session, pending_before: datetime) -> list[tuple[str, int, datetime, str | None]]:
+    """Emails failed for good, and emails still pending that were queued before `pending_before`:
+    (status, count, oldest queued at, the latest error) per status."""
+    from recharged.models import OutboxMessage
+
+    late = (OutboxMessage.status == "failed") | (
+        (OutboxMessage.status == "pending") & (OutboxMessage.created_at < pending_before)
+    )
+    groups = session.execute(
+        select(OutboxMessage.status, func.count(), func.min(OutboxMessage.created_at))
+        .where(late)
+        .group_by(OutboxMessage.status)
+        .order_by(OutboxMessage.status)
+    ).all()
+    found = []
+    for status, count, oldest in groups:
+        error = session.scalar(
+            select(OutboxMessage.last_error)
+            .where(late, OutboxMessage.status == status, OutboxMessage.last_error.is_not(None))
+            .order_by(OutboxMessage.last_attempt_at.desc(), OutboxMessage.id.desc())
+            .limit(1)
+        )
+        found.append((str(status), int(count), oldest, error))
+    return found
+
+
+def open_recharges_claimed_before(session: Session, created_before: datetime) -> list[Recharge]:
+    """Recharges still open that were claimed before `created_before`, oldest first."""
+    query = (
+        select(Recharge)
+        .where(Recharge.phase.not_in(("finished", "failed")), Recharge.created_at < created_before)
+        .order_by(Recharge.created_at, Recharge.id)
+    )
+    return list(session.scalars(query))
+
+
+def usage_days(session: Session, account_id: str, start: date, end: date) -> list[DailyUsage]:
+    """An account's per-day usage totals over the UTC days [start, end), by day and kind."""
+    query = (
+        select(DailyUsage)
+        .where(DailyUsage.account_id == account_id, DailyUsage.day >= start, DailyUsage.day < end)
+        .order_by(DailyUsage.day, DailyUsage.kind)
+    )
+    return list(session.scalars(query))
+
+
+def ledger_sum_before(session: Session, account_id: str, day: date) -> int:
+    """The sum of an account's ledger entries that occurred before the UTC day `day`: its balance at that
+    midnight. Usage entries are summed through their per-day totals (which `verify` proves equal), the others
+    read through their own index."""
+    midnight = datetime(day.year, day.month, day.day, tzinfo=UTC)
+    others = session.scalar(
+        select(func.coalesce(func.sum(Entry.amount), 0)).where(
+            Entry.account_id == account_id, Entry.entry_type != _NOT_USAGE, Entry.occurred_at < midnight
+        )
+    )
+    usage = session.scalar(
+        select(func.coalesce(func.sum(DailyUsage.amount), 0)).where(
+            DailyUsage.account_id == account_id, DailyUsage.day < day
+        )
+    )
+    return int(others or 0) - int(usage or 0)
+
+
+def non_usage_entries(session: Session, account_id: str, since: datetime, until: datetime) -> list[Entry]:
+    """An account's credits, adjustments and opening balance entries that occurred in [since, until)."""
+    query = (
+        select(Entry)
+        .where(
+            Entry.account_id == account_id,
+            Entry.entry_type != _NOT_USAGE,
+            Entry.occurred_at >= since,
+            Entry.occurred_at < until,
+        )
+        .order_by(Entry.occurred_at, Entry.id)
+    )
+    return list(session.scalars(query))
+
+
+def account_recharges(session: Session, account_id: str, since: datetime, until: datetime) -> list[Recharge]:
+    """An account's recharges claimed in [since, until), oldest first."""
+    query = (
+        select(Recharge)
+        .where(Recharge.account_id == account_id, Recharge.created_at >= since, Recharge.created_at < until)
+        .order_by(Recharge.created_at, Recharge.id)
+    )
+    return list(session.scalars(query))
+
+
+def processor_customers(session: Session) -> list[str]:
+    """The processor's customers behind our funding sources (removed ones included: they were charged)."""
+    return list(session.scalars(select(FundingSource.customer).distinct().order_by(FundingSource.customer)))
+
+
+def credits_for(session: Session, since: datetime, payment_intents: Sequence[str]) -> list[Entry]:
+    """Ledger credits of charges (recharge and top-up entries) that occurred at or after `since`, and those of
+    the given PaymentIntents whenever they occurred."""
+    found = {
+        e.id: e
+        for e in session.scalars(select(Entry).where(Entry.entry_type.in_(CREDIT_TYPES), Entry.occurred_at >= since))
+    }
+    ids = sorted(set(payment_intents))
+    for i in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[i : i + _IN_CHUNK]
+        query = select(Entry).where(Entry.entry_type.in_(CREDIT_TYPES), Entry.external_id.in_(chunk))
+        found.update((e.id, e) for e in session.scalars(query))
+    return sorted(found.values(), key=lambda e: (e.occurred_at, e.id))
+
+
+def recharges_paid_by(session: Session, payment_intents: Sequence[str]) -> dict[str, Recharge]:
+    """The recharges recorded as paid by the given PaymentIntents, by PaymentIntent."""
+    ids = sorted(set(payment_intents))
+    found: dict[str, Recharge] = {}
+    for i in range(0, len(ids), _IN_CHUNK):
+        query = select(Recharge).where(Recharge.payment_intent.in_(ids[i : i + _IN_CHUNK]))
+        found.update((r.payment_intent or "", r) for r in session.scalars(query))
+    return found

@@ -7,9 +7,13 @@
 - every account's first usage time is the earliest of its usage entries;
 - every credited recharge has exactly one ledger credit, for its PaymentIntent and its net amount; every
   charge credit belongs to a credited recharge; no recharge has two succeeded attempts;
+- every recharge's phase agrees with its attempts (one pending attempt while charging and only then, one
+  succeeded attempt once paid, none when failed), and accounts' recharge states have what they need;
+- uniqueness, again: one ledger entry per origin, one open recharge and one default card per account;
 - receipt numbers run from 1 with no gap per issuer, up to the issuer's counter; every credited recharge has
   one receipt with its amounts, and every receipt its email in the outbox; sent messages are complete.
-Uniqueness of external ids and "usage is a debit" are enforced by the database's own constraints.
+The database enforces uniqueness and "usage is a debit" itself; verify checks again what an index dropped by
+hand or a restore without constraints could break.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from recharged.db import (
     daily_usage_rows,
     first_usage_times,
     recharge_credit_problems,
+    recharge_phase_problems,
+    uniqueness_problems,
     usage_entries_with_rates,
 )
 from recharged.money import format_ledger
@@ -110,6 +116,8 @@ def verify(db: Database, progress: Callable[[int], None] | None = None, limit: i
             ],
         )
         report("charging", recharge_credit_problems(session))
+        report("phases", recharge_phase_problems(session))
+        report("uniqueness", uniqueness_problems(session))
         report("receipts", receipt_problems(session))
         report("outbox", outbox_problems(session))
     return Report(checked, violations)
