@@ -78,7 +78,8 @@ def balance_chart(
         axes.xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d"))  # type: ignore[no-untyped-call]
         figure.autofmt_xdate()
         axes.grid(True, alpha=0.3)
-        axes.legend(loc="upper left", fontsize=8)
+        axes.margins(y=0.12)  # room above the highest recharge for its label
+        axes.legend(loc="lower left", fontsize=8)
         figure.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, format="png")

@@ -54,7 +54,7 @@ MATRIX: dict[str, list[tuple[str, int, str]]] = {
     "cycle": [("cycle", 2, "Missing option '--once'"), ("cycle --once --at someday", 2, "--at")],
     "db status": [("db status --verbose", 2, "No such option")],
     "db upgrade": [("db upgrade now", 2, "unexpected extra argument")],
-    "demo": [("demo --out {notdemo}", 2, "not a recharged demo")],
+    "demo": [("demo --out {notdemo}", 2, "is not the output of an earlier `recharged demo`")],
     "issue-statements": [("issue-statements --at someday", 2, "--at")],
     "outbox list": [("outbox list --status lost", 2, "lost")],
     "outbox send": [("outbox send --now", 2, "No such option")],
