@@ -20,6 +20,7 @@ from recharged.db import Database, last_job_run
 Status = Literal["pass", "warn", "fail"]
 CONTENT_TYPE = "application/health+json"
 _ORDER: dict[Status, int] = {"pass": 0, "warn": 1, "fail": 2}
+UNREAD = "unknown: the database cannot be read"
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +125,9 @@ class Health:
                 "observedUnit": "s",
                 "status": age_status if db_status == "pass" else "warn",
                 "time": _iso(last),
-                "output": "no successful cycle yet since start" if last is None else "last successful cycle",
+                "output": UNREAD
+                if db_status != "pass"
+                else ("no successful cycle yet since start" if last is None else "last successful cycle"),
             }
         ]
 
@@ -140,7 +143,11 @@ class Health:
             }
         ]
 
-        mail = self.mail() if self.mail is not None else None
+        mail = None
+        if self.mail is not None:  # the outbox is in the database: not read while the database fails its ping
+            mail = (
+                self.mail() if db_status == "pass" else {"componentType": "system", "status": "warn", "output": UNREAD}
+            )
         if mail is not None:
             checks["smtp:lastDelivery"] = [dict(mail)]
 

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from recharged import __version__
 from recharged.accounts import load_account
 from recharged.db import Database
-from recharged.errors import InputError, NotFoundError, RechargedError
+from recharged.errors import DatabaseError, InputError, NotFoundError, RechargedError
 from recharged.health import CONTENT_TYPE as HEALTH_CONTENT_TYPE
 from recharged.health import Health
 from recharged.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -146,7 +146,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         404: "no such account",
         413: "body or batch too large",
         422: "well-formed but invalid",
-        503: "the API is not configured or the daemon is stopping",
+        503: "the API is not configured, the database is unavailable, or the daemon is stopping",
     }.items()
 }
 
@@ -207,6 +207,11 @@ def create_app(backend: Backend) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(DatabaseError)
+    async def _database_down(request: Request, exc: DatabaseError) -> JSONResponse:
+        log.error("http.database_unavailable", path=request.url.path, error=str(exc))
+        return _error(503, "the database is unavailable; try again later", {"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

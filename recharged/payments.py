@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
@@ -90,6 +90,19 @@ class PaymentResult:
 
 
 @dataclass(frozen=True, slots=True)
+class PaymentRecord:
+    """A payment as the processor lists it: amount in minor units, currency upper-case (as recharged keeps it),
+    the processor's status (succeeded, processing, requires_action, requires_payment_method, canceled, ...)."""
+
+    id: str
+    amount: int
+    currency: str
+    status: str
+    metadata: Mapping[str, str]
+    created: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class CardInfo:
     customer: str
     payment_method: str
@@ -133,6 +146,11 @@ class PaymentGateway(Protocol):
 
     def card(self, customer: str, payment_method: str) -> CardInfo:
         """Brand, last4 and expiry of a card on file, checking that it belongs to the customer."""
+        ...
+
+    def list_payments(self, customer: str, created_after: datetime) -> list[PaymentRecord]:
+        """Every payment of the customer created at or after `created_after`, whatever became of it (for
+        `recharged reconcile`); newest first, as the processor lists them."""
         ...
 
 
@@ -273,6 +291,8 @@ class StripeGateway:
                     raise PaymentError(f"{what}: the processor refused our key ({exc.http_status})") from exc
                 except stripe.IdempotencyError as exc:
                     raise PaymentError(f"{what}: idempotency key reused with other parameters: {exc}") from exc
+                except stripe.InvalidRequestError as exc:  # e.g. no such PaymentIntent: not worth retrying
+                    raise PaymentError(f"{what}: the processor refused the request: {exc.user_message or exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     def charge(self, request: ChargeRequest) -> PaymentResult:
@@ -352,3 +372,35 @@ class StripeGateway:
 
         info: CardInfo = self._call("card", look)
         return info
+
+    def list_payments(self, customer: str, created_after: datetime) -> list[PaymentRecord]:
+        since = int(created_after.timestamp())
+
+        def page_through() -> list[PaymentRecord]:
+            found: list[PaymentRecord] = []
+            params: dict[str, Any] = {"customer": customer, "created": {"gte": since}, "limit": 100}
+            while True:
+                try:
+                    page = self._client.v1.payment_intents.list(params=params)  # type: ignore[arg-type]
+                except stripe.InvalidRequestError as exc:
+                    if exc.code == "resource_missing" and not found:  # no such customer: it paid nothing
+                        return found
+                    raise PaymentError(f"list_payments of {customer}: {exc.user_message or exc}") from exc
+                for intent in page.data:
+                    metadata: dict[str, Any] = intent.metadata.to_dict() if intent.metadata else {}
+                    found.append(
+                        PaymentRecord(
+                            id=intent.id,
+                            amount=int(intent.amount),
+                            currency=intent.currency.upper(),
+                            status=intent.status,
+                            metadata={str(k): str(v) for k, v in metadata.items()},
+                            created=datetime.fromtimestamp(intent.created, UTC),
+                        )
+                    )
+                if not page.has_more or not page.data:
+                    return found
+                params["starting_after"] = page.data[-1].id
+
+        records: list[PaymentRecord] = self._call("list_payments", page_through)
+        return records

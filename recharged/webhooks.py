@@ -9,6 +9,7 @@ under the recharge's lock and lease) decides what happens to the recharge.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,9 @@ from recharged.recharge import RechargeService
 log = structlog.get_logger("recharged.webhooks")
 MAX_EVENT_ID = 255  # webhook_events.id
 MAX_INTENT_ID = 64  # webhook_events.payment_intent; Stripe's ids are far shorter
+# What Stripe's ids and event types look like; anything else (a NUL byte, say) could not even be looked up.
+_STRIPE_ID = re.compile(r"[\x21-\x7e]+")
+_STRIPE_TYPE = re.compile(r"[\x21-\x7e]{1,80}")
 PAYMENT_INTENT_EVENTS = frozenset(
     {
         "payment_intent.succeeded",
@@ -58,8 +62,10 @@ def verified_event(payload: bytes, header: str | None, secret: str, tolerance_se
         raise InputError(f"the body is not JSON: {str(exc)[:200]}") from None
     if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not isinstance(event.get("type"), str):
         raise InputError("the body is not a Stripe event (it needs an id and a type)")
-    if not 0 < len(event["id"]) <= MAX_EVENT_ID:
-        raise InputError(f"the event id must have 1 to {MAX_EVENT_ID} characters")
+    if not _STRIPE_ID.fullmatch(event["id"]) or len(event["id"]) > MAX_EVENT_ID:
+        raise InputError(f"the event id must be 1 to {MAX_EVENT_ID} printable ASCII characters")
+    if not _STRIPE_TYPE.fullmatch(event["type"]):
+        raise InputError("the event type must be 1 to 80 printable ASCII characters")
     return event
 
 
@@ -85,7 +91,12 @@ class WebhookHandler:
         obj = data.get("object") if isinstance(data, dict) else None
         obj = obj if isinstance(obj, dict) else {}
         intent_id = obj.get("id")
-        if event_type not in PAYMENT_INTENT_EVENTS or not isinstance(intent_id, str) or len(intent_id) > MAX_INTENT_ID:
+        if (
+            event_type not in PAYMENT_INTENT_EVENTS
+            or not isinstance(intent_id, str)
+            or not _STRIPE_ID.fullmatch(intent_id)
+            or len(intent_id) > MAX_INTENT_ID
+        ):
             self._remember(event_id, event_type, None, "ignored")
             return Handled(event_id, "ignored")
         metadata = obj.get("metadata")

@@ -283,3 +283,112 @@ def quiet_logs():
         structlog.configure(**old)
     else:
         structlog.reset_defaults()
+
+
+# --- the daemon's HTTP API ------------------------------------------------------------------------------------
+
+API_TOKEN = "test-api-token-0123456789abcdef"
+WEBHOOK_SECRET = "whsec_test_0123456789abcdef"
+
+
+def api_auth(token: str = API_TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+class Api:
+    """A daemon built as `recharged run` builds it (`prepare()`: no scheduler, no server threads) and a
+    TestClient on its FastAPI app."""
+
+    def __init__(self, daemon, client, settings: Settings, clock: FixedClock) -> None:
+        self.daemon, self.client, self.settings, self.clock = daemon, client, settings, clock
+        self.db: Database = daemon.db
+
+    def post_usage(self, events: list, token: str = API_TOKEN):
+        return self.client.post("/v1/usage", json={"events": events}, headers=api_auth(token))
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample's value from /metrics (0 when it has not been recorded yet)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for family in text_string_to_metric_families(self.client.get("/metrics").text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return 0.0
+
+
+@pytest.fixture
+def make_api(gateway_factory, clock: FixedClock, db_url: str, monkeypatch: pytest.MonkeyPatch):
+    """Build daemons and their API clients on the test database; the Stripe SDK talks to the stripe_backend.
+
+    `tokens` / `webhook_secret` of None leave RECHARGED_API_TOKENS / RECHARGED_STRIPE_WEBHOOK_SECRET unset;
+    `overrides` are RECHARGED_<SECTION>__<KEY> settings. Small body and batch limits keep the size tests quick.
+    The Stripe backend comes first, so a run without real Stripe skips before it creates a database."""
+    from fastapi.testclient import TestClient
+
+    from recharged.daemon import Daemon
+    from recharged.http import create_app
+
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    built: list = []
+
+    def make(
+        tokens: str | None = API_TOKEN,
+        webhook_secret: str | None = WEBHOOK_SECRET,
+        daemon_class: type[Daemon] = Daemon,
+        **overrides: str,
+    ) -> Api:
+        for name, value in (("RECHARGED_API_TOKENS", tokens), ("RECHARGED_STRIPE_WEBHOOK_SECRET", webhook_secret)):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        environ = {
+            "RECHARGED_DATABASE__URL": db_url,
+            "RECHARGED_HTTP__MAX_BODY_BYTES": "65536",
+            "RECHARGED_HTTP__MAX_EVENTS_PER_REQUEST": "50",
+            **{f"RECHARGED_{key.upper()}": value for key, value in overrides.items()},
+        }
+        settings = load_settings(None, environ=environ)
+        daemon = daemon_class(None, settings, clock, gateway=lambda _settings: gateway_factory())
+        built.append(daemon)
+        daemon.prepare()
+        return Api(daemon, TestClient(create_app(daemon)), settings, clock)
+
+    yield make
+    for daemon in built:
+        daemon.stop()
+
+
+# --- email (receipts, notices, statements) --------------------------------------------------------------------
+
+
+@pytest.fixture
+def smtp_server():
+    """A real SMTP server (aiosmtpd) on a loopback ephemeral port that records what it accepted."""
+    from tests.smtp_server import SmtpTestServer
+
+    with SmtpTestServer() as server:
+        yield server
+
+
+def mail_settings(tmp_path: Path, server=None, **environ: str) -> Settings:
+    """The defaults with the outbox's files in `tmp_path`, a business to show, and `server` as the SMTP server
+    (no TLS) when given, else the .eml folder; more settings as RECHARGED_* variables."""
+    env = {
+        "RECHARGED_OUTBOX__JOURNAL": str(tmp_path / "outbox.journal"),
+        "RECHARGED_OUTBOX__FOLDER": str(tmp_path / "eml"),
+        "RECHARGED_BUSINESS__NAME": "Dialer Co Ltd",
+        "RECHARGED_BUSINESS__ADDRESS": "1 Main Street\nSpringfield",
+        "RECHARGED_BUSINESS__VAT_ID": "GB123456789",
+        "RECHARGED_SMTP__FROM_ADDRESS": "billing@dialer.example",
+    }
+    if server is not None:
+        env |= {
+            "RECHARGED_SMTP__HOST": "127.0.0.1",
+            "RECHARGED_SMTP__PORT": str(server.port),
+            "RECHARGED_SMTP__SECURITY": "none",
+            "RECHARGED_SMTP__TIMEOUT_SECONDS": "5",
+        }
+    return load_settings(None, environ=env | environ)
