@@ -1,12 +1,14 @@
-# The two set-up commands (see README.md): `make plan` and `make test`. Both install what they need into .venv.
+# The two set-up commands (see README.md): `make demo` and `make test`. Both install what they need into .venv;
+# `make plan` loads the sample in examples/ and shows the next recharge cycle's plan.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 EXAMPLE_DIR := recharged-example
+DEMO_DIR := recharged-demo
 EXAMPLE_AT := 2026-11-16T09:00:00Z
 RUN := RECHARGED_DATABASE__URL=sqlite:///$(EXAMPLE_DIR)/recharged.db $(BIN)/recharged --config config.toml
 
-.PHONY: plan test lint install clean
+.PHONY: demo plan test lint install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +17,11 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 install: $(BIN)/.installed
+
+# Sixty simulated days of six customers on the embedded default (SQLite, the Stripe-compatible test server in
+# process, emails as .eml files; no keys, no network): a summary, and a balance chart per account.
+demo: $(BIN)/.installed
+	$(BIN)/recharged demo --out $(DEMO_DIR)
 
 # The sample in examples/ on the embedded default (SQLite, no keys): accounts, call records, then the plan.
 plan: $(BIN)/.installed
@@ -35,4 +42,4 @@ test: lint
 	$(BIN)/pytest -n 2 -q
 
 clean:
-	rm -rf $(EXAMPLE_DIR) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(EXAMPLE_DIR) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -633,6 +633,7 @@ def sources_add(app: App, account_id: str, customer: str, payment_method: str, m
     """Add a card, checking with Stripe that it belongs to the customer (brand, last4, expiry come from there)."""
     accounts_service.parse_actor(actor)
     db = app.database()
+    accounts_service.get_account(db, account_id)  # an unknown account is refused before asking Stripe
     card = app.gateway().card(customer, payment_method)
     source = sources_service.add_source(db, account_id, card, actor=actor, clock=app.clock, make_default=make_default)
     role = "default" if source.is_default else "backup"
@@ -808,6 +809,199 @@ def _print_reports(reports: list[RechargeReport], title: str) -> None:
             r.outcome,
         )
     out.print(table)
+
+
+# --- status, account history and reconciliation -------------------------------------------------------------
+
+
+def _utc(value: datetime | None) -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M UTC")
+
+
+@main.command("status")
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts, amounts as decimal strings.")
+@pass_app
+def status_command(app: App, as_json: bool) -> None:
+    """The daemon's last and next cycle, what it charged in the last 24 hours, and what needs attention:
+    accounts waiting on the customer (action_required), suspended or backing off, unusable cards, email not
+    delivered, recharges open longer than a lease. The next cycle is asked of the running daemon (/healthz at
+    [http] host:port); when none answers it is estimated from the last successful cycle.
+
+    \b
+    Exit status: 0 when nothing needs attention, 1 when something does (it is listed), 69 when the database
+    cannot be used, 78 when the configuration is invalid. For scripts: `recharged status --json || alert`.
+    """
+    from recharged.status import ask_daemon, status_report
+
+    db = app.database()
+    report = status_report(db, app.settings, app.clock.now(), ask_daemon(app.settings))
+    if as_json:
+        out.print_json(json.dumps(report.as_json()))
+    else:
+        _status_tables(report)
+    if report.needs_attention:
+        sys.exit(1)
+
+
+def _status_tables(report: Any) -> None:
+    from rich.markup import escape
+
+    from recharged.money import format_customer
+
+    table = Table(title=f"recharged status at {_utc(report.at)}", show_header=False)
+    last = report.last_cycle
+    if last is None:
+        table.add_row("last cycle", "none recorded yet")
+    else:
+        table.add_row("last cycle", f"{_utc(last.started_at)} on {escape(last.instance)}: {last.status}")
+        s = last.summary
+        if s:
+            totals = ", ".join(f"{amount} {currency}" for currency, amount in (s.get("charged_total") or {}).items())
+            table.add_row(
+                "  result",
+                f"{s.get('charged', 0)} charged{f' ({totals})' if totals else ''}, {s.get('failed', 0)} failed, "
+                f"{s.get('errors', 0)} errors, {s.get('waiting', 0)} waiting on the processor",
+            )
+        if last.error:
+            table.add_row("  error", escape(last.error))
+    if report.last_success is not None and report.last_success is not last:
+        table.add_row("last successful", f"{_utc(report.last_success.finished_at)} on {report.last_success.instance}")
+    upcoming = report.next_cycle
+    shown = _utc(upcoming.at) if upcoming.at else "unknown"
+    table.add_row("next cycle", f"{shown} ({escape(upcoming.note)})")
+    charged = "; ".join(
+        f"{c.count} recharges, {format_customer(c.charged, c.currency)} charged "
+        f"({format_customer(c.credited, c.currency)} credited)"
+        for c in report.charged
+    )
+    table.add_row("charged, last 24 h", charged or "nothing")
+    out.print(table)
+    if not report.attention:
+        out.print("nothing needs attention")
+        return
+    attention = Table("kind", "what", "detail", "since / retry at", title="needs attention")
+    for a in report.attention:
+        attention.add_row(a.kind, escape(a.subject), escape(a.detail), _utc(a.at) if a.at else "-")
+    out.print(attention)
+    count = len(report.attention)
+    out.print(f"{count} {'item needs' if count == 1 else 'items need'} attention")
+
+
+@accounts_group.command("history")
+@click.argument("account_id")
+@click.option("--days", type=click.IntRange(1, 366), help="The last N UTC days, today included (default 30).")
+@click.option("--since", metavar="DATE", help="The first UTC day, YYYY-MM-DD.")
+@click.option("--until", metavar="DATE", help="The last UTC day, YYYY-MM-DD (default: today).")
+@click.option("--json", "as_json", is_flag=True, help="JSON with amounts as decimal strings.")
+@click.option(
+    "--chart",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE.png",
+    help="Draw the balance, threshold and recharges as a PNG chart into FILE.png (instead of the table).",
+)
+@pass_app
+def accounts_history(
+    app: App, account_id: str, days: int | None, since: str | None, until: str | None, as_json: bool, chart: Path | None
+) -> None:
+    """An account day by day (UTC): usage per kind, credits and adjustments, the balance at the end of the day (from the
+    ledger), the threshold the recharge decision had that day, and the recharges claimed that day."""
+    from recharged.history import account_history, parse_period
+
+    if chart is not None and chart.suffix.lower() != ".png":
+        raise InputError(f"--chart {chart}: the chart is a PNG; name the file *.png")
+    first, last = parse_period(days, since, until, app.clock.now().date())
+    history = account_history(app.database(), app.settings, account_id, first, last)
+    if chart is not None:
+        history.chart(chart)
+        (err if as_json else out).print(f"account {account_id}: chart of {first} to {last} written to {chart}")
+    if as_json:
+        out.print_json(json.dumps(history.as_json()))
+    elif chart is None:
+        _history_table(history)
+
+
+def _history_table(history: Any) -> None:
+    from rich.markup import escape
+
+    table = Table(title=f"account {history.account_id} ({history.currency}), {history.first} to {history.last} UTC")
+    for column in ("day", "usage", "by kind", "credits/adj.", "balance", "threshold", "recharges"):
+        table.add_column(column, justify="left" if column in ("day", "by kind", "recharges") else "right")
+    for d in history.days:
+        kinds = "\n".join(f"{u.kind} {format_ledger(u.amount)} ({u.events}x, {u.quantity} {u.unit})" for u in d.usage)
+        recharges = "\n".join(
+            f"#{r.id} {r.kind} {format_ledger(r.amount)}, charged {format_ledger(r.total)}: {r.phase}"
+            + (f" ({escape(r.outcome)})" if r.outcome else "")
+            for r in d.recharges
+        )
+        table.add_row(
+            d.day.isoformat(),
+            format_ledger(d.usage_total),
+            kinds or "-",
+            format_ledger(d.credits_and_adjustments) if d.credits_and_adjustments else "-",
+            format_ledger(d.balance),
+            format_ledger(d.threshold),
+            recharges or "-",
+        )
+    out.print(table)
+    out.print(f"balance at the start of {history.first}: {format_ledger(history.opening_balance)} {history.currency}")
+
+
+def _parse_since(value: str) -> datetime:
+    from datetime import UTC, date
+
+    try:
+        day = date.fromisoformat(value.strip())
+    except ValueError:
+        try:
+            return parse_instant(value)
+        except ValueError:
+            raise InputError(f"--since {value!r} is not a date (YYYY-MM-DD) or an ISO instant with offset") from None
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+@main.command("reconcile")
+@click.option(
+    "--since", metavar="DATE", help="Payments created from this UTC day (or ISO instant) on; default 30 days ago."
+)
+@click.option("--json", "as_json", is_flag=True, help="JSON with amounts as decimal strings.")
+@pass_app
+def reconcile_command(app: App, since: str | None, as_json: bool) -> None:
+    """Match the processor's PaymentIntents for our customers one to one with the ledger's credits and our
+    recharges; report succeeded charges without a credit, credits without a succeeded charge, amounts or
+    currencies that differ, and charges whose metadata names another account than the one credited.
+
+    \b
+    Exit status: 0 when everything matches, 1 when a problem is found (each is listed), 78 when the Stripe key
+    or the configuration is missing or invalid.
+    """
+    from datetime import timedelta
+
+    from rich.markup import escape
+
+    from recharged.reconcile import reconcile
+
+    start = _parse_since(since) if since is not None else app.clock.now() - timedelta(days=30)
+    gateway = app.gateway()  # fail before reading anything when the key is missing
+    report = reconcile(app.database(), gateway, start)
+    if as_json:
+        out.print_json(json.dumps(report.as_json()))
+    else:
+        charged = ", ".join(f"{format_ledger(v)} {c}" for c, v in sorted(report.charged.items())) or "nothing"
+        credited = ", ".join(f"{format_ledger(v)} {c}" for c, v in sorted(report.credited.items())) or "nothing"
+        out.print(
+            f"since {_utc(report.since)}: {report.customers} customers, {report.charges} PaymentIntents, "
+            f"{report.succeeded} succeeded, {report.matched} matched one to one; charged {charged}, credited {credited}"
+        )
+        if report.problems:
+            table = Table("problem", "payment intent", "account", "detail", title="reconciliation problems")
+            for p in report.problems:
+                table.add_row(p.kind, p.payment_intent, p.account or "-", escape(p.detail))
+            out.print(table)
+            out.print(f"{len(report.problems)} problem{'' if len(report.problems) == 1 else 's'} found")
+        else:
+            out.print("every charge matches its credit")
+    if not report.ok:
+        sys.exit(1)
 
 
 # --- verify -------------------------------------------------------------------------------------------------
@@ -1038,3 +1232,78 @@ def issue_statements(app: App, at: datetime | None) -> None:
 
 
 __all__ = ["main"]
+
+
+# --- demo -----------------------------------------------------------------------------------------------------
+
+
+@main.command("demo")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=Path("recharged-demo"),
+    show_default=True,
+    help="Folder for the demo's database, emails and charts (a previous demo's output there is replaced).",
+)
+def demo(out_dir: Path) -> None:
+    """Sixty days of six made-up customers in under a minute: usage, recharge cycles, receipts, notices and a
+    balance chart per account. All local: SQLite, an in-process Stripe-compatible server, .eml files, no keys.
+    It always runs on the built-in defaults (config.toml and RECHARGED_* settings do not apply)."""
+    from recharged import demo as simulation
+    from recharged.config import LoggingSettings
+    from recharged.money import format_customer
+
+    configure(LoggingSettings(level="warning"))
+    columns = (TextColumn("simulating"), BarColumn(), TextColumn("day {task.completed}/{task.total}"))
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("days", total=simulation.DAYS)
+        result = simulation.run(out_dir, progress=lambda done, _total: bar.update(task, completed=done))
+
+    def money(units: int) -> str:
+        return format_customer(units, result.currency)
+
+    out.print(
+        f"recharged demo: the {simulation.DAYS} days before today, {result.start:%Y-%m-%d} 00:00 to "
+        f"{result.end:%Y-%m-%d} 00:00 UTC; {len(result.accounts)} accounts, {result.usage_events:,} usage events, "
+        f"{result.cycles} recharge cycles (one every 4 simulated hours); ran in {result.seconds:.1f} s"
+    )
+    table = Table("account", "habit", "charges", "declines", "receipts", "notices", "balance start -> end",
+                  "reserve (days)", "state", title="what happened")  # fmt: skip
+    rows = result.accounts
+    for a in rows:
+        reserve = f"{a.reserve_days[0]} - {a.reserve_days[1]}" if a.reserve_days else "-"
+        charges = f"{a.charges} ({money(a.charged)})"
+        balance = f"{money(a.balance_start)} -> {money(a.balance_end)}"
+        table.add_row(a.account_id, a.habit, charges, str(a.declines), str(a.receipts), str(a.notices), balance,
+                      reserve, a.state)  # fmt: skip
+    table.add_row(
+        "total",
+        "",
+        f"{sum(a.charges for a in rows)} ({money(sum(a.charged for a in rows))})",
+        str(sum(a.declines for a in rows)),
+        str(sum(a.receipts for a in rows)),
+        str(sum(a.notices for a in rows)),
+        f"{money(sum(a.balance_start for a in rows))} -> {money(sum(a.balance_end for a in rows))}",
+    )
+    out.print(table)
+    lines = [f"  {a.account_id}: {a.story}" for a in rows]
+    lines.append(
+        "reserve: the balance in days of the account's average daily usage, lowest before a cycle and highest after "
+        "one. Below 7 days (the threshold) recharged adds 14 days' worth, so it bounces between about one and three "
+        "weeks. The dialer stops an account's calls while its balance is zero or less."
+    )
+    lines += [
+        f"database  {result.database}",
+        f"emails    {result.emails}/ ({result.emails_written} .eml files: receipts and notices)",
+        f"charts    {result.charts}/ (one PNG per account: balance, threshold and recharges)",
+        f"summary   {result.out / 'summary.json'}",
+        f"look around: recharged --config {result.config} receipts steady",
+    ]
+    for line in lines:
+        out.print(line, markup=False)
+    for line in result.verify.violations:
+        err.print(f"VIOLATION {line}", markup=False)
+    if not result.verify.ok:
+        _fail(f"verify found {len(result.verify.violations)} violations in the demo's database", 1)
+    out.print(f"verify: ledger OK, {result.verify.checked_entries:,} usage entries checked, every invariant holds")

@@ -1,0 +1,309 @@
+"""`recharged status`: the daemon's last and next cycle, what it charged, and what needs a person's attention.
+
+Everything comes from the database (job runs, recharges, accounts, cards, the outbox) except the next cycle,
+which only the running daemon knows: its /healthz is asked with a short timeout. When no daemon answers, the
+next cycle is estimated as the last successful one plus the cycle interval, and marked as an estimate.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+import requests
+
+from recharged.config import Settings
+from recharged.db import (
+    Database,
+    accounts_not_ok,
+    last_job_run,
+    open_recharges_claimed_before,
+    recharges_finished_since,
+    undelivered_mail,
+    unusable_sources,
+)
+from recharged.models import JobRun
+from recharged.money import Units, format_ledger
+from recharged.payments import card_label
+
+HEALTH_TIMEOUT_SECONDS = 1.0
+MAIL_LATE = timedelta(hours=1)  # a pending email older than this needs a look (the mail server may be down)
+_NEXT_CYCLE = re.compile(r"next cycle at (\S+)")
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+@dataclass(frozen=True, slots=True)
+class CycleRun:
+    """One recorded run of the recharge cycle."""
+
+    started_at: datetime
+    finished_at: datetime | None
+    instance: str
+    status: str  # running | succeeded | stopped | failed | interrupted
+    summary: dict[str, Any]
+    error: str | None
+
+    @classmethod
+    def of(cls, run: JobRun) -> CycleRun:
+        return cls(run.started_at, run.finished_at, run.instance, run.status, dict(run.summary or {}), run.error)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "instance": self.instance,
+            "status": self.status,
+            "summary": self.summary,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonAnswer:
+    """What the daemon's /healthz said, or why nothing did."""
+
+    url: str | None  # None: the HTTP server is disabled in the configuration
+    answered: bool
+    health: str | None = None  # pass | warn | fail
+    scheduler_running: bool | None = None
+    next_cycle: datetime | None = None
+    error: str | None = None
+
+
+def ask_daemon(settings: Settings, timeout: float = HEALTH_TIMEOUT_SECONDS) -> DaemonAnswer:
+    """Ask the daemon configured in [http] for its health (one GET /healthz, `timeout` seconds at most)."""
+    http = settings.http
+    if not http.enabled:
+        return DaemonAnswer(None, False, error="the daemon's HTTP server is disabled ([http] enabled = false)")
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(http.host, http.host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{http.port}/healthz"
+    try:
+        with requests.Session() as session:
+            session.trust_env = False  # the daemon is asked directly, never through a proxy
+            body = session.get(url, timeout=timeout).json()
+    except requests.Timeout:
+        return DaemonAnswer(url, False, error=f"no answer within {timeout:g} s")
+    except requests.ConnectionError:
+        return DaemonAnswer(url, False, error="could not connect")
+    except requests.RequestException as exc:
+        return DaemonAnswer(url, False, error=type(exc).__name__)
+    except ValueError:
+        return DaemonAnswer(url, False, error="the answer was not recharged's health JSON")
+    return read_health(url, body)
+
+
+def read_health(url: str, body: Any) -> DaemonAnswer:
+    """The daemon's health report (application/health+json, as recharged.health writes it), read."""
+    checks = body.get("checks") if isinstance(body, dict) else None
+    scheduler = (checks or {}).get("scheduler:running") if isinstance(checks, dict) else None
+    if not isinstance(scheduler, list) or not scheduler or not isinstance(scheduler[0], dict):
+        return DaemonAnswer(url, False, error="the answer was not recharged's health JSON")
+    check = scheduler[0]
+    running = bool(check.get("observedValue"))
+    found = _NEXT_CYCLE.search(str(check.get("output") or ""))
+    next_cycle = None
+    if running and found:
+        try:
+            next_cycle = datetime.fromisoformat(found.group(1))
+        except ValueError:
+            next_cycle = None
+    return DaemonAnswer(url, True, str(body.get("status")), running, next_cycle)
+
+
+@dataclass(frozen=True, slots=True)
+class NextCycle:
+    at: datetime | None
+    source: Literal["daemon", "estimate", "unknown"]
+    note: str
+
+
+@dataclass(frozen=True, slots=True)
+class Charged:
+    """Recharges finished in the last 24 hours in one currency."""
+
+    currency: str
+    count: int
+    credited: Units  # net, to the balances
+    charged: Units  # with VAT, to the cards
+
+
+@dataclass(frozen=True, slots=True)
+class Attention:
+    """One thing a person should look at."""
+
+    kind: str
+    subject: str
+    detail: str
+    account: str | None = None
+    at: datetime | None = None  # when it started, or when it will be retried
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "subject": self.subject,
+            "account": self.account,
+            "detail": self.detail,
+            "at": _iso(self.at),
+        }
+
+
+ATTENTION_KINDS = {
+    "cycle_failed": "the last recharge cycle failed",
+    "cycle_overdue": "no successful cycle for longer than the interval and its grace",
+    "scheduler_stopped": "the daemon answered but its scheduler is not running",
+    "action_required": "the customer must authenticate a payment",
+    "suspended": "automatic recharge suspended after repeated failures",
+    "backing_off": "recent recharges failed; retried later",
+    "unusable_source": "a card a hard decline made unusable",
+    "mail_failed": "emails that failed for good",
+    "mail_late": "emails pending for over an hour",
+    "recharge_stuck": "a recharge open for longer than a lease",
+}
+
+
+@dataclass
+class StatusReport:
+    at: datetime
+    last_cycle: CycleRun | None
+    last_success: CycleRun | None
+    next_cycle: NextCycle
+    daemon: DaemonAnswer
+    charged: list[Charged] = field(default_factory=list)
+    attention: list[Attention] = field(default_factory=list)
+
+    @property
+    def needs_attention(self) -> bool:
+        return bool(self.attention)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "at": _iso(self.at),
+            "needs_attention": self.needs_attention,
+            "last_cycle": None if self.last_cycle is None else self.last_cycle.as_json(),
+            "last_successful_cycle": None if self.last_success is None else self.last_success.as_json(),
+            "next_cycle": {
+                "at": _iso(self.next_cycle.at),
+                "source": self.next_cycle.source,
+                "note": self.next_cycle.note,
+            },
+            "daemon": {
+                "url": self.daemon.url,
+                "answered": self.daemon.answered,
+                "health": self.daemon.health,
+                "scheduler_running": self.daemon.scheduler_running,
+                "error": self.daemon.error,
+            },
+            "charged_last_24h": {
+                "recharges": sum(c.count for c in self.charged),
+                "by_currency": {
+                    c.currency: {
+                        "count": c.count,
+                        "credited": format_ledger(c.credited),
+                        "charged": format_ledger(c.charged),
+                    }
+                    for c in self.charged
+                },
+            },
+            "attention": [a.as_json() for a in self.attention],
+        }
+
+
+def next_cycle(daemon: DaemonAnswer, last_success: CycleRun | None, interval: timedelta, now: datetime) -> NextCycle:
+    """The next cycle as the daemon says, else estimated from the last successful one."""
+    if daemon.answered and daemon.next_cycle is not None:
+        return NextCycle(daemon.next_cycle, "daemon", f"as the daemon at {daemon.url} says")
+    if daemon.answered:
+        return NextCycle(None, "unknown", f"the daemon at {daemon.url} answered but has no cycle scheduled")
+    why = f"no daemon answered at {daemon.url} ({daemon.error})" if daemon.url else str(daemon.error)
+    if last_success is None or last_success.finished_at is None:
+        return NextCycle(None, "unknown", f"{why}, and no cycle has succeeded yet")
+    at = last_success.finished_at + interval
+    late = ", already past: is the daemon running?" if at < now else ""
+    hours = f"{interval.total_seconds() / 3600:g}"
+    return NextCycle(at, "estimate", f"estimate: {why}; the last successful cycle + {hours} h{late}")
+
+
+def status_report(db: Database, settings: Settings, now: datetime, daemon: DaemonAnswer) -> StatusReport:
+    """Everything `recharged status` shows, as of `now`."""
+    interval = timedelta(hours=settings.daemon.cycle_interval_hours)
+    grace = timedelta(seconds=settings.daemon.misfire_grace_seconds + settings.daemon.cycle_jitter_seconds)
+    lease = timedelta(seconds=settings.payments.lease_seconds)
+    attention: list[Attention] = []
+    with db.transaction() as session:
+        last_run = last_job_run(session, "cycle")
+        last = None if last_run is None else CycleRun.of(last_run)
+        last_ok = last if last is not None and last.status == "succeeded" else None
+        if last_ok is None:
+            found = last_job_run(session, "cycle", "succeeded")
+            last_ok = None if found is None else CycleRun.of(found)
+        charged = [Charged(*row) for row in recharges_finished_since(session, now - timedelta(days=1))]
+
+        for account in accounts_not_ok(session):
+            state = account.recharge_state
+            reason = account.state_reason or ATTENTION_KINDS.get(state, state)
+            retry = account.retry_at if state == "backing_off" else None  # shown as its time
+            attention.append(Attention(state, f"account {account.id}", reason, account.id, retry))
+        for source in unusable_sources(session):
+            attention.append(
+                Attention(
+                    "unusable_source",
+                    f"account {source.account_id} source {source.id}",
+                    f"{card_label(source)}: {source.unusable_reason}; replace it, or `recharged sources reactivate`",
+                    source.account_id,
+                )
+            )
+        for status, count, oldest, error in undelivered_mail(session, now - MAIL_LATE):
+            what = "failed for good" if status == "failed" else "pending for over an hour"
+            hint = "`recharged outbox --status failed`" if status == "failed" else "`recharged outbox`"
+            detail = f"{count} emails {what}, the oldest queued {oldest:%Y-%m-%d %H:%M} UTC; see {hint}"
+            if error:
+                detail += f"; last error: {error}"
+            attention.append(
+                Attention("mail_failed" if status == "failed" else "mail_late", "outbox", detail, None, oldest)
+            )
+        for recharge in open_recharges_claimed_before(session, now - lease):
+            attention.append(
+                Attention(
+                    "recharge_stuck",
+                    f"recharge {recharge.id}",
+                    f"{recharge.kind} recharge of {format_ledger(recharge.total)} {recharge.currency} still "
+                    f"{recharge.phase} ({recharge.outcome or 'no outcome yet'}); `recharged recover` finishes it",
+                    recharge.account_id,
+                    recharge.created_at,
+                ),
+            )
+
+    cycle_problems = []
+    if last is not None and last.status == "failed":
+        cycle_problems.append(
+            Attention("cycle_failed", f"cycle on {last.instance}", last.error or "see the log", None, last.started_at)
+        )
+    if last_ok is not None and last_ok.finished_at is not None and now > last_ok.finished_at + interval + grace:
+        cycle_problems.append(
+            Attention(
+                "cycle_overdue",
+                "recharge cycle",
+                f"the last successful cycle finished {last_ok.finished_at:%Y-%m-%d %H:%M} UTC, more than "
+                f"{(interval + grace).total_seconds() / 3600:g} h ago",
+                None,
+                last_ok.finished_at,
+            )
+        )
+    if daemon.answered and daemon.scheduler_running is False:
+        cycle_problems.append(
+            Attention("scheduler_stopped", f"daemon at {daemon.url}", ATTENTION_KINDS["scheduler_stopped"])
+        )
+    return StatusReport(
+        at=now,
+        last_cycle=last,
+        last_success=last_ok,
+        next_cycle=next_cycle(daemon, last_ok, interval, now),
+        daemon=daemon,
+        charged=charged,
+        attention=cycle_problems + attention,
+    )
