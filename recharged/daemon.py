@@ -167,7 +167,7 @@ class Daemon:
 
     def _mail_health(self) -> dict[str, Any]:
         """The last delivery attempt's outcome and what waits, from the outbox (no call to the mail server)."""
-        with self.db.transaction() as session:
+        with self.db.reading() as session:
             mail = outbox_health(session)
         outcome = mail["last_outcome"]
         status = "fail" if mail["failed"] else ("warn" if outcome and outcome != "sent" else "pass")

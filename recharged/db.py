@@ -79,12 +79,16 @@ def make_engine(url: str, connections: int | None = None) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _begin(connection: Any) -> None:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            read_only = connection.get_execution_options().get(READ_ONLY, False)
+            connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     if parsed.get_backend_name() == "postgresql":
         return create_engine(url, pool_pre_ping=True, **pool)
     raise DatabaseError(f"database {masked_url(url)}: only sqlite:// and postgresql:// are supported")
+
+
+READ_ONLY = "recharged_read_only"  # execution option: begin SQLite's transaction deferred
 
 
 def migrations_dir() -> Path:
@@ -144,6 +148,20 @@ class Database:
                 del self._writing[thread]
             if queued:
                 self._writer.release()
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A session for reading only, rolled back at the end. On SQLite it takes no write lock (a deferred
+        transaction: in WAL mode readers see one snapshot and never hold up the writer), so `verify`, `plan`,
+        `status`, health probes and account reads never stall usage recording or charging."""
+        try:
+            with self.engine.connect() as connection:
+                connection.execution_options(**{READ_ONLY: True})
+                with Session(bind=connection, expire_on_commit=False) as session:
+                    yield session
+                    session.rollback()
+        except OperationalError as exc:
+            raise DatabaseError(f"database {masked_url(self.url)}: {exc.orig}") from exc
 
     def _alembic(self) -> Any:
         from alembic.config import Config

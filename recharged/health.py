@@ -107,7 +107,7 @@ class Health:
         # Age of the last successful cycle, whichever instance ran it; before the first one, the time since start.
         last = None
         if db_status == "pass":
-            with self.db.transaction() as session:
+            with self.db.reading() as session:
                 run = last_job_run(session, "cycle", "succeeded")
                 last = None if run is None else run.finished_at
         since = last or self.started_at

@@ -154,7 +154,7 @@ class AccountHistory:
 def account_history(db: Database, settings: Settings, account_id: str, first: date, last: date) -> AccountHistory:
     """The account's days from `first` to `last` (UTC, both included). NotFoundError for an unknown account."""
     start, end = midnight(first), midnight(last) + DAY
-    with db.transaction() as session:
+    with db.reading() as session:
         account = load_account(session, account_id)
         plan = settings.plans.get(account.plan)
         rates = plan.rates if plan is not None else {}

@@ -373,7 +373,7 @@ def create_app(backend: Backend) -> FastAPI:
 
 def account_view(backend: Backend, runtime: Runtime, account_id: str) -> AccountView:
     at = backend.health.clock.now()
-    with backend.db.transaction() as session:
+    with backend.db.reading() as session:
         account = load_account(session, account_id)
         plan = next(plans_in(session, runtime.settings, at, [account_id]))
     decision = plan.decision

@@ -42,7 +42,7 @@ def plan_accounts(
     db: Database, settings: Settings, at: datetime, ids: Sequence[str] | None = None
 ) -> Iterator[AccountPlan]:
     """Decisions for every account (or the given ones) at time `at`, in account id order."""
-    with db.transaction() as session:
+    with db.reading() as session:
         yield from plans_in(session, settings, at, ids)
 
 

@@ -240,12 +240,12 @@ def _problems(
 
 def reconcile(db: Database, gateway: PaymentGateway, since: datetime) -> ReconcileReport:
     """List our customers' payments at the processor since `since` and match them with the ledger."""
-    with db.transaction() as session:
+    with db.reading() as session:
         customers = processor_customers(session)
     charges: dict[str, PaymentRecord] = {}
     for customer in customers:
         charges.update((c.id, c) for c in gateway.list_payments(customer, since - SLACK))
-    with db.transaction() as session:
+    with db.reading() as session:
         credits = [
             Credit(e.entry_type, e.account_id, e.external_id, e.amount, e.occurred_at)
             for e in credits_for(session, since, list(charges))

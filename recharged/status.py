@@ -234,7 +234,7 @@ def status_report(db: Database, settings: Settings, now: datetime, daemon: Daemo
     grace = timedelta(seconds=settings.daemon.misfire_grace_seconds + settings.daemon.cycle_jitter_seconds)
     lease = timedelta(seconds=settings.payments.lease_seconds)
     attention: list[Attention] = []
-    with db.transaction() as session:
+    with db.reading() as session:
         last_run = last_job_run(session, "cycle")
         last = None if last_run is None else CycleRun.of(last_run)
         last_ok = last if last is not None and last.status == "succeeded" else None

@@ -57,7 +57,7 @@ def verify(db: Database, progress: Callable[[int], None] | None = None, limit: i
         if len(found) > limit:
             violations.append(f"{kind}: {len(found) - limit} more not listed")
 
-    with db.transaction() as session:
+    with db.reading() as session:
         report(
             "balance",
             [
