@@ -158,8 +158,7 @@ class Database:
             with self.engine.connect() as connection:
                 connection.execution_options(**{READ_ONLY: True})
                 with Session(bind=connection, expire_on_commit=False) as session:
-                    yield session
-                    session.rollback()
+                    yield session  # closing ends the transaction; what was read stays loaded
         except OperationalError as exc:
             raise DatabaseError(f"database {masked_url(self.url)}: {exc.orig}") from exc
 
