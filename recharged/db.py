@@ -429,10 +429,12 @@ def lock_account(session: Session, account_id: str) -> Account | None:
     return session.execute(select(Account).where(Account.id == account_id).with_for_update()).scalar_one_or_none()
 
 
-def lock_recharge(session: Session, recharge_id: int) -> Recharge:
+def lock_recharge(session: Session, recharge_id: int, account_id: str | None = None) -> Recharge:
     """Lock a recharge for a phase change: its account row first, then the recharge. Every transaction that
-    changes a recharge takes the locks in this order, as claiming does, so they cannot deadlock."""
-    account_id = session.execute(select(Recharge.account_id).where(Recharge.id == recharge_id)).scalar_one()
+    changes a recharge takes the locks in this order, as claiming does, so they cannot deadlock. `account_id`
+    is the recharge's account when the caller knows it (it never changes), saving a query."""
+    if account_id is None:
+        account_id = session.execute(select(Recharge.account_id).where(Recharge.id == recharge_id)).scalar_one()
     lock_account(session, account_id)
     recharge = session.execute(select(Recharge).where(Recharge.id == recharge_id).with_for_update()).scalar_one()
     return recharge

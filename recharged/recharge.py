@@ -151,6 +151,7 @@ class RechargeService:
         self._gateway_lock = threading.Lock()
         self._clock = clock
         self._observer: Observer = observer or _Unobserved()
+        self._account_of: dict[int, str] = {}  # recharge -> account, while a recharge is being processed
 
     @property
     def gateway(self) -> PaymentGateway:
@@ -199,7 +200,7 @@ class RechargeService:
                 if recharge_id is None:
                     report.not_claimed.append(account_id)
                 else:
-                    report.charged.append(self.process(recharge_id))
+                    report.charged.append(self.process(recharge_id, "claimed"))
             except Exception as exc:  # one account's trouble never stops the others' charges
                 log.exception("cycle.account_failed", account=account_id, error=str(exc))
                 report.errors[account_id] = str(exc)[:300]
@@ -216,7 +217,7 @@ class RechargeService:
         recharge_id = self.claim_due(account_id, self._clock.now(), wait_for_lock=True)
         if recharge_id is None or recharge_id == _BUSY:
             return None
-        return self.process(recharge_id)
+        return self.process(recharge_id, "claimed")
 
     def mark_due(self, account_ids: Iterable[str], next_cycle: datetime | None, margin: timedelta) -> list[str]:
         """After usage was recorded: note when each account fell under its threshold (it is charged in the next
@@ -337,26 +338,37 @@ class RechargeService:
             },
         )
 
-    def process(self, recharge_id: int) -> RechargeReport:
+    def process(self, recharge_id: int, phase: str | None = None) -> RechargeReport:
         """Advance a recharge until it is finished, failed, or waiting on the processor. Each step re-checks
-        the phase under the recharge's lock and returns the phase it left the recharge in."""
-        with self._db.transaction() as session:
-            phase = session.get(Recharge, recharge_id).phase  # type: ignore[union-attr]
+        the phase under the recharge's lock and returns the phase it left the recharge in; `phase` is where
+        the caller knows it stands (a claim it just made), else it is read."""
+        if phase is None:
+            with self._db.reading() as session:
+                phase = session.get(Recharge, recharge_id).phase  # type: ignore[union-attr]
         steps = {
             "claimed": self._choose_source,
             "charging": self._charge,
             "paid": self._credit,
             "credited": self._finish,
         }
-        while phase in steps:
-            phase = steps[phase](recharge_id)
+        try:
+            while phase in steps:
+                phase = steps[phase](recharge_id)
+        finally:
+            self._account_of.pop(recharge_id, None)
         return self.report(recharge_id)
+
+    def _lock(self, session: Session, recharge_id: int) -> Recharge:
+        """`lock_recharge`, remembering the recharge's account (it never changes) for the next step's lock."""
+        recharge = lock_recharge(session, recharge_id, self._account_of.get(recharge_id))
+        self._account_of[recharge_id] = recharge.account_id
+        return recharge
 
     def _choose_source(self, recharge_id: int) -> str:
         """claimed -> charging: store a new attempt and its idempotency key before any request."""
         now = self._clock.now()
         with self._db.transaction() as session:
-            recharge = lock_recharge(session, recharge_id)
+            recharge = self._lock(session, recharge_id)
             if recharge.phase != "claimed":
                 return recharge.phase
             sources = candidate_sources(
@@ -388,7 +400,7 @@ class RechargeService:
         """charging -> paid | claimed (declined) | failed: send, or re-send with the same key, or look up."""
         now = self._clock.now()
         with self._db.transaction() as session:
-            lock_recharge(session, recharge_id)
+            self._lock(session, recharge_id)
             if not take_lease(session, recharge_id, now, now + timedelta(seconds=self._payments.lease_seconds)):
                 return "waiting"
             recharge = session.get(Recharge, recharge_id)
@@ -439,7 +451,7 @@ class RechargeService:
     def _settle(self, recharge_id: int, attempt_id: int, result: PaymentResult | None) -> str:
         now = self._clock.now()
         with self._db.transaction() as session:
-            recharge = lock_recharge(session, recharge_id)
+            recharge = self._lock(session, recharge_id)
             if result is not None and result.outcome == "pending":
                 session.get(ChargeAttempt, attempt_id).payment_intent = result.payment_intent  # type: ignore[union-attr]
                 recharge.lease_until, recharge.outcome = None, "payment processing at the processor"
@@ -499,7 +511,7 @@ class RechargeService:
         """paid -> credited: the ledger credit, unique per PaymentIntent."""
         now = self._clock.now()
         with self._db.transaction() as session:
-            recharge = lock_recharge(session, recharge_id)
+            recharge = self._lock(session, recharge_id)
             if recharge.phase != "paid":
                 return recharge.phase
             assert recharge.payment_intent is not None
@@ -524,7 +536,7 @@ class RechargeService:
 
     def _finish(self, recharge_id: int) -> str:
         with self._db.transaction() as session:
-            recharge = lock_recharge(session, recharge_id)
+            recharge = self._lock(session, recharge_id)
             if recharge.phase == "credited":
                 recharge.phase, recharge.updated_at = "finished", self._clock.now()
                 log.info(
@@ -565,11 +577,11 @@ class RechargeService:
 
     def _release(self, recharge_id: int, outcome: str) -> None:
         with self._db.transaction() as session:
-            recharge = lock_recharge(session, recharge_id)
+            recharge = self._lock(session, recharge_id)
             recharge.lease_until, recharge.outcome = None, outcome[:200]
 
     def report(self, recharge_id: int) -> RechargeReport:
-        with self._db.transaction() as session:
+        with self._db.reading() as session:
             r = session.get(Recharge, recharge_id)
             assert r is not None
             source = session.get(FundingSource, r.source_id) if r.source_id is not None else None
