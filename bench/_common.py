@@ -161,3 +161,41 @@ def fmt_s(value: float) -> str:
 
 def fmt_mb(value: float) -> str:
     return f"{value:,.1f}"
+
+
+def create_bench_accounts(
+    db: Any,
+    settings: Any,
+    clock: Any,
+    count: int,
+    *,
+    account_id: Callable[[int], str],
+    opening_balance: str,
+    extra: Callable[[int], dict[str, str]] = lambda n: {},
+) -> None:
+    """`count` accounts on the standard plan with 20% VAT and auto-recharge on, created 90 days before AT,
+    in batches of 2,000 through the same code as `accounts import`."""
+    from datetime import timedelta
+
+    from recharged.accounts import create_accounts, new_account
+
+    created = (AT - timedelta(days=90)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for first in range(0, count, 2_000):
+        batch = [
+            new_account(
+                {
+                    "id": account_id(n),
+                    "email": f"billing@{account_id(n)}.example",
+                    "plan": "standard",
+                    "vat_percent": "20",
+                    "created_at": created,
+                    "opening_balance": opening_balance,
+                    "auto_recharge": "true",
+                    **extra(n),
+                },
+                settings,
+                clock.now(),
+            )
+            for n in range(first, min(first + 2_000, count))
+        ]
+        create_accounts(db, batch, ACTOR, clock)

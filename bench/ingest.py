@@ -25,7 +25,6 @@ from typing import Any
 import _common as c
 from sqlalchemy import Column, MetaData, Table, func, select
 
-from recharged.accounts import create_accounts, new_account
 from recharged.clock import FixedClock
 from recharged.config import load_settings
 from recharged.db import Database, make_engine
@@ -105,25 +104,7 @@ def as_entry_row(spec: Spec, rates: dict[str, Any], rate_ids: dict[str, int], no
 
 
 def create_bench_accounts(db: Database, settings: Any, clock: FixedClock, accounts: int) -> None:
-    created = (c.AT - timedelta(days=90)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    for first in range(0, accounts, 2_000):
-        batch = [
-            new_account(
-                {
-                    "id": account_id(n),
-                    "email": f"billing@{account_id(n)}.example",
-                    "plan": "standard",
-                    "vat_percent": "20",
-                    "created_at": created,
-                    "opening_balance": "100.00",
-                    "auto_recharge": "true",
-                },
-                settings,
-                clock.now(),
-            )
-            for n in range(first, min(first + 2_000, accounts))
-        ]
-        create_accounts(db, batch, c.ACTOR, clock)
+    c.create_bench_accounts(db, settings, clock, accounts, account_id=account_id, opening_balance="100.00")
 
 
 def instrument(db: Database) -> dict[str, float]:
