@@ -170,7 +170,8 @@ class Daemon:
         with self.db.reading() as session:
             mail = outbox_health(session)
         outcome = mail["last_outcome"]
-        status = "fail" if mail["failed"] else ("warn" if outcome and outcome != "sent" else "pass")
+        # A message that failed for good needs a person, not a restart: warn, never fail the whole daemon.
+        status = "warn" if mail["failed"] or (outcome and outcome != "sent") else "pass"
         return {
             "componentType": "system",
             "status": status,
