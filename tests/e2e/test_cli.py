@@ -8,11 +8,11 @@ import os
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.e2e.commands import REPO, command_runner, ok
+
 AT = "2026-11-16T09:00:00Z"
 
 
@@ -26,24 +26,7 @@ def run(tmp_path, db_url):
     }
     env.pop("RECHARGED_CONFIG", None)
     env.pop("RECHARGED_ACTOR", None)
-
-    def _run(*args: str, config: Path | None = REPO / "config.toml") -> subprocess.CompletedProcess[str]:
-        prefix = ["--config", str(config)] if config else []
-        return subprocess.run(
-            [sys.executable, "-m", "recharged", *prefix, *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=tmp_path,
-            timeout=120,
-        )
-
-    return _run
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, result.stderr + result.stdout
-    return result.stdout
+    return command_runner(tmp_path, env)
 
 
 def test_sample_import_plan_and_verify(run, tmp_path):

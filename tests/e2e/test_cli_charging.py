@@ -4,47 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import card_on_file
+from tests.e2e.commands import REPO, charging_env, command_runner, ok
 
-REPO = Path(__file__).resolve().parents[2]
 AT = "2026-11-16T09:00:00Z"
 
 
 @pytest.fixture
 def run(tmp_path, db_url, stripe_server):
-    env = {
-        **os.environ,
-        "RECHARGED_DATABASE__URL": db_url,
-        "RECHARGED_PAYMENTS__STRIPE_API_BASE": stripe_server.url,
-        "RECHARGED_PAYMENTS__RETRY_INITIAL_SECONDS": "0",
-        "RECHARGED_PAYMENTS__RETRY_MAX_SECONDS": "0",
-        "RECHARGED_STRIPE_API_KEY": "sk_test_cli",
-        "RECHARGED_ACTOR": "Jane Doe",
-        "RECHARGED_LOGGING__LEVEL": "warning",
-    }
-
-    def _run(*args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "recharged", "--config", str(REPO / "config.toml"), *args],
-            capture_output=True,
-            text=True,
-            env={**env, **extra_env},
-            cwd=tmp_path,
-            timeout=120,
-        )
-
-    return _run
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, result.stderr + result.stdout
-    return result.stdout
+    return command_runner(tmp_path, charging_env(db_url, stripe_server.url))
 
 
 def test_charging_the_sample_through_the_cli(run, stripe_client, stripe_server):

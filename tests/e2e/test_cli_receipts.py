@@ -6,51 +6,18 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import card_on_file
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.e2e.commands import charging_env, command_runner, ok
 
 
 @pytest.fixture
 def run(tmp_path, db_url, stripe_server):
-    env = {
-        **os.environ,
-        "RECHARGED_DATABASE__URL": db_url,
-        "RECHARGED_PAYMENTS__STRIPE_API_BASE": stripe_server.url,
-        "RECHARGED_PAYMENTS__RETRY_INITIAL_SECONDS": "0",
-        "RECHARGED_PAYMENTS__RETRY_MAX_SECONDS": "0",
-        "RECHARGED_OUTBOX__RETRY_INITIAL_SECONDS": "0",
-        "RECHARGED_OUTBOX__RETRY_MAX_SECONDS": "0",
-        "RECHARGED_STRIPE_API_KEY": "sk_test_cli",
-        "RECHARGED_ACTOR": "Jane Doe",
-        "RECHARGED_LOGGING__LEVEL": "warning",
-        "RECHARGED_BUSINESS__NAME": "Dialer Co Ltd",
-    }
-
-    def _run(*args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "recharged", "--config", str(REPO / "config.toml"), *args],
-            capture_output=True,
-            text=True,
-            env={**env, **extra_env},
-            cwd=tmp_path,
-            timeout=120,
-        )
-
-    return _run
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, result.stderr + result.stdout
-    return result.stdout
+    env = {**charging_env(db_url, stripe_server.url), "RECHARGED_BUSINESS__NAME": "Dialer Co Ltd"}
+    return command_runner(tmp_path, env)
 
 
 def test_receipts_outbox_and_statement_from_the_command_line(run, stripe_client, smtp_server, tmp_path):

@@ -4,23 +4,18 @@ Stripe-compatible server, and a real HTTP server answering /healthz as the daemo
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
 from recharged.db import Database, finish_job_run, start_job_run
 from recharged.recharge import RechargeService
 from tests.conftest import add_account, busy_account
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.e2e.commands import charging_env, command_runner, ok
 
 
 def free_port() -> int:
@@ -32,35 +27,9 @@ def free_port() -> int:
 @pytest.fixture
 def run(tmp_path, db_url, stripe_server):
     port = free_port()  # nothing listens there unless a test serves /healthz on it
-    env = {
-        **os.environ,
-        "RECHARGED_DATABASE__URL": db_url,
-        "RECHARGED_PAYMENTS__STRIPE_API_BASE": stripe_server.url,
-        "RECHARGED_PAYMENTS__RETRY_INITIAL_SECONDS": "0",
-        "RECHARGED_PAYMENTS__RETRY_MAX_SECONDS": "0",
-        "RECHARGED_STRIPE_API_KEY": "sk_test_cli",
-        "RECHARGED_ACTOR": "Jane Doe",
-        "RECHARGED_LOGGING__LEVEL": "warning",
-        "RECHARGED_HTTP__PORT": str(port),
-    }
-
-    def _run(*args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "recharged", "--config", str(REPO / "config.toml"), *args],
-            capture_output=True,
-            text=True,
-            env={**env, **extra_env},
-            cwd=tmp_path,
-            timeout=120,
-        )
-
-    _run.port = port  # type: ignore[attr-defined]
-    return _run
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, result.stderr + result.stdout
-    return result.stdout
+    run = command_runner(tmp_path, {**charging_env(db_url, stripe_server.url), "RECHARGED_HTTP__PORT": str(port)})
+    run.port = port  # type: ignore[attr-defined]
+    return run
 
 
 @pytest.fixture
