@@ -127,6 +127,12 @@ def runway_days(balance: Units, window_usage: Units, days: int) -> Decimal | Non
     return (Decimal(balance * days) / Decimal(window_usage)).quantize(Decimal("0.1"), rounding=ROUND_FLOOR)
 
 
+def runs_out_within(runway: Decimal | None, wait: timedelta) -> bool:
+    """Whether a balance lasting `runway` days (None: indefinitely) runs out before `wait` has passed; exact,
+    in whole microseconds."""
+    return runway is not None and runway * (DAY // timedelta(microseconds=1)) < wait // timedelta(microseconds=1)
+
+
 def decide(figures: AccountFigures, at: datetime) -> Decision:
     """The recharge decision for one account at time `at`."""
     policy = figures.policy

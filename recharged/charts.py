@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from recharged.money import PLACES, Units
+from recharged.money import Units, to_decimal
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +22,8 @@ class BalancePoint:
 
 
 def _major(amount: Units) -> float:
-    return float(amount) / float(10**PLACES)
+    """An amount as matplotlib plots it: scaled by money.py, turned into a float only to be drawn."""
+    return float(to_decimal(amount))
 
 
 def balance_chart(

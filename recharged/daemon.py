@@ -41,6 +41,7 @@ from recharged.http import create_app
 from recharged.jobs import JobRecorder, close_interrupted_runs, instance_name
 from recharged.logs import configure
 from recharged.metrics import Metrics
+from recharged.money import format_ledger
 from recharged.notices import notify_from_plans
 from recharged.outbox import OutboxSender, outbox_health
 from recharged.payments import PaymentGateway
@@ -182,6 +183,10 @@ class Daemon:
             + (f", oldest waiting since {mail['oldest_pending_at']}" if mail["oldest_pending_at"] else ""),
         }
 
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
     def runtime(self) -> Runtime:
         assert self._runtime is not None, "the daemon has not started"
         return self._runtime
@@ -225,7 +230,9 @@ class Daemon:
                     report = runtime.recharges.charge_now(account_id)
                     if report is not None:
                         self.metrics.urgent_charges.inc()
-                        log.info("charge.urgent", account=account_id, phase=report.phase, amount=report.total)
+                        log.info(
+                            "charge.urgent", account=account_id, phase=report.phase, total=format_ledger(report.total)
+                        )
             except Exception as exc:  # the next cycle charges them anyway
                 log.exception("usage.after_failed", error=str(exc))
             finally:
@@ -234,56 +241,67 @@ class Daemon:
 
     # --- jobs -------------------------------------------------------------------------------------------------
 
-    def _cycle(self) -> None:
+    def _job(
+        self,
+        name: str,
+        body: Callable[[], Mapping[str, Any]],
+        *,
+        record: bool = False,
+        stopped: Callable[[Mapping[str, Any]], bool] = lambda _summary: False,
+    ) -> Mapping[str, Any] | None:
+        """Run one scheduled job unless the daemon is stopping, counted as work in flight. The recorder logs,
+        counts and records its errors; none reaches the scheduler. None when it did not run or failed."""
         if self._stop.is_set():
-            return
+            return None
         with self._work.held():
-            started = time.perf_counter()
-            runtime = self.runtime()
-
-            def body() -> Mapping[str, Any]:
-                notices = 0
-
-                def notify(plans: Sequence[AccountPlan]) -> None:
-                    nonlocal notices
-                    notices = notify_from_plans(self.db, self._clock.now(), plans)
-
-                report = runtime.recharges.run_cycle(
-                    concurrency=runtime.settings.daemon.charge_concurrency, stop=self._stop, plans_seen=notify
-                )
-                return {**report.summary(), "notices": notices}
-
             try:
-                summary = self._jobs.run("cycle", body, stopped=lambda summary: bool(summary["left_for_next"]))
+                return self._jobs.run(name, body, record=record, stopped=stopped)
             except Exception:
+                return None
+
+    def _cycle(self) -> None:
+        started = time.perf_counter()
+        runtime = self.runtime()
+
+        def body() -> Mapping[str, Any]:
+            notices = 0
+
+            def notify(plans: Sequence[AccountPlan]) -> None:
+                nonlocal notices
+                notices = notify_from_plans(self.db, self._clock.now(), plans)
+
+            report = runtime.recharges.run_cycle(
+                concurrency=runtime.settings.daemon.charge_concurrency, stop=self._stop, plans_seen=notify
+            )
+            return {**report.summary(), "notices": notices}
+
+        summary = self._job("cycle", body, record=True, stopped=lambda summary: bool(summary["left_for_next"]))
+        if summary is None:
+            if not self._stop.is_set():
                 self.metrics.cycles.labels("failed").inc()
                 self._status("last cycle failed; see the log")
-                return
-            self.metrics.cycles.labels("succeeded").inc()
-            self.metrics.cycle_duration.observe(time.perf_counter() - started)
-            self.metrics.last_success.set(self._clock.now().timestamp())
-            self._status(
-                f"last cycle {self._clock.now():%Y-%m-%d %H:%M} UTC: {summary['charged']} charged, "
-                f"{summary['failed']} failed, {summary['errors']} errors; next {self._next_text()}"
-            )
+            return
+        self.metrics.cycles.labels("succeeded").inc()
+        self.metrics.cycle_duration.observe(time.perf_counter() - started)
+        self.metrics.last_success.set(self._clock.now().timestamp())
+        self._status(
+            f"last cycle {self._clock.now():%Y-%m-%d %H:%M} UTC: {summary['charged']} charged, "
+            f"{summary['failed']} failed, {summary['errors']} errors; next {self._next_text()}"
+        )
 
     def _complete(self) -> None:
-        if self._stop.is_set():
-            return
-        with self._work.held():
-            runtime = self.runtime()
-            idle = timedelta(seconds=runtime.settings.daemon.completer_interval_seconds)
+        runtime = self.runtime()
+        idle = timedelta(seconds=runtime.settings.daemon.completer_interval_seconds)
 
-            def body() -> Mapping[str, Any]:
-                reports = runtime.recharges.recover(idle_for=idle)
-                return {"completed": len(reports), "phases": sorted({r.phase for r in reports})}
+        def body() -> Mapping[str, Any]:
+            reports = runtime.recharges.recover(idle_for=idle)
+            return {"completed": len(reports), "phases": sorted({r.phase for r in reports})}
 
-            with contextlib.suppress(Exception):
-                self._jobs.run("completer", body, record=False)
+        self._job("completer", body)
 
     def _maintain(self) -> None:
         """SQLite keeps no statistics unless asked; the plan's queries need them (PRAGMA optimize is cheap)."""
-        if self.db.dialect != "sqlite" or self._stop.is_set():
+        if self.db.dialect != "sqlite":
             return
 
         def body() -> Mapping[str, Any]:
@@ -291,39 +309,28 @@ class Daemon:
                 connection.exec_driver_sql("PRAGMA optimize")
             return {"sqlite": "optimized"}
 
-        with self._work.held(), contextlib.suppress(Exception):
-            self._jobs.run("maintenance", body, record=False)
+        self._job("maintenance", body)
 
     def _send_mail(self) -> None:
-        if self._stop.is_set():
-            return
-        with self._work.held():
-            sender = self._sender
+        sender = self._sender
 
-            def body() -> Mapping[str, Any]:
-                report = sender.send_pending()
-                return {
-                    "sent": len(report.sent),
-                    "recovered": len(report.recovered),
-                    "retrying": len(report.retrying),
-                    "failed": len(report.failed),
-                    "error": report.error,
-                }
+        def body() -> Mapping[str, Any]:
+            report = sender.send_pending()
+            return {
+                "sent": len(report.sent),
+                "recovered": len(report.recovered),
+                "retrying": len(report.retrying),
+                "failed": len(report.failed),
+                "error": report.error,
+            }
 
-            with contextlib.suppress(Exception):
-                self._jobs.run("mail", body, record=False)
+        self._job("mail", body)
 
     def _statements(self) -> None:
-        if self._stop.is_set():
-            return
-        with self._work.held():
-            settings = self.runtime().settings
-
-            def body() -> Mapping[str, Any]:
-                return {"statements": issue_monthly_statements(self.db, settings, self._clock)}
-
-            with contextlib.suppress(Exception):
-                self._jobs.run("statements", body)
+        settings = self.runtime().settings
+        self._job(
+            "statements", lambda: {"statements": issue_monthly_statements(self.db, settings, self._clock)}, record=True
+        )
         self._send_mail()
 
     def _jobs_table(self) -> dict[str, Callable[[], object]]:

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from recharged import __version__
 from recharged.accounts import load_account
+from recharged.clock import Clock
 from recharged.db import Database
 from recharged.errors import DatabaseError, InputError, NotFoundError, RechargedError
 from recharged.health import CONTENT_TYPE as HEALTH_CONTENT_TYPE
@@ -47,6 +48,9 @@ class Backend(Protocol):
     db: Database
     metrics: Metrics
     health: Health
+
+    @property
+    def clock(self) -> Clock: ...
 
     def runtime(self) -> Runtime: ...
 
@@ -288,22 +292,10 @@ def create_app(backend: Backend) -> FastAPI:
             raise ApiError(
                 413, f"{len(events)} events in one request; at most {settings.max_events_per_request} are accepted"
             )
-        shaped = [e for e in events if isinstance(e, dict)]
-        outcomes = await run_in_threadpool(
-            runtime.usage.record, shaped, [i for i, e in enumerate(events) if isinstance(e, dict)]
-        )
-        by_index = {o.position: o for o in outcomes}
-        results = []
-        for i in range(len(events)):
-            outcome = by_index.get(i)
-            if outcome is None:
-                results.append(
-                    EventResult(index=i, event_id=None, status="rejected", reason="an event must be a JSON object")
-                )
-            else:
-                results.append(
-                    EventResult(index=i, event_id=outcome.event_id, status=outcome.status, reason=outcome.reason)
-                )
+        outcomes = await run_in_threadpool(runtime.usage.record, events)  # one outcome per event, in order
+        results = [
+            EventResult(index=o.position, event_id=o.event_id, status=o.status, reason=o.reason) for o in outcomes
+        ]
         counts = {
             status: sum(1 for r in results if r.status == status) for status in ("accepted", "duplicate", "rejected")
         }
@@ -372,7 +364,7 @@ def create_app(backend: Backend) -> FastAPI:
 
 
 def account_view(backend: Backend, runtime: Runtime, account_id: str) -> AccountView:
-    at = backend.health.clock.now()
+    at = backend.clock.now()
     with backend.db.reading() as session:
         account = load_account(session, account_id)
         plan = next(plans_in(session, runtime.settings, at, [account_id]))

@@ -6,12 +6,10 @@ also the charge flow's `Observer`: it hears decisions, attempts and credits as t
 
 from __future__ import annotations
 
-from decimal import Decimal
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from recharged.money import PLACES, Units
+from recharged.money import Units, to_decimal
 from recharged.planning import AccountPlan
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -90,7 +88,8 @@ class Metrics:
             self.declines.labels(decline_class or "unknown").inc()
 
     def credited(self, kind: str, amount: Units, currency: str) -> None:
-        self.charged_amount.labels(currency, kind).inc(float(Decimal(amount).scaleb(-PLACES)))
+        # Prometheus samples are floats: the exact amount is in the ledger, this one is for graphs and alerts.
+        self.charged_amount.labels(currency, kind).inc(float(to_decimal(amount)))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

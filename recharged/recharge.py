@@ -29,6 +29,7 @@ import structlog
 from sqlalchemy.orm import Session
 
 from recharged import notices
+from recharged.balance import runs_out_within
 from recharged.clock import Clock
 from recharged.config import Settings
 from recharged.db import (
@@ -233,11 +234,8 @@ class RechargeService:
                 if plan.decision.action != "charge":
                     continue
                 due.append(plan.account_id)
-                runway = plan.decision.runway_days
-                if next_cycle is not None and runway is not None:
-                    days_to_wait = ((next_cycle - at) + margin) / timedelta(days=1)
-                    if runway < Decimal(str(days_to_wait)):
-                        urgent.append(plan.account_id)
+                if next_cycle is not None and runs_out_within(plan.decision.runway_days, next_cycle - at + margin):
+                    urgent.append(plan.account_id)
             if due:
                 mark_due(session, due, at)
         return urgent

@@ -192,6 +192,9 @@ class UsageRecorder:
         seen: dict[str, tuple[int, UsageEvent]] = {}
         repeats: list[tuple[int, int]] = []  # (index, index of the same event earlier in the batch)
         for i, raw in enumerate(raws):
+            if not isinstance(raw, Mapping):  # an API batch may hold anything
+                outcomes[i] = Outcome(where[i], None, "rejected", "an event must be a JSON object")
+                continue
             event_id = raw.get("event_id") if isinstance(raw.get("event_id"), str) else None
             try:
                 event = parse_event(raw, now=now, future_tolerance=self._tolerance)

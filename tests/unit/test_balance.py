@@ -455,3 +455,13 @@ def test_a_charge_stays_within_max_recharge_and_caps(
         assert charged_day + decision.charge_amount <= per_day
     if per_30_days is not None:
         assert charged_30_days + decision.charge_amount <= per_30_days
+
+
+def test_a_balance_runs_out_within_a_wait_shorter_than_its_runway_only() -> None:
+    from datetime import timedelta
+
+    from recharged.balance import runs_out_within
+
+    assert runs_out_within(Decimal("0.1"), timedelta(hours=3))  # 2.4 hours of runway
+    assert not runs_out_within(Decimal("0.1"), timedelta(hours=2, minutes=24))  # exactly enough
+    assert not runs_out_within(None, timedelta(days=365))  # no usage: it never runs out
