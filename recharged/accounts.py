@@ -350,7 +350,7 @@ def change_account(
 
 def audit_trail(db: Database, account_id: str | None = None, limit: int = 200) -> list[AuditRecord]:
     """The newest audit records first, for one account or all."""
-    with db.transaction() as session:
+    with db.reading() as session:
         query = select(AuditRecord).order_by(AuditRecord.id.desc()).limit(limit)
         if account_id is not None:
             load_account(session, account_id)
@@ -359,7 +359,7 @@ def audit_trail(db: Database, account_id: str | None = None, limit: int = 200) -
 
 
 def get_account(db: Database, account_id: str) -> Account:
-    with db.transaction() as session:
+    with db.reading() as session:
         return load_account(session, account_id)
 
 

@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from recharged.money import Units, to_decimal
+from recharged.money import Units, format_customer, to_decimal
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +53,7 @@ def balance_chart(
         if with_threshold:
             axes.step(
                 [p.at for p in with_threshold],
-                [_major(p.threshold or 0) for p in with_threshold],
+                [_major(p.threshold) for p in with_threshold if p.threshold is not None],
                 where="post",
                 linestyle="--",
                 color="#d62728",
@@ -65,7 +65,7 @@ def balance_chart(
             axes.scatter([at for at, _ in recharges], ys, marker="^", color="#2ca02c", zorder=3, label="recharge")
             for (at, amount), y in zip(recharges, ys, strict=True):
                 axes.annotate(
-                    f"+{_major(amount):,.2f}",
+                    "+" + format_customer(amount, currency),
                     (at, y),
                     textcoords="offset points",
                     xytext=(0, 6),

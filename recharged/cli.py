@@ -947,7 +947,9 @@ def _history_table(history: Any) -> None:
 
 
 def _parse_since(value: str) -> datetime:
-    from datetime import UTC, date
+    from datetime import date
+
+    from recharged.clock import midnight
 
     try:
         day = date.fromisoformat(value.strip())
@@ -956,7 +958,7 @@ def _parse_since(value: str) -> datetime:
             return parse_instant(value)
         except ValueError:
             raise InputError(f"--since {value!r} is not a date (YYYY-MM-DD) or an ISO instant with offset") from None
-    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+    return midnight(day)
 
 
 @main.command("reconcile")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Protocol
 
 
@@ -58,6 +58,11 @@ def parse_instant(text: str) -> datetime:
         return parsed.astimezone(UTC)
     except OverflowError:  # e.g. 9999-12-31T23:59:59-23:59 is past the year 9999 in UTC
         raise ValueError(f"{text!r} is out of range in UTC") from None
+
+
+def midnight(day: date) -> datetime:
+    """The UTC midnight at which a UTC day begins."""
+    return datetime.combine(day, time(), tzinfo=UTC)
 
 
 def start_of_day(value: datetime) -> datetime:

@@ -12,6 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -198,6 +199,15 @@ class DaemonSettings(_Section):
     # On SIGTERM, in-flight charges get this long to finish before the daemon exits anyway (recovery completes
     # whatever is left on the next start).
     shutdown_timeout_seconds: float = Field(60.0, gt=0, le=600)
+
+    @property
+    def cycle_interval(self) -> timedelta:
+        return timedelta(hours=self.cycle_interval_hours)
+
+    @property
+    def cycle_grace(self) -> timedelta:
+        """How late a cycle may be before it counts as overdue: its jitter plus its misfire grace."""
+        return timedelta(seconds=self.misfire_grace_seconds + self.cycle_jitter_seconds)
 
 
 class HttpSettings(_Section):

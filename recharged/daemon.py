@@ -151,11 +151,8 @@ class Daemon:
             db=self.db,
             clock=clock,
             started_at=clock.now(),
-            cycle_interval=lambda: timedelta(hours=self.runtime().settings.daemon.cycle_interval_hours),
-            cycle_grace=lambda: timedelta(
-                seconds=self.runtime().settings.daemon.misfire_grace_seconds
-                + self.runtime().settings.daemon.cycle_jitter_seconds
-            ),
+            cycle_interval=lambda: self.runtime().settings.daemon.cycle_interval,
+            cycle_grace=lambda: self.runtime().settings.daemon.cycle_grace,
             scheduler_running=lambda: self._scheduler.running,
             next_cycle=self.next_cycle,
             processor=self._processor,

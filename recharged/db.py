@@ -23,6 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from recharged.clock import midnight
 from recharged.errors import DatabaseError
 from recharged.models import (
     Account,
@@ -866,7 +867,7 @@ def next_receipt_number(session: Session, issuer: str) -> int:
 # --- status, account history and reconciliation (`recharged status`, `accounts history`, `reconcile`) ---------
 
 CREDIT_TYPES = ("recharge", "topup")
-_NOT_USAGE: Any = literal_column("'usage'")  # inline, so the partial index on non-usage entries applies
+_USAGE_INLINE: Any = literal_column("'usage'")  # inline, so the partial index on non-usage entries applies
 _IN_CHUNK = 500  # ids per IN (...) list
 
 
@@ -946,10 +947,10 @@ def ledger_sum_before(session: Session, account_id: str, day: date) -> int:
     """The sum of an account's ledger entries that occurred before the UTC day `day`: its balance at that
     midnight. Usage entries are summed through their per-day totals (which `verify` proves equal), the others
     read through their own index."""
-    midnight = datetime(day.year, day.month, day.day, tzinfo=UTC)
+    start = midnight(day)
     others = session.scalar(
         select(func.coalesce(func.sum(Entry.amount), 0)).where(
-            Entry.account_id == account_id, Entry.entry_type != _NOT_USAGE, Entry.occurred_at < midnight
+            Entry.account_id == account_id, Entry.entry_type != _USAGE_INLINE, Entry.occurred_at < start
         )
     )
     usage = session.scalar(
@@ -966,7 +967,7 @@ def non_usage_entries(session: Session, account_id: str, since: datetime, until:
         select(Entry)
         .where(
             Entry.account_id == account_id,
-            Entry.entry_type != _NOT_USAGE,
+            Entry.entry_type != _USAGE_INLINE,
             Entry.occurred_at >= since,
             Entry.occurred_at < until,
         )
@@ -983,6 +984,11 @@ def account_recharges(session: Session, account_id: str, since: datetime, until:
         .order_by(Recharge.created_at, Recharge.id)
     )
     return list(session.scalars(query))
+
+
+def account_currencies(session: Session, ids: Sequence[str]) -> dict[str, str]:
+    """The currency of each of the given accounts that exists."""
+    return dict(session.execute(select(Account.id, Account.currency).where(Account.id.in_(ids))).tuples().all())
 
 
 def processor_customers(session: Session) -> list[str]:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from sqlalchemy import func, select
 from tenacity import wait_none
 
 from recharged.accounts import NewAccount, adjust_balance, create_accounts
+from recharged.balance import runway_days
 from recharged.charts import BalancePoint, balance_chart
 from recharged.clock import FixedClock, SystemClock, start_of_day
 from recharged.config import Settings
@@ -265,12 +266,6 @@ class _Track:
     balance: Units = 0  # after the last cycle
 
 
-def _days_of(balance: Units, average: Units) -> Decimal | None:
-    if average <= 0:
-        return None
-    return (Decimal(max(balance, 0)) / Decimal(average)).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP)
-
-
 def _slot_events(track: _Track, day: int, slot: int, slot_start: datetime) -> list[dict[str, str]]:
     """The calls and messages of one account in one 4-hour slot: about its day's dollars times the slot's share."""
     rng, account = track.rng, track.customer.id
@@ -339,7 +334,7 @@ class _Simulation:
                 ]
                 self._record(events)
         target = parse_amount(customer.balance)
-        with self.db.transaction() as session:
+        with self.db.reading() as session:
             current = session.execute(select(Account.balance).where(Account.id == customer.id)).scalar_one()
         if target != current:
             adjust_balance(
@@ -388,7 +383,7 @@ class _Simulation:
         if not delivery.ok:
             raise RechargedError(f"delivering the outbox at {now.isoformat()} failed: {delivery.error}")
         self.cycles += 1
-        with self.db.transaction() as session:
+        with self.db.reading() as session:
             after = dict(session.execute(select(Account.id, Account.balance)).tuples().all())
         for account_id, plan in before.items():
             track = self.tracks[account_id]
@@ -397,7 +392,7 @@ class _Simulation:
             if after[account_id] != d.balance:
                 track.points.append(BalancePoint(now, after[account_id], d.threshold))
             track.balance = after[account_id]
-            low, high = _days_of(d.balance, d.average_daily), _days_of(after[account_id], d.average_daily)
+            low, high = d.runway_days, runway_days(after[account_id], d.average_daily, 1)
             if low is not None and (track.low_days is None or low < track.low_days):
                 track.low_days = low
             if high is not None and (track.high_days is None or high > track.high_days):
@@ -461,7 +456,7 @@ def run(out: Path, *, end: datetime | None = None, progress: Callable[[int, int]
 
 def _results(db: Database, sim: _Simulation, charts: Path) -> list[AccountResult]:
     """Each account's figures from the database, and its chart."""
-    with db.transaction() as session:
+    with db.reading() as session:
 
         def per_account(query: Any) -> dict[str, Any]:
             return dict(session.execute(query).tuples().all())

@@ -9,12 +9,13 @@ threshold is what `planning` decides at the start of each day, so it follows the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from recharged.accounts import load_account
 from recharged.charts import BalancePoint, balance_chart
+from recharged.clock import midnight
 from recharged.config import Settings
 from recharged.db import CREDIT_TYPES, Database, account_recharges, ledger_sum_before, non_usage_entries, usage_days
 from recharged.errors import InputError
@@ -23,10 +24,6 @@ from recharged.planning import plans_in
 
 DAY = timedelta(days=1)
 MAX_DAYS = 366
-
-
-def midnight(day: date) -> datetime:
-    return datetime.combine(day, time(), tzinfo=UTC)
 
 
 def parse_period(days: int | None, since: str | None, until: str | None, today: date) -> tuple[date, date]:

@@ -107,6 +107,11 @@ def to_minor_units(units: Units, currency: str) -> int:
     return units // step
 
 
+def from_minor_units(amount: int, currency: str) -> Units:
+    """The processor's integer amount (cents) -> Units; the inverse of `to_minor_units`."""
+    return amount * minor_step(currency)
+
+
 def to_decimal(units: Units) -> Decimal:
     """Units -> an exact Decimal with 5 places (for JSON and arithmetic at the edges)."""
     return Decimal(units).scaleb(-PLACES).quantize(_QUANTUM)

@@ -15,24 +15,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from recharged.db import Database, credits_for, processor_customers, recharges_paid_by
-from recharged.models import Account
-from recharged.money import MINOR_EXPONENT, Units, format_ledger, minor_step, to_minor_units
+from recharged.db import Database, account_currencies, credits_for, processor_customers, recharges_paid_by
+from recharged.money import MINOR_EXPONENT, Units, format_ledger, from_minor_units, to_minor_units
 from recharged.payments import PaymentGateway, PaymentRecord
 
 # Charges created this long before `since` are listed too, to match credits posted after `since` (a charge
 # still processing at the processor is credited later); only charges from `since` on are reported unmatched.
 SLACK = timedelta(days=1)
-
-PROBLEM_KINDS = {
-    "charge_without_credit": "a succeeded charge with no ledger credit",
-    "credit_without_charge": "a ledger credit with no succeeded charge",
-    "credited_twice": "one charge credited more than once",
-    "no_recharge": "a credit whose charge no recharge records",
-    "amount_mismatch": "the amounts charged, credited and recorded differ",
-    "currency_mismatch": "the charge's currency is not the recharge's or the account's",
-    "account_mismatch": "the charge's metadata names another account than the one credited",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +89,7 @@ class ReconcileReport:
 
 
 def _units(amount_minor: int, currency: str) -> Units | None:
-    return amount_minor * minor_step(currency) if currency in MINOR_EXPONENT else None
+    return from_minor_units(amount_minor, currency) if currency in MINOR_EXPONENT else None
 
 
 def _money(units: Units, currency: str) -> str:
@@ -254,9 +243,5 @@ def reconcile(db: Database, gateway: PaymentGateway, since: datetime) -> Reconci
         recharges = {
             pi: RechargeFacts(r.id, r.account_id, r.phase, r.currency, r.amount, r.total) for pi, r in paid.items()
         }
-        currencies = {}
-        for account_id in sorted({c.account_id for c in credits}):
-            account = session.get(Account, account_id)
-            if account is not None:
-                currencies[account_id] = account.currency
+        currencies = account_currencies(session, sorted({c.account_id for c in credits}))
     return match(list(charges.values()), credits, recharges, currencies, since, len(customers))

@@ -36,7 +36,7 @@ def job_specs(
 ) -> dict[str, JobSpec]:
     """When each job runs. The first cycle runs one interval after the last successful one (whichever
     instance ran it), or at once when that is already past, so restarts never skip a cycle."""
-    interval = timedelta(hours=settings.cycle_interval_hours)
+    interval = settings.cycle_interval
     first_cycle = now if last_cycle is None or last_cycle + interval <= now else last_cycle + interval
     return {
         "cycle": JobSpec(

@@ -153,6 +153,6 @@ def reactivate_source(db: Database, account_id: str, source_id: int, *, actor: s
 
 
 def list_sources(db: Database, account_id: str) -> list[dict[str, Any]]:
-    with db.transaction() as session:
+    with db.reading() as session:
         load_account(session, account_id)
         return [describe(s) for s in active_sources(session, account_id)]

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import UTC, date, datetime, time
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from recharged.clock import Clock
+from recharged.clock import Clock, midnight
 from recharged.config import Settings, TimeRateSettings
 from recharged.db import Database, insert_once
 from recharged.errors import InputError, NotFoundError
@@ -61,10 +61,6 @@ def previous_month(month: date) -> date:
     return date(month.year - (month.month == 1), (month.month - 2) % 12 + 1, 1)
 
 
-def _midnight(day: date) -> datetime:
-    return datetime.combine(day, time(0), tzinfo=UTC)
-
-
 def _minor_decimal(units: Units, currency: str) -> Decimal:
     exponent = MINOR_EXPONENT[currency]
     return to_decimal(round_to_minor(units, currency)).quantize(Decimal(1).scaleb(-exponent))
@@ -84,7 +80,7 @@ def build_statement(
     )
     credits_before = session.scalar(
         select(func.coalesce(func.sum(Entry.amount), 0)).where(
-            Entry.account_id == account.id, Entry.entry_type != "usage", Entry.occurred_at < _midnight(start)
+            Entry.account_id == account.id, Entry.entry_type != "usage", Entry.occurred_at < midnight(start)
         )
     )
     opening = int(credits_before or 0) - int(usage_before or 0)
@@ -116,8 +112,8 @@ def build_statement(
         .where(
             Entry.account_id == account.id,
             Entry.entry_type != "usage",
-            Entry.occurred_at >= _midnight(start),
-            Entry.occurred_at < _midnight(end),
+            Entry.occurred_at >= midnight(start),
+            Entry.occurred_at < midnight(end),
         )
         .order_by(Entry.occurred_at, Entry.id)
     ).all()
@@ -156,7 +152,7 @@ def build_statement(
         "start": start.isoformat(),
         "last_day": date.fromordinal(end.toordinal() - 1).isoformat(),
         "issued_at": at.isoformat(),
-        "partial": at < _midnight(end),
+        "partial": at < midnight(end),
         "opening": opening,
         "products": products,
         "usage_total": usage_total,
@@ -192,7 +188,7 @@ def issue_monthly_statements(db: Database, settings: Settings, clock: Clock, at:
     job can run again (after a crash, or on several instances). Returns how many were issued."""
     at = at or clock.now()
     month = previous_month(at.date().replace(day=1))
-    month_end = _midnight(next_month(month))
+    month_end = midnight(next_month(month))
     with db.transaction() as session:
         done = select(Statement.account_id).where(Statement.month == month)
         pending = list(
@@ -243,7 +239,7 @@ def statement_for(db: Database, settings: Settings, account_id: str, month: date
         stored = session.get(Statement, (account_id, month))
         if stored is not None:
             return stored.content
-        if _midnight(month) > at:
+        if midnight(month) > at:
             raise InputError(f"{month:%Y-%m} has not started yet")
         return build_statement(session, settings, account, month, at)
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import requests
 
+from recharged.clock import parse_instant
 from recharged.config import Settings
 from recharged.db import (
     Database,
@@ -109,7 +110,7 @@ def read_health(url: str, body: Any) -> DaemonAnswer:
     next_cycle = None
     if running and found:
         try:
-            next_cycle = datetime.fromisoformat(found.group(1))
+            next_cycle = parse_instant(found.group(1))
         except ValueError:
             next_cycle = None
     return DaemonAnswer(url, True, str(body.get("status")), running, next_cycle)
@@ -230,8 +231,7 @@ def next_cycle(daemon: DaemonAnswer, last_success: CycleRun | None, interval: ti
 
 def status_report(db: Database, settings: Settings, now: datetime, daemon: DaemonAnswer) -> StatusReport:
     """Everything `recharged status` shows, as of `now`."""
-    interval = timedelta(hours=settings.daemon.cycle_interval_hours)
-    grace = timedelta(seconds=settings.daemon.misfire_grace_seconds + settings.daemon.cycle_jitter_seconds)
+    interval, grace = settings.daemon.cycle_interval, settings.daemon.cycle_grace
     lease = timedelta(seconds=settings.payments.lease_seconds)
     attention: list[Attention] = []
     with db.reading() as session:
