@@ -395,9 +395,6 @@ class Receipt(Base):
     content: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
-OUTBOX_STATUSES = ("pending", "sending", "sent", "failed")
-
-
 class OutboxMessage(Base):
     """An email to deliver, written in the same transaction as what it reports. Its key says what it is about
     (one message per key); its Message-ID and bytes are fixed when it is first sent, so a re-send is identical.

@@ -155,7 +155,6 @@ def recharge_failed(session: Session, recharge: Recharge, at: datetime) -> None:
 
 # --- from the plan --------------------------------------------------------------------------------------------
 
-EPISODE_KINDS = ("balance_low", "balance_exhausted", "spend_cap_reached")
 CAP_PERIODS = {
     "max_charged_per_day": ("per 24 hours", "24-hour"),
     "max_charged_per_30_days": ("per 30 days", "30-day"),

@@ -448,25 +448,21 @@ class OutboxSender:
         return report
 
     def _due(self, ids: Sequence[int] | None, due_only: bool) -> Iterator[int]:
-        seen: set[int] = set()
+        """Pending messages in id order, fetched 200 at a time after the last one seen (each visited once)."""
+        last_id = 0
         while True:
             now = self._clock.now()
-            with self._db.transaction() as session:
-                query = select(OutboxMessage.id).where(OutboxMessage.status == "pending")
+            with self._db.reading() as session:
+                query = select(OutboxMessage.id).where(OutboxMessage.status == "pending", OutboxMessage.id > last_id)
                 if ids is not None:
                     query = query.where(OutboxMessage.id.in_(list(ids)))
                 elif due_only:
                     query = query.where(OutboxMessage.next_attempt_at <= now)
-                if seen:
-                    query = query.where(OutboxMessage.id.not_in(seen))
-                batch = list(
-                    session.scalars(query.order_by(OutboxMessage.next_attempt_at, OutboxMessage.id).limit(200))
-                )
+                batch = list(session.scalars(query.order_by(OutboxMessage.id).limit(200)))
             if not batch:
                 return
-            for message_id in batch:
-                seen.add(message_id)
-                yield message_id
+            yield from batch
+            last_id = batch[-1]
 
     def recover(self) -> list[int]:
         """Settle messages left `sending` past their lease: accepted before (journal or .eml file) -> sent;
@@ -594,13 +590,16 @@ class OutboxSender:
 
     def _finish(self, row_id: int, status: str, *, error: str | None, next_attempt_at: datetime | None = None) -> None:
         now = self._clock.now()
-        values: dict[str, Any] = {"status": status, "lease_until": None, "claimed_by": None, "last_error": error}
+        values: dict[str, Any] = {
+            "status": status,
+            "lease_until": None,
+            "claimed_by": None,
+            "last_error": error and error[:500],
+        }
         if status == "sent":
             values["sent_at"] = now
         if next_attempt_at is not None:
             values["next_attempt_at"] = next_attempt_at
-        if error is not None:
-            values["last_error"] = error[:500]
         with self._db.transaction() as session:
             changed = session.execute(
                 update(OutboxMessage)

@@ -20,9 +20,9 @@ from sqlalchemy.orm import Session
 
 from recharged.clock import Clock, midnight
 from recharged.config import Settings, TimeRateSettings
-from recharged.db import Database, insert_once
+from recharged.db import Database, insert_once, ledger_sum_before, non_usage_entries
 from recharged.errors import InputError, NotFoundError
-from recharged.models import Account, DailyUsage, Entry, Rate, Receipt, Recharge, Statement
+from recharged.models import Account, DailyUsage, Rate, Receipt, Recharge, Statement
 from recharged.money import MINOR_EXPONENT, Units, format_ledger, round_to_minor, to_decimal
 from recharged.outbox import enqueue
 
@@ -73,17 +73,7 @@ def build_statement(
     in Units (the templates and the CLI round them)."""
     start, end = month, next_month(month)
     currency = account.currency
-    usage_before = session.scalar(
-        select(func.coalesce(func.sum(DailyUsage.amount), 0)).where(
-            DailyUsage.account_id == account.id, DailyUsage.day < start
-        )
-    )
-    credits_before = session.scalar(
-        select(func.coalesce(func.sum(Entry.amount), 0)).where(
-            Entry.account_id == account.id, Entry.entry_type != "usage", Entry.occurred_at < midnight(start)
-        )
-    )
-    opening = int(credits_before or 0) - int(usage_before or 0)
+    opening = ledger_sum_before(session, account.id, start)
 
     products: list[dict[str, Any]] = []
     usage_rows = session.execute(
@@ -107,16 +97,7 @@ def build_statement(
         )
     usage_total = sum(p["amount"] for p in products)
 
-    entries = session.execute(
-        select(Entry.entry_type, Entry.external_id, Entry.amount, Entry.occurred_at)
-        .where(
-            Entry.account_id == account.id,
-            Entry.entry_type != "usage",
-            Entry.occurred_at >= midnight(start),
-            Entry.occurred_at < midnight(end),
-        )
-        .order_by(Entry.occurred_at, Entry.id)
-    ).all()
+    entries = non_usage_entries(session, account.id, midnight(start), midnight(end))
     receipts = dict(
         session.execute(
             select(Recharge.payment_intent, Receipt.number)

@@ -24,9 +24,10 @@ from jinja2 import (
     select_autoescape,
 )
 
+from recharged.clock import as_utc, parse_instant
 from recharged.config import Settings
 from recharged.errors import ConfigError, RechargedError
-from recharged.money import MINOR_EXPONENT, SYMBOLS, format_customer, format_ledger, to_decimal
+from recharged.money import MINOR_EXPONENT, SYMBOLS, format_customer, to_decimal
 
 TEMPLATES = (
     "receipt",
@@ -70,7 +71,7 @@ def utc_time(value: str | datetime | None) -> str:
     """'22 Nov 2026, 12:00 UTC'."""
     if value is None:
         return "-"
-    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    moment = parse_instant(value) if isinstance(value, str) else as_utc(value)
     return f"{moment:%d %b %Y, %H:%M} UTC"
 
 
@@ -108,9 +109,7 @@ def environment(templates_dir: str = "") -> Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    env.filters.update(
-        money=money, unit_price=unit_price, utc=utc_time, day=utc_date, percent=percent, ledger=format_ledger
-    )
+    env.filters.update(money=money, unit_price=unit_price, utc=utc_time, day=utc_date, percent=percent)
     return env
 
 
