@@ -988,7 +988,7 @@ def account_recharges(session: Session, account_id: str, since: datetime, until:
 
 def account_currencies(session: Session, ids: Sequence[str]) -> dict[str, str]:
     """The currency of each of the given accounts that exists."""
-    return dict(session.execute(select(Account.id, Account.currency).where(Account.id.in_(ids))).tuples().all())
+    return dict(session.execute(select(Account.id, Account.currency).where(Account.id.in_(ids))).all())
 
 
 def processor_customers(session: Session) -> list[str]:

@@ -384,7 +384,7 @@ class _Simulation:
             raise RechargedError(f"delivering the outbox at {now.isoformat()} failed: {delivery.error}")
         self.cycles += 1
         with self.db.reading() as session:
-            after = dict(session.execute(select(Account.id, Account.balance)).tuples().all())
+            after = dict(session.execute(select(Account.id, Account.balance)).all())
         for account_id, plan in before.items():
             track = self.tracks[account_id]
             d = plan.decision
@@ -459,7 +459,7 @@ def _results(db: Database, sim: _Simulation, charts: Path) -> list[AccountResult
     with db.reading() as session:
 
         def per_account(query: Any) -> dict[str, Any]:
-            return dict(session.execute(query).tuples().all())
+            return dict(session.execute(query).all())
 
         finished = Recharge.phase == "finished"
         charges = per_account(select(Recharge.account_id, func.count()).where(finished).group_by(Recharge.account_id))
