@@ -49,7 +49,7 @@ from charging import StripeProcess
 
 from recharged.clock import SystemClock
 from recharged.config import load_settings
-from recharged.db import Database
+from recharged.store.engine import Database
 from recharged.usage import UsageRecorder, summarize
 
 ROOT = Path(__file__).resolve().parent.parent

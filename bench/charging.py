@@ -43,11 +43,11 @@ from sqlalchemy import func, select
 
 from recharged.clock import FixedClock
 from recharged.config import LoggingSettings, load_settings
-from recharged.db import Database
+from recharged.daemon.runtime import stripe_gateway
 from recharged.logs import configure
-from recharged.models import Entry, Recharge
 from recharged.recharge import RechargeService
-from recharged.runtime import stripe_gateway
+from recharged.store.engine import Database
+from recharged.store.models import Entry, Recharge
 from recharged.usage import UsageRecorder, summarize
 from recharged.verify import verify
 
@@ -70,9 +70,9 @@ def serve(conn: Any) -> None:
     """Run a StripeTestServer (no latency, no limit while seeding) and answer the parent's commands."""
     import logging
 
-    from recharged.stripe_testserver import StripeTestServer
+    from recharged.testing.stripe_server import StripeTestServer
 
-    logging.getLogger("recharged.stripe_testserver").setLevel(logging.WARNING)
+    logging.getLogger("recharged.testing.stripe_server").setLevel(logging.WARNING)
     server = StripeTestServer().start()
     conn.send(server.url)
     cpu = time.process_time()

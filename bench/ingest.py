@@ -27,9 +27,9 @@ from sqlalchemy import Column, MetaData, Table, func, select
 
 from recharged.clock import FixedClock
 from recharged.config import load_settings
-from recharged.db import Database, make_engine
-from recharged.models import Entry, Rate
 from recharged.rating import rate_event
+from recharged.store.engine import Database, make_engine
+from recharged.store.models import Entry, Rate
 from recharged.usage import UsageRecorder, summarize
 
 # kind, share of events, event-id prefix: mostly calls, some texts, some number lookups.

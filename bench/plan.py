@@ -30,13 +30,13 @@ from typing import Any
 import _common as c
 from sqlalchemy import Date, bindparam, func, insert, select, text
 
-from recharged import models
 from recharged.balance import Window
 from recharged.clock import start_of_day
 from recharged.config import load_settings
-from recharged.db import Database
-from recharged.models import Account, DailyUsage, Entry
 from recharged.planning import plan_accounts
+from recharged.store import models
+from recharged.store.engine import Database
+from recharged.store.models import Account, DailyUsage, Entry
 
 DAYS = 30
 CHUNK = 5_000  # accounts generated and written at a time

@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from recharged.models import Base
+from recharged.store.models import Base
 
 target_metadata = Base.metadata
 

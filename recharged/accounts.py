@@ -16,14 +16,15 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from recharged import notices
 from recharged.clock import Clock, parse_instant
 from recharged.config import RechargeSettings, Settings
-from recharged.db import Database, post_entry
 from recharged.errors import ActorError, ConflictError, InputError, NotFoundError
-from recharged.models import Account, AuditRecord, FundingSource
+from recharged.mail import notices
 from recharged.money import Units, check_currency, format_ledger, parse_amount
 from recharged.payments import CardInfo, card_label
+from recharged.store.engine import Database
+from recharged.store.ledger import post_entry
+from recharged.store.models import Account, AuditRecord, FundingSource
 
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]{2,}$")
 _ACCOUNT_ID = re.compile(r"^[\x21-\x7e]{1,64}$")

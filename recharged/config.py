@@ -27,10 +27,10 @@ from pydantic import (
 )
 
 from recharged.balance import Policy
+from recharged.credentials import SECRET_NAMES, env_name
 from recharged.errors import ConfigError
 from recharged.money import PLACES, check_currency, parse_amount
 from recharged.rating import CountRate, Rate, TimeRate
-from recharged.secrets import SECRET_NAMES, env_name
 
 ENV_PREFIX = "RECHARGED_"
 _SECRET_KEY = re.compile(r"(password|passwd|secret|api_key|apikey|token|tokens)$", re.IGNORECASE)

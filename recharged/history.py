@@ -17,10 +17,11 @@ from recharged.accounts import load_account
 from recharged.charts import BalancePoint, balance_chart
 from recharged.clock import midnight
 from recharged.config import Settings
-from recharged.db import CREDIT_TYPES, Database, account_recharges, ledger_sum_before, non_usage_entries, usage_days
 from recharged.errors import InputError
 from recharged.money import Units, format_ledger
 from recharged.planning import plans_in
+from recharged.store.engine import Database
+from recharged.store.reads import CREDIT_TYPES, account_recharges, ledger_sum_before, non_usage_entries, usage_days
 
 DAY = timedelta(days=1)
 MAX_DAYS = 366

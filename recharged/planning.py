@@ -14,16 +14,9 @@ from sqlalchemy.orm import Session
 
 from recharged.balance import AccountFigures, Decision, Policy, Window, decide
 from recharged.config import Settings
-from recharged.db import (
-    POLICY_COLUMNS,
-    Database,
-    accounts_with_open_recharge,
-    accounts_with_usable_source,
-    charged_since,
-    plan_rows,
-    usage_totals,
-    window_lengths,
-)
+from recharged.store.charging import accounts_with_open_recharge, accounts_with_usable_source
+from recharged.store.engine import Database
+from recharged.store.ledger import POLICY_COLUMNS, charged_since, plan_rows, usage_totals, window_lengths
 
 
 @dataclass(frozen=True, slots=True)

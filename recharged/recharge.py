@@ -28,28 +28,13 @@ from typing import Protocol
 import structlog
 from sqlalchemy.orm import Session
 
-from recharged import notices
 from recharged.balance import runs_out_within
 from recharged.clock import Clock
 from recharged.config import Settings
-from recharged.db import (
-    Database,
-    attempts_of,
-    candidate_sources,
-    insert_recharge,
-    lock_account,
-    lock_recharge,
-    mark_due,
-    open_recharge_ids,
-    pending_attempt,
-    post_entry,
-    settle_attempt,
-    take_lease,
-    try_claim_lock,
-)
 from recharged.errors import ConflictError, InputError, NotFoundError
 from recharged.faults import crashpoint
-from recharged.models import Account, ChargeAttempt, FundingSource, Recharge
+from recharged.mail import notices
+from recharged.mail.receipts import issue_receipt
 from recharged.money import Units, format_ledger, minor_step, percent_of, to_minor_units
 from recharged.payments import (
     ChargeRequest,
@@ -60,7 +45,20 @@ from recharged.payments import (
     card_label,
 )
 from recharged.planning import AccountPlan, plan_accounts, plans_in
-from recharged.receipts import issue_receipt
+from recharged.store.charging import (
+    attempts_of,
+    candidate_sources,
+    insert_recharge,
+    lock_recharge,
+    open_recharge_ids,
+    pending_attempt,
+    settle_attempt,
+    take_lease,
+    try_claim_lock,
+)
+from recharged.store.engine import Database
+from recharged.store.ledger import lock_account, mark_due, post_entry
+from recharged.store.models import Account, ChargeAttempt, FundingSource, Recharge
 
 log = structlog.get_logger("recharged.recharge")
 TERMINAL = ("finished", "failed")

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from recharged.db import Database, account_currencies, credits_for, processor_customers, recharges_paid_by
 from recharged.money import MINOR_EXPONENT, Units, format_ledger, from_minor_units, to_minor_units
 from recharged.payments import PaymentGateway, PaymentRecord
+from recharged.store.engine import Database
+from recharged.store.reads import account_currencies, credits_for, processor_customers, recharges_paid_by
 
 # Charges created this long before `since` are listed too, to match credits posted after `since` (a charge
 # still processing at the processor is credited later); only charges from `since` on are reported unmatched.

@@ -16,18 +16,18 @@ import requests
 
 from recharged.clock import parse_instant
 from recharged.config import Settings
-from recharged.db import (
-    Database,
+from recharged.money import Units, format_ledger
+from recharged.payments import card_label
+from recharged.store.engine import Database
+from recharged.store.models import JobRun
+from recharged.store.reads import (
     accounts_not_ok,
-    last_job_run,
     open_recharges_claimed_before,
     recharges_finished_since,
     undelivered_mail,
     unusable_sources,
 )
-from recharged.models import JobRun
-from recharged.money import Units, format_ledger
-from recharged.payments import card_label
+from recharged.store.runs import last_job_run
 
 HEALTH_TIMEOUT_SECONDS = 1.0
 MAIL_LATE = timedelta(hours=1)  # a pending email older than this needs a look (the mail server may be down)

@@ -16,19 +16,12 @@ from typing import Any, Literal
 
 from recharged.clock import Clock, parse_instant
 from recharged.config import Settings
-from recharged.db import (
-    AccountRef,
-    Database,
-    UsageRow,
-    existing_entries,
-    lock_accounts,
-    rate_id,
-    record_usage,
-)
-from recharged.models import Entry
 from recharged.money import SCALE, Units, parse_amount
 from recharged.rating import Rate, TimeRate, rate_event, rate_snapshot
 from recharged.sms import count_segments
+from recharged.store.engine import Database
+from recharged.store.ledger import AccountRef, UsageRow, existing_entries, lock_accounts, rate_id, record_usage
+from recharged.store.models import Entry
 
 FIELDS = ("event_id", "account_id", "kind", "started_at", "duration_seconds", "quantity", "text", "cost")
 REQUIRED = ("event_id", "account_id", "kind", "started_at")

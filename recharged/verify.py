@@ -22,20 +22,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime
 
-from recharged.db import (
-    Database,
+from recharged.mail.outbox import outbox_problems
+from recharged.mail.receipts import receipt_problems
+from recharged.money import format_ledger
+from recharged.rating import rate_event, rate_from_snapshot
+from recharged.store.engine import Database
+from recharged.store.integrity import (
     balance_mismatches,
-    daily_usage_rows,
-    first_usage_times,
     recharge_credit_problems,
     recharge_phase_problems,
     uniqueness_problems,
     usage_entries_with_rates,
 )
-from recharged.money import format_ledger
-from recharged.outbox import outbox_problems
-from recharged.rating import rate_event, rate_from_snapshot
-from recharged.receipts import receipt_problems
+from recharged.store.ledger import daily_usage_rows, first_usage_times
 
 
 @dataclass(frozen=True, slots=True)

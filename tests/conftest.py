@@ -19,7 +19,7 @@ import pytest
 
 from recharged.clock import FixedClock
 from recharged.config import Settings, load_settings
-from recharged.db import Database
+from recharged.store.engine import Database
 
 PG_ENV = "RECHARGED_TEST_POSTGRES_URL"
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
@@ -191,7 +191,7 @@ def stripe_backend(request: pytest.FixtureRequest, clock: FixedClock):
             pytest.skip(f"real Stripe test mode needs {STRIPE_KEY_ENV}=sk_test_...")
         yield StripeBackend("https://api.stripe.com", key)
         return
-    from recharged.stripe_testserver import StripeTestServer
+    from recharged.testing.stripe_server import StripeTestServer
 
     with StripeTestServer(clock=lambda: clock.now().timestamp()) as server:
         yield StripeBackend(server.url, "sk_test_recharged", server)
@@ -245,7 +245,7 @@ def busy_account(db, settings, clock, backend, *cards: str, account: str = "acme
 
     Its cards (Stripe test cards, default first) are attached to one new customer, which is returned."""
     from recharged.accounts import adjust_balance
-    from recharged.sources import add_source
+    from recharged.funding import add_source
     from recharged.usage import UsageRecorder
 
     add_account(db, settings, clock, account, created_at="2026-09-01T00:00:00Z", auto_recharge=True, vat_percent=vat)
@@ -326,8 +326,8 @@ def make_api(gateway_factory, clock: FixedClock, db_url: str, monkeypatch: pytes
     The Stripe backend comes first, so a run without real Stripe skips before it creates a database."""
     from fastapi.testclient import TestClient
 
-    from recharged.daemon import Daemon
-    from recharged.http import create_app
+    from recharged.daemon.http import create_app
+    from recharged.daemon.process import Daemon
 
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from recharged.db import Database
+from recharged.store.engine import Database
 from recharged.verify import verify
 
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from sqlalchemy import inspect, text
 
 from recharged.cli import main
-from recharged.db import Database
+from recharged.store.engine import Database
 
 REPO = Path(__file__).resolve().parents[2]
 ACTOR = "--actor 'Jane Doe'"

@@ -12,8 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from recharged.db import Database, finish_job_run, start_job_run
 from recharged.recharge import RechargeService
+from recharged.store.engine import Database
+from recharged.store.runs import finish_job_run, start_job_run
 from tests.conftest import add_account, busy_account
 from tests.e2e.commands import charging_env, command_runner, ok
 

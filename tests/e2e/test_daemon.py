@@ -24,9 +24,9 @@ import pytest
 
 from recharged.clock import FixedClock
 from recharged.config import load_settings
-from recharged.db import Database
-from recharged.models import Entry, Recharge
-from recharged.stripe_testserver import StripeTestServer
+from recharged.store.engine import Database
+from recharged.store.models import Entry, Recharge
+from recharged.testing.stripe_server import StripeTestServer
 from recharged.verify import verify
 from tests.conftest import StripeBackend, add_account, call, card_on_file
 
@@ -55,7 +55,7 @@ def seed(db_url: str, stripe: StripeTestServer, accounts: dict[str, int], card: 
     """Accounts that spent $6.00 a day over the 30 days before today (threshold $42, recharge $84), each
     holding the given balance in cents, auto-recharge on, with a card on file."""
     from recharged.accounts import adjust_balance
-    from recharged.sources import add_source
+    from recharged.funding import add_source
     from recharged.usage import UsageRecorder
 
     now = datetime.now(UTC)

@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 
 from recharged.accounts import audit_trail, change_account, create_accounts, new_account, parse_actor
 from recharged.errors import ActorError, ConflictError, InputError, NotFoundError
-from recharged.models import Account, AuditRecord
+from recharged.store.models import Account, AuditRecord
 from tests.conftest import NOW
 
 

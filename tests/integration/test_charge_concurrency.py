@@ -18,12 +18,12 @@ from tenacity import wait_none
 
 from recharged.clock import FixedClock
 from recharged.config import load_settings
-from recharged.db import Database
-from recharged.models import Account, Entry, Recharge
 from recharged.money import to_minor_units
 from recharged.payments import StripeGateway
 from recharged.planning import plan_accounts
 from recharged.recharge import TERMINAL, RechargeService
+from recharged.store.engine import Database
+from recharged.store.models import Account, Entry, Recharge
 from recharged.verify import verify
 from tests.conftest import busy_account
 

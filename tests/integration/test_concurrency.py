@@ -9,8 +9,8 @@ from sqlalchemy import select
 
 from recharged.clock import FixedClock
 from recharged.config import load_settings
-from recharged.db import Database
-from recharged.models import Account
+from recharged.store.engine import Database
+from recharged.store.models import Account
 from recharged.usage import UsageRecorder
 from recharged.verify import verify
 from tests.conftest import NOW, add_account, call

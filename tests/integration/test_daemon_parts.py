@@ -10,11 +10,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from recharged.config import DaemonSettings, load_settings
-from recharged.daemon import Daemon, InstanceError, single_instance
-from recharged.db import finish_job_run, last_job_run, start_job_run
-from recharged.jobs import JobRecorder, close_interrupted_runs
-from recharged.metrics import Metrics
-from recharged.scheduler import JobSpec, Scheduler, job_specs
+from recharged.daemon.jobs import JobRecorder, close_interrupted_runs
+from recharged.daemon.metrics import Metrics
+from recharged.daemon.process import Daemon, InstanceError, single_instance
+from recharged.daemon.scheduler import JobSpec, Scheduler, job_specs
+from recharged.store.runs import finish_job_run, last_job_run, start_job_run
 from tests.conftest import NOW
 
 HOUR = timedelta(hours=1)
@@ -109,7 +109,7 @@ def test_runs_of_a_dead_process_on_this_host_are_closed_as_interrupted(db, clock
         finish_job_run(session, mine, "succeeded", NOW, None, None)
     assert close_interrupted_runs(db, clock) == 1
     with db.transaction() as session:
-        from recharged.models import JobRun
+        from recharged.store.models import JobRun
 
         assert session.get(JobRun, dead).status == "interrupted"
         assert session.get(JobRun, other_host).status == "running"  # maybe alive on its own host

@@ -9,10 +9,10 @@ import pytest
 
 from recharged.accounts import adjust_balance
 from recharged.errors import InputError, NotFoundError
+from recharged.funding import add_source
 from recharged.history import account_history, parse_period
 from recharged.money import parse_amount
 from recharged.recharge import RechargeService
-from recharged.sources import add_source
 from recharged.usage import UsageRecorder
 from tests.conftest import add_account, call, card_on_file
 

@@ -25,12 +25,12 @@ from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 
 from recharged.accounts import adjust_balance
-from recharged.daemon import Daemon
-from recharged.db import finish_job_run, start_job_run
-from recharged.models import Account, Entry
+from recharged.daemon.process import Daemon
 from recharged.money import format_ledger
 from recharged.planning import plan_accounts
 from recharged.rating import longest_call, rate_time
+from recharged.store.models import Account, Entry
+from recharged.store.runs import finish_job_run, start_job_run
 from tests.conftest import API_TOKEN as TOKEN
 from tests.conftest import Api, add_account, busy_account, call
 from tests.conftest import api_auth as auth

@@ -7,8 +7,8 @@ from datetime import date
 import pytest
 from sqlalchemy import func, select
 
-from recharged import db as db_module
-from recharged.models import Account, DailyUsage, Entry
+from recharged.store import ledger as db_module
+from recharged.store.models import Account, DailyUsage, Entry
 from recharged.usage import UsageRecorder
 from recharged.verify import verify
 from tests.conftest import add_account, call

@@ -6,9 +6,9 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from recharged.db import Database
 from recharged.errors import DatabaseError
-from recharged.models import Base
+from recharged.store.engine import Database
+from recharged.store.models import Base
 
 
 def test_models_and_migrations_agree(db):

@@ -10,13 +10,13 @@ import pytest
 from sqlalchemy import select
 
 from recharged.accounts import adjust_balance, change_account
-from recharged.models import AuditRecord, OutboxMessage
-from recharged.notices import GENERIC_DECLINE, notify_from_plans
+from recharged.funding import add_source, make_default, remove_source
+from recharged.mail.notices import GENERIC_DECLINE, notify_from_plans
+from recharged.mail.templating import render
 from recharged.payments import CardInfo
 from recharged.planning import plan_accounts
 from recharged.recharge import RechargeService
-from recharged.sources import add_source, make_default, remove_source
-from recharged.templating import render
+from recharged.store.models import AuditRecord, OutboxMessage
 from tests.conftest import add_account, busy_account, mail_settings
 
 ACTOR = "Jane Doe"

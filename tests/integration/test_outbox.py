@@ -18,9 +18,9 @@ from sqlalchemy import select
 from tenacity import wait_none
 
 from recharged.clock import FixedClock
-from recharged.db import Database
-from recharged.models import OutboxMessage
-from recharged.outbox import OutboxSender, enqueue, outbox_health, outbox_problems, retry_failed
+from recharged.mail.outbox import OutboxSender, enqueue, outbox_health, outbox_problems, retry_failed
+from recharged.store.engine import Database
+from recharged.store.models import OutboxMessage
 from tests.conftest import add_account, mail_settings
 from tests.smtp_server import SmtpTestServer
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 
 from recharged.accounts import change_account
+from recharged.funding import add_source
 from recharged.payments import CardInfo
 from recharged.planning import plan_accounts
-from recharged.sources import add_source
 from recharged.usage import UsageRecorder
 from tests.conftest import add_account, call
 

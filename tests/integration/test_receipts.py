@@ -10,11 +10,11 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from tenacity import wait_none
 
-from recharged.db import next_receipt_number
-from recharged.models import OutboxMessage, Receipt, Recharge
-from recharged.outbox import OutboxSender
-from recharged.receipts import list_receipts, receipt_text, resend_copy
+from recharged.mail.outbox import OutboxSender
+from recharged.mail.receipts import list_receipts, receipt_text, resend_copy
 from recharged.recharge import RechargeService
+from recharged.store.ledger import next_receipt_number
+from recharged.store.models import OutboxMessage, Receipt, Recharge
 from recharged.verify import verify
 from tests.conftest import busy_account, mail_settings
 

@@ -9,10 +9,10 @@ from sqlalchemy import select
 
 from recharged.accounts import change_account
 from recharged.errors import ConflictError
-from recharged.models import Account, Entry, FundingSource, Recharge
+from recharged.funding import add_source, remove_source
 from recharged.planning import plan_accounts
 from recharged.recharge import RechargeService
-from recharged.sources import add_source, remove_source
+from recharged.store.models import Account, Entry, FundingSource, Recharge
 from recharged.verify import verify
 from tests.conftest import busy_account, card_on_file
 

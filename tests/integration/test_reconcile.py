@@ -8,10 +8,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
-from recharged.db import post_entry
-from recharged.models import Entry, FundingSource, Recharge
 from recharged.recharge import RechargeService
 from recharged.reconcile import reconcile
+from recharged.store.ledger import post_entry
+from recharged.store.models import Entry, FundingSource, Recharge
 from tests.conftest import busy_account
 
 MONTH = timedelta(days=30)

@@ -14,11 +14,11 @@ from tenacity import wait_none
 
 from recharged.accounts import adjust_balance
 from recharged.clock import FixedClock
-from recharged.models import Entry, OutboxMessage, Statement
-from recharged.outbox import OutboxSender
+from recharged.mail.outbox import OutboxSender
+from recharged.mail.statements import as_csv, as_json, issue_monthly_statements, statement_for
+from recharged.mail.templating import render
 from recharged.recharge import RechargeService
-from recharged.statements import as_csv, as_json, issue_monthly_statements, statement_for
-from recharged.templating import render
+from recharged.store.models import Entry, OutboxMessage, Statement
 from recharged.usage import UsageRecorder
 from tests.conftest import add_account, busy_account, call, mail_settings
 

@@ -14,10 +14,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from recharged.config import load_settings
-from recharged.db import finish_job_run, start_job_run
-from recharged.health import Health, LastCall
-from recharged.models import Account, FundingSource, OutboxMessage, Recharge
+from recharged.daemon.health import Health, LastCall
 from recharged.status import DaemonAnswer, ask_daemon, status_report
+from recharged.store.models import Account, FundingSource, OutboxMessage, Recharge
+from recharged.store.runs import finish_job_run, start_job_run
 from tests.conftest import NOW, add_account
 
 HOUR = timedelta(hours=1)

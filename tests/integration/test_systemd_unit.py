@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from recharged.secrets import SECRET_NAMES
+from recharged.credentials import SECRET_NAMES
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNIT = DEPLOY / "recharged.service"

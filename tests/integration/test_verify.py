@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select, text, update
 
-from recharged.models import Account, ChargeAttempt, Recharge
 from recharged.recharge import RechargeService
+from recharged.store.models import Account, ChargeAttempt, Recharge
 from recharged.verify import verify
 from tests.conftest import busy_account
 

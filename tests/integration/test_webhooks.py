@@ -22,9 +22,9 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
-from recharged.models import Account, Entry, Recharge, WebhookEvent
+from recharged.daemon.webhooks import PAYMENT_INTENT_EVENTS
 from recharged.recharge import RechargeService
-from recharged.webhooks import PAYMENT_INTENT_EVENTS
+from recharged.store.models import Account, Entry, Recharge, WebhookEvent
 from tests.conftest import WEBHOOK_SECRET, Api, busy_account, card_on_file
 
 # --- helpers ---------------------------------------------------------------------------------------------------

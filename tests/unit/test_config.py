@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from recharged.config import Settings, load_settings
+from recharged.credentials import read_secret
 from recharged.errors import ConfigError
-from recharged.secrets import read_secret
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import structlog
 
-from recharged import sdnotify
-from recharged.sdnotify import Watchdog, notify, watchdog_interval
+from recharged.daemon import sdnotify
+from recharged.daemon.sdnotify import Watchdog, notify, watchdog_interval
 
 RECEIVE_TIMEOUT = 5.0
 

@@ -10,10 +10,10 @@ from email.policy import default
 import pytest
 
 from recharged.config import load_settings
-from recharged.models import OutboxMessage
-from recharged.notices import GENERIC_DECLINE, customer_reason
-from recharged.outbox import build_message, message_id_for
-from recharged.templating import TEMPLATES, TemplateRenderError, environment, render, unit_price
+from recharged.mail.notices import GENERIC_DECLINE, customer_reason
+from recharged.mail.outbox import build_message, message_id_for
+from recharged.mail.templating import TEMPLATES, TemplateRenderError, environment, render, unit_price
+from recharged.store.models import OutboxMessage
 
 AT = "2026-11-22T12:00:00+00:00"
 LONG = "Ünïcødé Téléphonie & Fils — " + "très long nom " * 12  # 196 characters, near the limit of 200

@@ -19,12 +19,13 @@ from sqlalchemy.orm import Session
 from recharged.balance import history_days
 from recharged.clock import Clock
 from recharged.config import Settings, TimeRateSettings
-from recharged.db import POLICY_COLUMNS, Database, next_receipt_number
 from recharged.errors import ConflictError, NotFoundError
-from recharged.models import Account, FundingSource, OutboxMessage, Receipt, ReceiptCounter, Recharge
+from recharged.mail.outbox import enqueue
+from recharged.mail.templating import common_context, render
 from recharged.money import Units, ceil_to_minor, minor_step, parse_amount, round_to_minor
-from recharged.outbox import enqueue
-from recharged.templating import common_context, render
+from recharged.store.engine import Database
+from recharged.store.ledger import POLICY_COLUMNS, next_receipt_number
+from recharged.store.models import Account, FundingSource, OutboxMessage, Receipt, ReceiptCounter, Recharge
 
 
 def receipt_number(issuer: str, seq: int) -> str:

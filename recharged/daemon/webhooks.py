@@ -17,9 +17,11 @@ import stripe
 import structlog
 
 from recharged.clock import Clock
-from recharged.db import Database, recharge_of_payment, record_webhook_event, webhook_event_seen
 from recharged.errors import InputError
 from recharged.recharge import RechargeService
+from recharged.store.charging import recharge_of_payment
+from recharged.store.engine import Database
+from recharged.store.runs import record_webhook_event, webhook_event_seen
 
 log = structlog.get_logger("recharged.webhooks")
 MAX_EVENT_ID = 255  # webhook_events.id

@@ -31,24 +31,26 @@ import structlog
 import uvicorn
 from sqlalchemy.engine import make_url
 
-from recharged import __version__, sdnotify
+from recharged import __version__
 from recharged.clock import Clock
 from recharged.config import Settings, load_settings
-from recharged.db import Database, last_job_run, masked_url
+from recharged.daemon import sdnotify
+from recharged.daemon.health import Health, LastCall
+from recharged.daemon.http import create_app
+from recharged.daemon.jobs import JobRecorder, close_interrupted_runs
+from recharged.daemon.metrics import Metrics
+from recharged.daemon.runtime import Runtime, build_runtime
+from recharged.daemon.scheduler import Scheduler, job_specs
 from recharged.errors import ConfigError, RechargedError
-from recharged.health import Health, LastCall
-from recharged.http import create_app
-from recharged.jobs import JobRecorder, close_interrupted_runs, instance_name
 from recharged.logs import configure
-from recharged.metrics import Metrics
+from recharged.mail.notices import notify_from_plans
+from recharged.mail.outbox import OutboxSender, outbox_health
+from recharged.mail.statements import issue_monthly_statements
 from recharged.money import format_ledger
-from recharged.notices import notify_from_plans
-from recharged.outbox import OutboxSender, outbox_health
 from recharged.payments import PaymentGateway
 from recharged.planning import AccountPlan
-from recharged.runtime import Runtime, build_runtime
-from recharged.scheduler import Scheduler, job_specs
-from recharged.statements import issue_monthly_statements
+from recharged.store.engine import Database, masked_url
+from recharged.store.runs import instance_name, last_job_run
 
 log = structlog.get_logger("recharged.daemon")
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)

@@ -1,4 +1,4 @@
-"""Email templates: Jinja2, shipped in recharged/templates/, overridable one file at a time from a folder.
+"""Email templates: Jinja2, shipped in recharged/mail/templates/, overridable one file at a time from a folder.
 
 Every message has a text template `NAME.txt` and an HTML template `NAME.html` (autoescaped). The subject is the
 `subject` block of the text template. Templates receive plain JSON values (amounts as integer Units with their
@@ -100,7 +100,7 @@ def environment(templates_dir: str = "") -> Environment:
         if not folder.is_dir():
             raise ConfigError(f"outbox.templates_dir = {templates_dir!r}: no such folder")
         loaders.append(FileSystemLoader(str(folder)))
-    loaders.append(PackageLoader("recharged", "templates"))
+    loaders.append(PackageLoader("recharged.mail", "templates"))
     env = Environment(
         loader=ChoiceLoader(loaders),
         autoescape=select_autoescape(enabled_extensions=("html",), default_for_string=False, default=False),

@@ -15,7 +15,8 @@ from typing import Any, Literal
 from sqlalchemy import text
 
 from recharged.clock import Clock
-from recharged.db import Database, last_job_run
+from recharged.store.engine import Database
+from recharged.store.runs import last_job_run
 
 Status = Literal["pass", "warn", "fail"]
 CONTENT_TYPE = "application/health+json"

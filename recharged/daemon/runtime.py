@@ -9,17 +9,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from recharged import secrets
+from recharged import credentials as secrets
 from recharged.clock import Clock
 from recharged.config import Settings
-from recharged.db import Database
+from recharged.daemon.health import LastCall
+from recharged.daemon.metrics import Metrics
+from recharged.daemon.webhooks import WebhookHandler
 from recharged.errors import ConfigError
-from recharged.health import LastCall
-from recharged.metrics import Metrics
 from recharged.payments import PaymentGateway, RateLimiter, StripeGateway
 from recharged.recharge import RechargeService
+from recharged.store.engine import Database
 from recharged.usage import UsageRecorder
-from recharged.webhooks import WebhookHandler
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,12 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from recharged.config import PaymentsSettings
-from recharged.db import Database, candidate_sources, insert_once
-from recharged.models import Account, AuditRecord, ChargeAttempt, FundingSource, NoticeEpisode, Recharge
+from recharged.mail.outbox import enqueue
 from recharged.money import format_customer, parse_amount
-from recharged.outbox import enqueue
 from recharged.planning import AccountPlan
+from recharged.store.charging import candidate_sources
+from recharged.store.engine import Database, insert_once
+from recharged.store.models import Account, AuditRecord, ChargeAttempt, FundingSource, NoticeEpisode, Recharge
 
 GENERIC_DECLINE = "your bank declined the payment; please contact your bank or use another card"
 # Decline reasons a customer may be told, and can act on. Anything else (lost, stolen, fraudulent, pick-up,

@@ -24,18 +24,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from recharged import __version__
 from recharged.accounts import load_account
 from recharged.clock import Clock
-from recharged.db import Database
+from recharged.daemon.health import CONTENT_TYPE as HEALTH_CONTENT_TYPE
+from recharged.daemon.health import Health
+from recharged.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from recharged.daemon.metrics import Metrics
+from recharged.daemon.runtime import Runtime
+from recharged.daemon.webhooks import SignatureError, verified_event
 from recharged.errors import DatabaseError, InputError, NotFoundError, RechargedError
-from recharged.health import CONTENT_TYPE as HEALTH_CONTENT_TYPE
-from recharged.health import Health
-from recharged.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from recharged.metrics import Metrics
 from recharged.money import format_ledger
 from recharged.planning import plans_in
 from recharged.rating import TimeRate, longest_call
-from recharged.runtime import Runtime
+from recharged.store.engine import Database
 from recharged.usage import FIELDS
-from recharged.webhooks import SignatureError, verified_event
 
 log = structlog.get_logger("recharged.http")
 DIALER_KIND = "dialer"

@@ -1,4 +1,4 @@
-"""Drive recharged.stripe_testserver through the real ``stripe`` SDK."""
+"""Drive recharged.testing.stripe_server through the real ``stripe`` SDK."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import requests
 import stripe
 
-from recharged.stripe_testserver import StripeTestServer, decode_form
+from recharged.testing.stripe_server import StripeTestServer, decode_form
 
 API_KEY = "sk_test_recharged"
 # Card-only PaymentIntents: on API version 2026-10-28.endive (pinned by stripe-python 16) `payment_method_types`

@@ -20,18 +20,18 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from recharged import accounts as accounts_service
-from recharged import secrets
-from recharged import sources as sources_service
+from recharged import credentials as secrets
+from recharged import funding as sources_service
 from recharged.clock import Clock, FixedClock, SystemClock, parse_instant
 from recharged.config import Settings, default_config_path, load_settings
-from recharged.db import Database, masked_url
+from recharged.daemon.runtime import stripe_gateway
 from recharged.errors import InputError, RechargedError
 from recharged.logs import configure
 from recharged.money import format_ledger, parse_amount
 from recharged.payments import PaymentGateway, card_label
 from recharged.planning import AccountPlan, plan_accounts
 from recharged.recharge import RechargeReport, RechargeService
-from recharged.runtime import stripe_gateway
+from recharged.store.engine import Database, masked_url
 from recharged.usage import FIELDS, Outcome, UsageRecorder, summarize
 from recharged.verify import verify as verify_ledger
 
@@ -749,7 +749,7 @@ def cycle(app: App, once: bool, at: datetime | None) -> None:
     """Run one recharge cycle now: recover unfinished recharges, decide, charge, credit; print what it did."""
     if at is not None:
         app.clock = FixedClock(at)
-    from recharged.notices import notify_from_plans
+    from recharged.mail.notices import notify_from_plans
 
     db = app.database()
     report = app.recharges().run_cycle(
@@ -776,7 +776,7 @@ def run(app: App) -> None:
     """Run the daemon: recharge cycles on schedule, the HTTP API, health and metrics, until SIGTERM.
 
     Meant for systemd (Type=notify; see deploy/recharged.service). SIGHUP reloads config.toml."""
-    from recharged.daemon import run_daemon
+    from recharged.daemon.process import run_daemon
 
     sys.exit(run_daemon(app.config_path, app.clock))
 
@@ -1035,7 +1035,7 @@ class _DefaultGroup(click.Group):
 
 
 def _sender(app: App) -> Any:
-    from recharged.outbox import OutboxSender
+    from recharged.mail.outbox import OutboxSender
 
     return OutboxSender(app.database(), app.settings, app.clock)
 
@@ -1060,8 +1060,8 @@ def receipts_group() -> None:
 @pass_app
 def receipts_list(app: App, account_id: str, as_json: bool) -> None:
     """An account's receipts, oldest first, and whether each email was sent."""
+    from recharged.mail.receipts import list_receipts
     from recharged.money import format_customer
-    from recharged.receipts import list_receipts
 
     rows = list_receipts(app.database(), account_id)
     if as_json:
@@ -1105,7 +1105,7 @@ def receipts_list(app: App, account_id: str, as_json: bool) -> None:
 @pass_app
 def receipts_show(app: App, number: str, resend: bool) -> None:
     """Print a receipt as its email shows it; with --resend, send the customer a copy now."""
-    from recharged.receipts import get_receipt, receipt_text, resend_copy
+    from recharged.mail.receipts import get_receipt, receipt_text, resend_copy
 
     db = app.database()
     receipt = get_receipt(db, number)
@@ -1134,7 +1134,7 @@ def outbox_group() -> None:
 @pass_app
 def outbox_list(app: App, status: str | None, account_id: str | None, limit: int, as_json: bool) -> None:
     """Messages newest first, with how many are waiting and how many failed for good."""
-    from recharged.outbox import list_messages, outbox_health
+    from recharged.mail.outbox import list_messages, outbox_health
 
     db = app.database()
     with db.transaction() as session:
@@ -1192,7 +1192,7 @@ def outbox_list(app: App, status: str | None, account_id: str | None, limit: int
 @pass_app
 def outbox_send(app: App, retry_failed: bool) -> None:
     """Deliver every pending message now, also those waiting to be retried. Exits 1 if any failed."""
-    from recharged.outbox import retry_failed as requeue
+    from recharged.mail.outbox import retry_failed as requeue
 
     if retry_failed:
         out.print(f"{requeue(app.database(), app.clock)} failed messages queued again")
@@ -1209,8 +1209,8 @@ def outbox_send(app: App, retry_failed: bool) -> None:
 @pass_app
 def statement(app: App, account_id: str, month: str, fmt: str) -> None:
     """An account's monthly statement: as issued, or for a month not issued yet, as it stands now."""
-    from recharged.statements import as_csv, as_json, parse_month, statement_for
-    from recharged.templating import render
+    from recharged.mail.statements import as_csv, as_json, parse_month, statement_for
+    from recharged.mail.templating import render
 
     content = statement_for(app.database(), app.settings, account_id, parse_month(month), app.clock.now())
     if fmt == "json":
@@ -1227,7 +1227,7 @@ def statement(app: App, account_id: str, month: str, fmt: str) -> None:
 def issue_statements(app: App, at: datetime | None) -> None:
     """Issue and queue last month's statement for every account that has none yet (the daemon does this on
     the first of each month); safe to run again."""
-    from recharged.statements import issue_monthly_statements
+    from recharged.mail.statements import issue_monthly_statements
 
     issued = issue_monthly_statements(app.database(), app.settings, app.clock, at)
     out.print(f"{issued} statements issued and queued; `recharged outbox send` delivers them")
@@ -1252,8 +1252,8 @@ def demo(out_dir: Path) -> None:
     """Sixty days of six made-up customers in under a minute: usage, recharge cycles, receipts, notices and a
     balance chart per account. All local: SQLite, an in-process Stripe-compatible server, .eml files, no keys.
     It always runs on the built-in defaults (config.toml and RECHARGED_* settings do not apply)."""
-    from recharged import demo as simulation
     from recharged.config import LoggingSettings
+    from recharged.demo import simulation
     from recharged.money import format_customer
 
     configure(LoggingSettings(level="warning"))

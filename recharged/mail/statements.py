@@ -20,11 +20,12 @@ from sqlalchemy.orm import Session
 
 from recharged.clock import Clock, midnight
 from recharged.config import Settings, TimeRateSettings
-from recharged.db import Database, insert_once, ledger_sum_before, non_usage_entries
 from recharged.errors import InputError, NotFoundError
-from recharged.models import Account, DailyUsage, Rate, Receipt, Recharge, Statement
+from recharged.mail.outbox import enqueue
 from recharged.money import MINOR_EXPONENT, Units, format_ledger, round_to_minor, to_decimal
-from recharged.outbox import enqueue
+from recharged.store.engine import Database, insert_once
+from recharged.store.models import Account, DailyUsage, Rate, Receipt, Recharge, Statement
+from recharged.store.reads import ledger_sum_before, non_usage_entries
 
 PRODUCT_LABELS = {
     "dialer": "Dialer minutes",

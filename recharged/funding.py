@@ -8,13 +8,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from recharged import notices
 from recharged.accounts import audit_change, load_account, parse_actor
 from recharged.clock import Clock
-from recharged.db import Database
 from recharged.errors import ConflictError, InputError, NotFoundError
-from recharged.models import Account, FundingSource
+from recharged.mail import notices
 from recharged.payments import CardInfo, card_label
+from recharged.store.engine import Database
+from recharged.store.models import Account, FundingSource
 
 
 def describe(source: FundingSource) -> dict[str, Any]:

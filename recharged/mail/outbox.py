@@ -50,14 +50,14 @@ from sqlalchemy.orm import Session, defer
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay, wait_exponential_jitter
 from tenacity.wait import wait_base
 
-from recharged import secrets
+from recharged import credentials as secrets
 from recharged.clock import Clock
 from recharged.config import Settings, SmtpSettings
-from recharged.db import Database, insert_once
 from recharged.faults import crashpoint
-from recharged.jobs import instance_name
-from recharged.models import OutboxMessage
-from recharged.templating import TemplateRenderError, render
+from recharged.mail.templating import TemplateRenderError, render
+from recharged.store.engine import Database, insert_once
+from recharged.store.models import OutboxMessage
+from recharged.store.runs import instance_name
 
 log = structlog.get_logger("recharged.outbox")
 

@@ -14,14 +14,11 @@ from typing import Any
 import structlog
 
 from recharged.clock import Clock
-from recharged.db import Database, finish_job_run, running_job_runs, start_job_run
-from recharged.metrics import Metrics
+from recharged.daemon.metrics import Metrics
+from recharged.store.engine import Database
+from recharged.store.runs import finish_job_run, running_job_runs, start_job_run
 
 log = structlog.get_logger("recharged.jobs")
-
-
-def instance_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"[:120]
 
 
 def _alive(pid: int) -> bool:

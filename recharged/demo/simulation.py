@@ -33,17 +33,17 @@ from recharged.balance import runway_days
 from recharged.charts import BalancePoint, balance_chart
 from recharged.clock import FixedClock, SystemClock, start_of_day
 from recharged.config import Settings
-from recharged.db import Database
 from recharged.errors import InputError, RechargedError
-from recharged.models import Account, ChargeAttempt, OutboxMessage, Receipt, Recharge
+from recharged.mail.notices import notify_from_plans
+from recharged.mail.outbox import OutboxSender
 from recharged.money import Units, format_ledger, parse_amount
-from recharged.notices import notify_from_plans
-from recharged.outbox import OutboxSender
 from recharged.payments import StripeGateway
 from recharged.planning import AccountPlan
 from recharged.recharge import RechargeService
 from recharged.sms import count_segments
-from recharged.stripe_testserver import StripeTestServer
+from recharged.store.engine import Database
+from recharged.store.models import Account, ChargeAttempt, OutboxMessage, Receipt, Recharge
+from recharged.testing.stripe_server import StripeTestServer
 from recharged.usage import UsageRecorder
 from recharged.verify import Report, verify
 

@@ -1,0 +1,175 @@
+"""The reads behind `recharged status`, `accounts history`, statements and `reconcile`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import func, literal_column, select
+from sqlalchemy.orm import Session
+
+from recharged.clock import midnight
+from recharged.store.models import (
+    Account,
+    DailyUsage,
+    Entry,
+    FundingSource,
+    Recharge,
+)
+
+# --- status, account history and reconciliation (`recharged status`, `accounts history`, `reconcile`) ---------
+
+CREDIT_TYPES = ("recharge", "topup")
+_USAGE_INLINE: Any = literal_column("'usage'")  # inline, so the partial index on non-usage entries applies
+_IN_CHUNK = 500  # ids per IN (...) list
+
+
+def recharges_finished_since(session: Session, since: datetime) -> list[tuple[str, int, int, int]]:
+    """Recharges finished at or after `since`, per currency: (currency, count, credited, charged)."""
+    query = (
+        select(Recharge.currency, func.count(), func.sum(Recharge.amount), func.sum(Recharge.total))
+        .where(Recharge.phase == "finished", Recharge.updated_at >= since)
+        .group_by(Recharge.currency)
+        .order_by(Recharge.currency)
+    )
+    return [(row[0], int(row[1]), int(row[2]), int(row[3])) for row in session.execute(query)]
+
+
+def accounts_not_ok(session: Session) -> list[Account]:
+    """Accounts whose automatic recharge is not in the ok state, in id order."""
+    return list(session.scalars(select(Account).where(Account.recharge_state != "ok").order_by(Account.id)))
+
+
+def unusable_sources(session: Session) -> list[FundingSource]:
+    """Cards on file (not removed) that a hard decline made unusable, by account."""
+    query = (
+        select(FundingSource)
+        .where(FundingSource.removed_at.is_(None), FundingSource.unusable_reason.is_not(None))
+        .order_by(FundingSource.account_id, FundingSource.id)
+    )
+    return list(session.scalars(query))
+
+
+def undelivered_mail(session: Session, pending_before: datetime) -> list[tuple[str, int, datetime, str | None]]:
+    """Emails failed for good, and emails still pending that were queued before `pending_before`:
+    (status, count, oldest queued at, the latest error) per status."""
+    from recharged.store.models import OutboxMessage
+
+    late = (OutboxMessage.status == "failed") | (
+        (OutboxMessage.status == "pending") & (OutboxMessage.created_at < pending_before)
+    )
+    groups = session.execute(
+        select(OutboxMessage.status, func.count(), func.min(OutboxMessage.created_at))
+        .where(late)
+        .group_by(OutboxMessage.status)
+        .order_by(OutboxMessage.status)
+    ).all()
+    found = []
+    for status, count, oldest in groups:
+        error = session.scalar(
+            select(OutboxMessage.last_error)
+            .where(late, OutboxMessage.status == status, OutboxMessage.last_error.is_not(None))
+            .order_by(OutboxMessage.last_attempt_at.desc(), OutboxMessage.id.desc())
+            .limit(1)
+        )
+        found.append((str(status), int(count), oldest, error))
+    return found
+
+
+def open_recharges_claimed_before(session: Session, created_before: datetime) -> list[Recharge]:
+    """Recharges still open that were claimed before `created_before`, oldest first."""
+    query = (
+        select(Recharge)
+        .where(Recharge.phase.not_in(("finished", "failed")), Recharge.created_at < created_before)
+        .order_by(Recharge.created_at, Recharge.id)
+    )
+    return list(session.scalars(query))
+
+
+def usage_days(session: Session, account_id: str, start: date, end: date) -> list[DailyUsage]:
+    """An account's per-day usage totals over the UTC days [start, end), by day and kind."""
+    query = (
+        select(DailyUsage)
+        .where(DailyUsage.account_id == account_id, DailyUsage.day >= start, DailyUsage.day < end)
+        .order_by(DailyUsage.day, DailyUsage.kind)
+    )
+    return list(session.scalars(query))
+
+
+def ledger_sum_before(session: Session, account_id: str, day: date) -> int:
+    """The sum of an account's ledger entries that occurred before the UTC day `day`: its balance at that
+    midnight. Usage entries are summed through their per-day totals (which `verify` proves equal), the others
+    read through their own index."""
+    start = midnight(day)
+    others = session.scalar(
+        select(func.coalesce(func.sum(Entry.amount), 0)).where(
+            Entry.account_id == account_id, Entry.entry_type != _USAGE_INLINE, Entry.occurred_at < start
+        )
+    )
+    usage = session.scalar(
+        select(func.coalesce(func.sum(DailyUsage.amount), 0)).where(
+            DailyUsage.account_id == account_id, DailyUsage.day < day
+        )
+    )
+    return int(others or 0) - int(usage or 0)
+
+
+def non_usage_entries(session: Session, account_id: str, since: datetime, until: datetime) -> list[Entry]:
+    """An account's credits, adjustments and opening balance entries that occurred in [since, until)."""
+    query = (
+        select(Entry)
+        .where(
+            Entry.account_id == account_id,
+            Entry.entry_type != _USAGE_INLINE,
+            Entry.occurred_at >= since,
+            Entry.occurred_at < until,
+        )
+        .order_by(Entry.occurred_at, Entry.id)
+    )
+    return list(session.scalars(query))
+
+
+def account_recharges(session: Session, account_id: str, since: datetime, until: datetime) -> list[Recharge]:
+    """An account's recharges claimed in [since, until), oldest first."""
+    query = (
+        select(Recharge)
+        .where(Recharge.account_id == account_id, Recharge.created_at >= since, Recharge.created_at < until)
+        .order_by(Recharge.created_at, Recharge.id)
+    )
+    return list(session.scalars(query))
+
+
+def account_currencies(session: Session, ids: Sequence[str]) -> dict[str, str]:
+    """The currency of each of the given accounts that exists."""
+    return dict(session.execute(select(Account.id, Account.currency).where(Account.id.in_(ids))).all())
+
+
+def processor_customers(session: Session) -> list[str]:
+    """The processor's customers behind our funding sources (removed ones included: they were charged)."""
+    return list(session.scalars(select(FundingSource.customer).distinct().order_by(FundingSource.customer)))
+
+
+def credits_for(session: Session, since: datetime, payment_intents: Sequence[str]) -> list[Entry]:
+    """Ledger credits of charges (recharge and top-up entries) that occurred at or after `since`, and those of
+    the given PaymentIntents whenever they occurred."""
+    found = {
+        e.id: e
+        for e in session.scalars(select(Entry).where(Entry.entry_type.in_(CREDIT_TYPES), Entry.occurred_at >= since))
+    }
+    ids = sorted(set(payment_intents))
+    for i in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[i : i + _IN_CHUNK]
+        query = select(Entry).where(Entry.entry_type.in_(CREDIT_TYPES), Entry.external_id.in_(chunk))
+        found.update((e.id, e) for e in session.scalars(query))
+    return sorted(found.values(), key=lambda e: (e.occurred_at, e.id))
+
+
+def recharges_paid_by(session: Session, payment_intents: Sequence[str]) -> dict[str, Recharge]:
+    """The recharges recorded as paid by the given PaymentIntents, by PaymentIntent."""
+    ids = sorted(set(payment_intents))
+    found: dict[str, Recharge] = {}
+    for i in range(0, len(ids), _IN_CHUNK):
+        query = select(Recharge).where(Recharge.payment_intent.in_(ids[i : i + _IN_CHUNK]))
+        found.update((r.payment_intent or "", r) for r in session.scalars(query))
+    return found
