@@ -8,7 +8,7 @@ DEMO_DIR := recharged-demo
 EXAMPLE_AT := 2026-11-16T09:00:00Z
 RUN := RECHARGED_DATABASE__URL=sqlite:///$(EXAMPLE_DIR)/recharged.db $(BIN)/recharged --config config.toml
 
-.PHONY: demo plan test lint install clean
+.PHONY: demo plan test test-stripe lint install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ lint: $(BIN)/.installed
 # Lint, type-check and the whole test suite; PostgreSQL too when RECHARGED_TEST_POSTGRES_URL is set.
 test: lint
 	$(BIN)/pytest -n 2 -q
+
+# The payment tests again against real Stripe test mode (deselected in `make test`): needs a test key.
+test-stripe: $(BIN)/.installed
+	@case "$$RECHARGED_TEST_STRIPE_KEY" in sk_test_*) ;; *) echo "set RECHARGED_TEST_STRIPE_KEY=sk_test_..." >&2; exit 2;; esac
+	$(BIN)/pytest -n 2 -q -m stripe
 
 clean:
 	rm -rf $(EXAMPLE_DIR) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache

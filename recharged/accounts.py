@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -16,12 +17,16 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from recharged.balance import AccountPlan
 from recharged.clock import Clock, parse_instant
 from recharged.config import RechargeSettings, Settings
+from recharged.csvfiles import check_header, open_csv, shape_problem
 from recharged.errors import ActorError, ConflictError, InputError, NotFoundError
 from recharged.mail import notices
 from recharged.money import Units, check_currency, format_ledger, parse_amount
 from recharged.payments import CardInfo, card_label
+from recharged.planning import plans_in
+from recharged.states import EntryType, RechargeState
 from recharged.store.engine import Database
 from recharged.store.ledger import post_entry
 from recharged.store.models import Account, AuditRecord, FundingSource
@@ -140,6 +145,47 @@ def _card(get: Any) -> CardInfo | None:
     )
 
 
+ACCOUNT_COLUMNS = (
+    "id",
+    "email",
+    "plan",
+    "currency",
+    "vat_percent",
+    "created_at",
+    "opening_balance",
+    "auto_recharge",
+    *CARD_COLUMNS,
+)
+REQUIRED_COLUMNS = ("id", "email", "plan", "vat_percent")
+MAX_LISTED_PROBLEMS = 50
+
+
+def read_csv(path: Path, settings: Settings, now: datetime, *, created_at: str | None = None) -> list[NewAccount]:
+    """The accounts of a CSV file (header: ACCOUNT_COLUMNS), each validated as `new_account` does; `created_at`
+    is used for rows that do not give one. Any bad row refuses the whole file: InputError lists the bad rows."""
+    new: list[NewAccount] = []
+    problems: list[str] = []
+    with open_csv(path) as (reader, rows, _):
+        check_header(path, reader.fieldnames, required=REQUIRED_COLUMNS, known=ACCOUNT_COLUMNS)
+        for line, row in rows:
+            shape = shape_problem(row)
+            if shape:
+                problems.append(f"{path}:{line}: {shape}")
+                continue
+            if created_at and not (row.get("created_at") or "").strip():
+                row["created_at"] = created_at
+            try:
+                new.append(new_account(row, settings, now))
+            except ValueError as exc:
+                problems.append(f"{path}:{line}: {exc}")
+    if problems:
+        listing = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
+        if len(problems) > MAX_LISTED_PROBLEMS:
+            listing += f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more"
+        raise InputError(f"{len(problems)} bad rows, nothing imported:\n  {listing}")
+    return new
+
+
 def settings_of(account: Account) -> dict[str, Any]:
     """The billing settings of an account as audit-friendly JSON values."""
     values: dict[str, Any] = {
@@ -227,7 +273,7 @@ def create_accounts(db: Database, accounts: Sequence[NewAccount], actor: str, cl
                     post_entry(
                         session,
                         new.id,
-                        "opening",
+                        EntryType.OPENING,
                         new.id,
                         new.opening_balance,
                         created_at,
@@ -325,9 +371,19 @@ def change_account(
                 raise InputError(str(exc)) from None
         if auto_recharge is not None:
             account.auto_recharge = auto_recharge
-        if auto_recharge and account.recharge_state in ("suspended", "backing_off"):
-            # An admin enabling auto-recharge lifts a suspension and starts the retry schedule afresh.
-            account.recharge_state, account.failed_cycles, account.retry_at, account.state_reason = "ok", 0, None, None
+        if auto_recharge and account.recharge_state in (
+            RechargeState.SUSPENDED,
+            RechargeState.BACKING_OFF,
+            RechargeState.DISPUTED,
+        ):
+            # An admin enabling auto-recharge lifts a suspension or a dispute's pause, and starts the retry
+            # schedule afresh.
+            account.recharge_state, account.failed_cycles, account.retry_at, account.state_reason = (
+                RechargeState.OK,
+                0,
+                None,
+                None,
+            )
         for name, value in checked_overrides.items():
             setattr(account, name, value)
         after = settings_of(account)
@@ -362,6 +418,32 @@ def audit_trail(db: Database, account_id: str | None = None, limit: int = 200) -
 def get_account(db: Database, account_id: str) -> Account:
     with db.reading() as session:
         return load_account(session, account_id)
+
+
+@dataclass(frozen=True, slots=True)
+class AccountView:
+    """One account as of `at`, read in one snapshot: the account (loaded, detached from its session) and the
+    decision the next recharge cycle would take for it."""
+
+    at: datetime
+    account: Account
+    plan: AccountPlan
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The account's billing settings (`settings_of`) with when it started and first used the service."""
+        values = settings_of(self.account)
+        values["created_at"] = self.account.created_at.isoformat()
+        values["first_usage_at"] = self.account.first_usage_at.isoformat() if self.account.first_usage_at else None
+        return values
+
+
+def account_view(db: Database, settings: Settings, account_id: str, at: datetime) -> AccountView:
+    """The account and its plan at `at`, both from one read snapshot; NotFoundError when there is no such account."""
+    with db.reading() as session:
+        account = load_account(session, account_id)
+        plan = next(plans_in(session, settings, at, [account_id]))
+    return AccountView(at, account, plan)
 
 
 def adjust_balance(

@@ -6,7 +6,9 @@ from the earlier of its creation and its first usage, divides by its number of f
 Threshold = average x `threshold_days`, recharge amount = average x `recharge_days`, then the floors and caps.
 When the balance is below the threshold the account is charged the recharge amount, or more if even that
 would leave it under the threshold (the charge then covers the shortfall), within `max_recharge` and the
-spend caps.
+spend caps, and within the processor's limits on one charge (amount plus VAT): raised to its minimum when
+smaller (unless `max_recharge` or a spend cap forbids that: then nothing is charged, `cap_reached`), capped
+at its maximum when larger.
 """
 
 from __future__ import annotations
@@ -18,13 +20,18 @@ from typing import Literal
 
 from recharged.clock import as_utc, start_of_day
 from recharged.money import (
+    CURRENCIES,
     Units,
-    ceil_to_minor,
+    ceil_to_charge,
+    charge_step,
     div_half_up,
-    floor_to_minor,
-    fraction_to_minor,
-    minor_step,
+    floor_to_charge,
+    fraction_to_charge,
+    largest_net_within,
+    smallest_net_reaching,
+    with_vat,
 )
+from recharged.states import RechargeState
 
 DAY = timedelta(days=1)
 
@@ -38,8 +45,8 @@ Reason = Literal[
     "no_funding_source",
     "recharge_in_progress",
     "backing_off",
+    "disputed",
 ]
-RechargeState = Literal["ok", "backing_off", "suspended", "action_required"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,10 +93,11 @@ class AccountFigures:
     policy: Policy
     charged_last_day: Units = 0
     charged_last_30_days: Units = 0
-    state: RechargeState = "ok"
+    state: RechargeState = RechargeState.OK
     retry_at: datetime | None = None  # while backing off: when the next try is allowed
     has_funding_source: bool = True
     in_progress: bool = False
+    vat_percent: Decimal = Decimal(0)  # the processor's limits apply to the charge plus VAT
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +113,9 @@ class Decision:
     action: Literal["charge", "skip"]
     reason: Reason
     charge_amount: Units = 0
-    limited_by: str | None = None  # the floor or cap that bounded the charge amount, if any
+    # The floor or cap that bounded the charge amount, if any: "shortfall", "max_recharge", a spend cap, or the
+    # processor's own limits on one charge ("processor_minimum", "processor_maximum").
+    limited_by: str | None = None
 
 
 def history_days(at: datetime, created_at: datetime, first_usage_at: datetime | None, window_days: int) -> int:
@@ -141,10 +151,11 @@ def decide(figures: AccountFigures, at: datetime) -> Decision:
     usage = max(0, figures.window_usage)
 
     threshold = max(policy.min_threshold, div_half_up(usage * policy.threshold_days, days))
-    # Charges are whole minor units: floors round up to one, ceilings round down.
-    min_recharge = ceil_to_minor(policy.min_recharge, currency)
-    max_recharge = None if policy.max_recharge is None else floor_to_minor(policy.max_recharge, currency)
-    recharge = max(min_recharge, fraction_to_minor(usage * policy.recharge_days, days, currency))
+    # Charges are whole charge steps: floors round up to one, ceilings round down.
+    step = charge_step(currency)
+    min_recharge = ceil_to_charge(policy.min_recharge, currency)
+    max_recharge = None if policy.max_recharge is None else floor_to_charge(policy.max_recharge, currency)
+    recharge = max(min_recharge, fraction_to_charge(usage * policy.recharge_days, days, currency))
     capped = max_recharge is not None and recharge > max_recharge
     if max_recharge is not None:
         recharge = min(recharge, max_recharge)
@@ -161,33 +172,65 @@ def decide(figures: AccountFigures, at: datetime) -> Decision:
     )
     if not figures.auto_recharge:
         return replace(skip, reason="auto_recharge_off")
-    if figures.state in ("suspended", "action_required"):
-        return replace(skip, reason=figures.state)
+    if figures.state == RechargeState.SUSPENDED:
+        return replace(skip, reason="suspended")
+    if figures.state == RechargeState.ACTION_REQUIRED:
+        return replace(skip, reason="action_required")
+    if figures.state == RechargeState.DISPUTED:  # a payment was disputed: paused until an admin enables it
+        return replace(skip, reason="disputed")
     if not figures.has_funding_source:
         return replace(skip, reason="no_funding_source")
     if figures.in_progress:
         return replace(skip, reason="recharge_in_progress")
     if figures.balance >= threshold:
         return skip
-    if figures.state == "backing_off" and figures.retry_at is not None and at < figures.retry_at:
+    if figures.state == RechargeState.BACKING_OFF and figures.retry_at is not None and at < figures.retry_at:
         return replace(skip, reason="backing_off")
 
     # One charge always lifts the balance to the threshold: cover the shortfall when the recharge is too small.
-    charge = max(recharge, ceil_to_minor(threshold - figures.balance, currency))
+    charge = max(recharge, ceil_to_charge(threshold - figures.balance, currency))
     limited_by: str | None = "shortfall" if charge > recharge else ("max_recharge" if capped else None)
     if max_recharge is not None and charge > max_recharge:
         charge, limited_by = max_recharge, "max_recharge"
-    if charge < minor_step(currency):  # a ceiling below one cent leaves nothing to charge
+    if charge < step:  # a ceiling below one charge step leaves nothing to charge
         return replace(skip, reason="cap_reached", limited_by="max_recharge")
+    ceilings: list[tuple[str, Units]] = [] if max_recharge is None else [("max_recharge", max_recharge)]
     for cap_name, cap, spent in (
         ("max_charged_per_day", policy.max_charged_per_day, figures.charged_last_day),
         ("max_charged_per_30_days", policy.max_charged_per_30_days, figures.charged_last_30_days),
     ):
         if cap is None:
             continue
-        allowed = floor_to_minor(cap - spent, currency)
-        if allowed < minor_step(currency):
+        allowed = floor_to_charge(cap - spent, currency)
+        if allowed < step:
             return replace(skip, reason="cap_reached", limited_by=cap_name)
+        ceilings.append((cap_name, allowed))
         if charge > allowed:
             charge, limited_by = allowed, cap_name
+
+    # The processor's limits apply to what is charged: the amount plus VAT. Above the maximum, charge the most it
+    # takes; below the minimum, charge the least it takes, unless a ceiling of the customer's forbids that.
+    limits = CURRENCIES[currency]
+    vat = figures.vat_percent
+    most = largest_net_within(limits.maximum_units, vat, currency)
+    if charge > most:
+        charge, limited_by = most, "processor_maximum"
+    if limits.minimum_units is not None and with_vat(charge, vat, currency) < limits.minimum_units:
+        least = smallest_net_reaching(limits.minimum_units, vat, currency)
+        blocking = next((name for name, ceiling in ceilings if least > ceiling), None)
+        if blocking is not None:
+            return replace(skip, reason="cap_reached", limited_by=blocking)
+        charge, limited_by = least, "processor_minimum"
     return replace(skip, action="charge", reason="below_threshold", charge_amount=charge, limited_by=limited_by)
+
+
+@dataclass(frozen=True, slots=True)
+class AccountPlan:
+    """One account's decision with what it was made from."""
+
+    account_id: str
+    currency: str
+    auto_recharge: bool
+    policy: Policy
+    window: Window
+    decision: Decision

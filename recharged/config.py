@@ -122,6 +122,14 @@ class PaymentsSettings(_Section):
     lease_seconds: int = Field(300, ge=30, le=3600)
     # Requests per second this instance sends to the processor at most (Stripe allows 100 in live mode).
     max_requests_per_second: float = Field(90.0, gt=0, le=10_000)
+    # This many integration errors in a row (the processor refusing our own request) stop the cycle's charging.
+    max_integration_errors: int = Field(3, ge=1, le=1000)
+    # No charge is started while our clock is further than this from the processor's (its `Date` header).
+    max_clock_skew_seconds: int = Field(3600, ge=1, le=86_400)
+
+    @property
+    def max_clock_skew(self) -> timedelta:
+        return timedelta(seconds=self.max_clock_skew_seconds)
 
 
 class TimeRateSettings(_Section):

@@ -13,6 +13,7 @@ from recharged.clock import Clock
 from recharged.errors import ConflictError, InputError, NotFoundError
 from recharged.mail import notices
 from recharged.payments import CardInfo, card_label
+from recharged.states import RechargeState
 from recharged.store.engine import Database
 from recharged.store.models import Account, FundingSource
 
@@ -47,8 +48,8 @@ def _load(session: Session, account_id: str, source_id: int) -> FundingSource:
 
 def _clear_action_required(account: Account) -> None:
     """A new or updated card is what an account waiting for customer action needs: try again."""
-    if account.recharge_state == "action_required":
-        account.recharge_state, account.state_reason = "ok", None
+    if account.recharge_state == RechargeState.ACTION_REQUIRED:
+        account.recharge_state, account.state_reason = RechargeState.OK, None
 
 
 def add_source(

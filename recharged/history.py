@@ -20,8 +20,9 @@ from recharged.config import Settings
 from recharged.errors import InputError
 from recharged.money import Units, format_ledger
 from recharged.planning import plans_in
+from recharged.states import CREDIT_TYPES
 from recharged.store.engine import Database
-from recharged.store.reads import CREDIT_TYPES, account_recharges, ledger_sum_before, non_usage_entries, usage_days
+from recharged.store.reads import account_recharges, ledger_sum_before, non_usage_entries, usage_days
 
 DAY = timedelta(days=1)
 MAX_DAYS = 366

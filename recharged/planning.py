@@ -7,28 +7,18 @@ then the accounts streamed in id order through `balance.decide`. It never reads 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from recharged.balance import AccountFigures, Decision, Policy, Window, decide
+from recharged.balance import AccountFigures, AccountPlan, Window, decide
 from recharged.config import Settings
 from recharged.store.charging import accounts_with_open_recharge, accounts_with_usable_source
 from recharged.store.engine import Database
 from recharged.store.ledger import POLICY_COLUMNS, charged_since, plan_rows, usage_totals, window_lengths
-
-
-@dataclass(frozen=True, slots=True)
-class AccountPlan:
-    """One account's decision with what it was made from."""
-
-    account_id: str
-    currency: str
-    auto_recharge: bool
-    policy: Policy
-    window: Window
-    decision: Decision
+from recharged.store.models import Account
 
 
 def plan_accounts(
@@ -50,6 +40,7 @@ def plans_in(
     last_30_days = charged_since(session, at - timedelta(days=30), at, ids)
     with_source = accounts_with_usable_source(session, ids)
     in_progress = accounts_with_open_recharge(session, ids)
+    vat_percents = _vat_percents(session, ids)
     for row in plan_rows(session, ids):
         overrides = {name: getattr(row, name) for name in POLICY_COLUMNS}
         policy = default.overridden(overrides) if any(v is not None for v in overrides.values()) else default
@@ -67,7 +58,17 @@ def plans_in(
             retry_at=row.retry_at,
             has_funding_source=row.id in with_source,
             in_progress=row.id in in_progress,
+            vat_percent=vat_percents.get(row.id, Decimal(0)),
         )
         yield AccountPlan(
             row.id, row.currency, row.auto_recharge, policy, windows[policy.window_days], decide(figures, at)
         )
+
+
+def _vat_percents(session: Session, ids: Sequence[str] | None) -> dict[str, Decimal]:
+    """Each account's VAT percent (the processor's limits apply to a charge plus VAT), for those that charge VAT:
+    `plan_rows` does not read it."""
+    query = select(Account.id, Account.vat_percent)
+    if ids is not None:
+        query = query.where(Account.id.in_(ids))
+    return {account_id: vat for account_id, vat in session.execute(query) if vat}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from recharged.money import Units, div_half_up
+from recharged.states import Measure
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,8 +28,8 @@ class TimeRate:
     connect_fee: Units = 0
 
     @property
-    def measure(self) -> Literal["time"]:
-        return "time"
+    def measure(self) -> Literal[Measure.TIME]:
+        return Measure.TIME
 
     @property
     def unit(self) -> str:
@@ -43,8 +44,8 @@ class CountRate:
     unit: str = "unit"
 
     @property
-    def measure(self) -> Literal["count"]:
-        return "count"
+    def measure(self) -> Literal[Measure.COUNT]:
+        return Measure.COUNT
 
 
 Rate = TimeRate | CountRate
@@ -116,7 +117,7 @@ def rate_snapshot(kind_rate: Rate) -> dict[str, Any]:
     """A rate as the columns of its stored snapshot (the `rates` table)."""
     if isinstance(kind_rate, TimeRate):
         return {
-            "measure": "time",
+            "measure": Measure.TIME,
             "price": kind_rate.price_per_minute,
             "increment_seconds": kind_rate.increment_seconds,
             "minimum_seconds": kind_rate.minimum_seconds,
@@ -124,7 +125,7 @@ def rate_snapshot(kind_rate: Rate) -> dict[str, Any]:
             "unit": "second",
         }
     return {
-        "measure": "count",
+        "measure": Measure.COUNT,
         "price": kind_rate.price_per_unit,
         "increment_seconds": 0,
         "minimum_seconds": 0,
@@ -135,7 +136,7 @@ def rate_snapshot(kind_rate: Rate) -> dict[str, Any]:
 
 def rate_from_snapshot(columns: Mapping[str, Any]) -> Rate:
     """The rate a stored snapshot describes: `verify` re-rates recorded events with it."""
-    if columns["measure"] == "time":
+    if columns["measure"] == Measure.TIME:
         return TimeRate(
             columns["price"], columns["increment_seconds"], columns["minimum_seconds"], columns["connect_fee"]
         )

@@ -28,27 +28,29 @@ from typing import Protocol
 import structlog
 from sqlalchemy.orm import Session
 
-from recharged.balance import runs_out_within
+from recharged.balance import AccountPlan, runs_out_within
 from recharged.clock import Clock
 from recharged.config import Settings
-from recharged.errors import ConflictError, InputError, NotFoundError
+from recharged.errors import (
+    ConflictError,
+    InputError,
+    NotFoundError,
+    PaymentError,
+    ProcessorFault,
+    TransientPaymentError,
+)
 from recharged.faults import crashpoint
 from recharged.mail import notices
 from recharged.mail.receipts import issue_receipt
-from recharged.money import Units, format_ledger, minor_step, percent_of, to_minor_units
-from recharged.payments import (
-    ChargeRequest,
-    PaymentError,
-    PaymentGateway,
-    PaymentResult,
-    TransientPaymentError,
-    card_label,
-)
-from recharged.planning import AccountPlan, plan_accounts, plans_in
+from recharged.money import Units, check_charge, format_ledger, percent_of, to_minor_units
+from recharged.payments import ChargeRequest, PaymentGateway, PaymentResult, card_label
+from recharged.planning import plan_accounts, plans_in
+from recharged.states import AttemptStatus, DeclineClass, EntryType, Phase, RechargeKind, RechargeState
 from recharged.store.charging import (
     attempts_of,
     candidate_sources,
     insert_recharge,
+    last_attempt_with,
     lock_recharge,
     open_recharge_ids,
     pending_attempt,
@@ -61,8 +63,21 @@ from recharged.store.ledger import lock_account, mark_due, post_entry
 from recharged.store.models import Account, ChargeAttempt, FundingSource, Recharge
 
 log = structlog.get_logger("recharged.recharge")
-TERMINAL = ("finished", "failed")
-_BUSY = -1  # claim_due: another worker holds the account's claim lock
+
+RECOVERY_BACKOFF = timedelta(minutes=5)  # after a recovery failure, doubling each time
+RECOVERY_BACKOFF_MAX = timedelta(hours=6)
+RECOVERY_ALERT_AFTER = 3  # failures in a row logged as errors from here on
+
+Step = Phase | None  # where a step left a recharge; None: waiting on the processor, to be resumed later
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What `claim_due` found: the recharge it claimed (None when the account is no longer due), or that another
+    worker was claiming the account at that moment (`busy`, only when not waiting for its lock)."""
+
+    recharge_id: int | None
+    busy: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,13 +86,37 @@ class RechargeReport:
 
     recharge_id: int
     account_id: str
-    kind: str
-    phase: str
+    kind: RechargeKind
+    phase: Phase
     currency: str
     amount: Units
     total: Units
     outcome: str
     source: str | None
+    integration_error: bool = False  # failed because the processor refused our request (never the card's fault)
+
+
+class Breaker:
+    """Counts integration errors in a row across a cycle's charges (threads included); open after `limit` of them,
+    until the cycle ends. A charge that reached the card (paid, declined) closes the run of errors."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit, self._run, self._lock = limit, 0, threading.Lock()
+        self.opened_by: str | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.opened_by is not None
+
+    def record(self, integration_error: str | None) -> None:
+        with self._lock:
+            if integration_error is None:
+                self._run = 0
+                return
+            self._run += 1
+            if self._run >= self._limit and self.opened_by is None:
+                self.opened_by = f"{self._run} integration errors in a row, the last: {integration_error}"[:300]
+                log.error("cycle.breaker_open", reason=self.opened_by)
 
 
 @dataclass
@@ -87,25 +126,28 @@ class CycleReport:
     charged: list[RechargeReport] = field(default_factory=list)
     not_claimed: list[str] = field(default_factory=list)  # no longer due when re-decided under the lock
     errors: dict[str, str] = field(default_factory=dict)  # account -> what went wrong (the cycle goes on)
-    left_for_next: list[str] = field(default_factory=list)  # due, but the daemon was stopping
+    left_for_next: list[str] = field(default_factory=list)  # due, but the daemon was stopping or the breaker open
     accounts: int = 0
+    halted: str | None = None  # why the circuit breaker stopped charging
 
     def summary(self) -> dict[str, object]:
         """Counts and amounts (per currency, in the ledger's 5-decimal form) for logs, status and job runs."""
         charged: dict[str, int] = {}
         for r in self.charged:
-            if r.phase == "finished":
+            if r.phase == Phase.FINISHED:
                 charged[r.currency] = charged.get(r.currency, 0) + r.total
         return {
             "accounts": self.accounts,
             "due": len(self.charged) + len(self.not_claimed) + len(self.errors) + len(self.left_for_next),
-            "charged": sum(1 for r in self.charged if r.phase == "finished"),
-            "failed": sum(1 for r in self.charged if r.phase == "failed"),
-            "waiting": sum(1 for r in self.charged if r.phase not in TERMINAL),
+            "charged": sum(1 for r in self.charged if r.phase == Phase.FINISHED),
+            "failed": sum(1 for r in self.charged if r.phase == Phase.FAILED),
+            "waiting": sum(1 for r in self.charged if r.phase.is_open),
             "not_claimed": len(self.not_claimed),
             "errors": len(self.errors),
             "left_for_next": len(self.left_for_next),
             "recovered": len(self.recovered),
+            "integration_errors": sum(1 for r in self.charged if r.integration_error),
+            "halted": self.halted,
             "charged_total": {currency: format_ledger(total) for currency, total in sorted(charged.items())},
         }
 
@@ -119,6 +161,8 @@ class Observer(Protocol):
 
     def credited(self, kind: str, amount: Units, currency: str) -> None: ...
 
+    def recovery_failed(self, recharge_id: int) -> None: ...
+
 
 class _Unobserved:
     def decided(self, plan: AccountPlan) -> None:
@@ -128,6 +172,9 @@ class _Unobserved:
         pass
 
     def credited(self, kind: str, amount: Units, currency: str) -> None:
+        pass
+
+    def recovery_failed(self, recharge_id: int) -> None:
         pass
 
 
@@ -186,20 +233,33 @@ class RechargeService:
             plans_seen(plans)
         due = [p.account_id for p in plans if p.decision.action == "charge"]
         random.shuffle(due)
+        skewed = self.clock_skew_problem()
+        if skewed is not None and due:
+            log.error("cycle.clock_skew", problem=skewed)
+            report.halted, report.left_for_next = skewed, due
+            return report
+
+        breaker = Breaker(self._payments.max_integration_errors)
 
         def charge(account_id: str, wait_for_lock: bool) -> str | None:
             """The account id again when another instance was claiming it at that moment."""
-            if stop is not None and stop.is_set():
+            if (stop is not None and stop.is_set()) or breaker.open:
                 report.left_for_next.append(account_id)
                 return None
             try:
-                recharge_id = self.claim_due(account_id, at, wait_for_lock=wait_for_lock)
-                if recharge_id == _BUSY:
+                claim = self.claim_due(account_id, at, wait_for_lock=wait_for_lock)
+                if claim.busy:
                     return account_id
-                if recharge_id is None:
+                if claim.recharge_id is None:
                     report.not_claimed.append(account_id)
                 else:
-                    report.charged.append(self.process(recharge_id, "claimed"))
+                    result = self.process(claim.recharge_id, Phase.CLAIMED)
+                    report.charged.append(result)
+                    breaker.record(result.outcome if result.integration_error else None)
+            except PaymentError as exc:  # the processor refused our key or our request: ours, not the card's
+                log.error("cycle.account_failed", account=account_id, error=str(exc))
+                report.errors[account_id] = str(exc)[:300]
+                breaker.record(str(exc))
             except Exception as exc:  # one account's trouble never stops the others' charges
                 log.exception("cycle.account_failed", account=account_id, error=str(exc))
                 report.errors[account_id] = str(exc)[:300]
@@ -209,14 +269,17 @@ class RechargeService:
             busy = [a for a in pool.map(lambda a: charge(a, False), due) if a is not None]
             # Claimed by another instance a moment ago: decide again now, when its claim is visible.
             list(pool.map(lambda a: charge(a, True), busy))
+        report.halted = breaker.opened_by
         return report
 
     def charge_now(self, account_id: str) -> RechargeReport | None:
         """Charge one account at once if it is due (usage made its runway too short to wait for the cycle)."""
-        recharge_id = self.claim_due(account_id, self._clock.now(), wait_for_lock=True)
-        if recharge_id is None or recharge_id == _BUSY:
+        if self.clock_skew_problem() is not None:
+            return None  # the cycle reports it
+        claim = self.claim_due(account_id, self._clock.now(), wait_for_lock=True)
+        if claim.recharge_id is None:
             return None
-        return self.process(recharge_id, "claimed")
+        return self.process(claim.recharge_id, Phase.CLAIMED)
 
     def mark_due(self, account_ids: Iterable[str], next_cycle: datetime | None, margin: timedelta) -> list[str]:
         """After usage was recorded: note when each account fell under its threshold (it is charged in the next
@@ -244,7 +307,51 @@ class RechargeService:
         now = self._clock.now()
         with self._db.transaction() as session:
             ids = open_recharge_ids(session, now, idle_since=None if idle_for is None else now - idle_for)
-        return [self.process(recharge_id) for recharge_id in ids]
+        reports = []
+        for recharge_id in ids:  # each on its own: one broken recharge never stops the others, nor the cycle
+            try:
+                report = self.process(recharge_id)
+            except Exception as exc:
+                reports.append(self._recovery_failed(recharge_id, exc))
+                continue
+            self._recovery_succeeded(recharge_id)
+            reports.append(report)
+        return reports
+
+    def _recovery_failed(self, recharge_id: int, exc: Exception) -> RechargeReport:
+        """Record the failure on the recharge and back off (5 minutes, doubling up to 6 hours); repeated failures
+        are logged as errors, and `recharged status` and /healthz show the recharge."""
+        now = self._clock.now()
+        with self._db.transaction() as session:
+            recharge = session.get(Recharge, recharge_id)
+            assert recharge is not None
+            recharge.recovery_failures += 1
+            wait = min(RECOVERY_BACKOFF * 2 ** (recharge.recovery_failures - 1), RECOVERY_BACKOFF_MAX)
+            recharge.recover_after = now + wait
+            recharge.lease_until = None
+            recharge.outcome = f"recovery failed ({recharge.recovery_failures}x): {exc}"[:200]
+            failures = recharge.recovery_failures
+        (log.error if failures >= RECOVERY_ALERT_AFTER else log.warning)(
+            "recover.failed", recharge=recharge_id, failures=failures, retry_in=str(wait), error=str(exc)
+        )
+        self._observer.recovery_failed(recharge_id)
+        return self.report(recharge_id)
+
+    def _recovery_succeeded(self, recharge_id: int) -> None:
+        with self._db.transaction() as session:
+            recharge = session.get(Recharge, recharge_id)
+            if recharge is not None and recharge.recovery_failures:
+                recharge.recovery_failures, recharge.recover_after = 0, None
+
+    def clock_skew_problem(self) -> str | None:
+        """Why no charge may start now because our clock is too far from the processor's, or None. Recovery looks
+        payments up around times we recorded, so it must not run on a clock the processor does not share."""
+        skew = self.gateway.skew
+        limit = self._payments.max_clock_skew
+        if skew is None or abs(skew) <= limit:
+            return None
+        side = "ahead of" if skew > timedelta(0) else "behind"
+        return f"our clock is {abs(skew)} {side} the processor's (over {limit}): no charge is started; fix the clock"
 
     def topup(self, account_id: str, amount: Units, actor: str) -> RechargeReport:
         """A one-time purchase charged now through the same flow."""
@@ -252,44 +359,49 @@ class RechargeService:
             account = session.get(Account, account_id)
             if account is None:
                 raise NotFoundError(f"no account {account_id!r}")
-            step = minor_step(account.currency)
-            if amount <= 0 or amount % step:
-                whole = f"whole {account.currency} minor units"
-                raise InputError(f"top-up amount {format_ledger(amount)} must be positive and in {whole}")
-        recharge_id = self.claim(account_id, amount, kind="topup", actor=actor)
+            # Refused before any request: off the charge step, or outside the processor's limits on one charge
+            # (which apply to the amount plus VAT, computed as the claim will).
+            vat = percent_of(amount, Decimal(account.vat_percent), account.currency)
+            try:
+                check_charge(amount, vat, account.currency, what="top-up")
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
+        skewed = self.clock_skew_problem()
+        if skewed is not None:
+            raise PaymentError(skewed)
+        recharge_id = self.claim(account_id, amount, kind=RechargeKind.TOPUP, actor=actor)
         if recharge_id is None:
             raise ConflictError(f"account {account_id} has a recharge in progress; try again when it has finished")
         return self.process(recharge_id)
 
     # --- phases --------------------------------------------------------------------------------------------
 
-    def claim_due(self, account_id: str, at: datetime, *, wait_for_lock: bool = True) -> int | None:
+    def claim_due(self, account_id: str, at: datetime, *, wait_for_lock: bool = True) -> Claim:
         """Claim an automatic recharge if the account is still due, decided afresh under its lock: a plan made
-        moments ago may be stale (another worker may have charged it since). None when not due any more;
-        `_BUSY` when `wait_for_lock` is false and another worker is claiming the account right now."""
+        moments ago may be stale (another worker may have charged it since)."""
         with self._db.transaction() as session:
             if not try_claim_lock(session, account_id, wait=wait_for_lock):
-                return _BUSY
+                return Claim(None, busy=True)
             account = lock_account(session, account_id)
             if account is None:
-                return None
+                return Claim(None)
             decision = next(plans_in(session, self._settings, at, [account_id])).decision
             if decision.action != "charge":
-                return None
+                return Claim(None)
             recharge_id = self._insert_claim(
                 session,
                 account,
                 decision.charge_amount,
-                kind="auto",
+                kind=RechargeKind.AUTO,
                 average_daily=decision.average_daily,
                 threshold=decision.threshold,
             )
             crashpoint("before_claim_commit")
         if recharge_id is not None:
             crashpoint("after_claim")
-        return recharge_id
+        return Claim(recharge_id)
 
-    def claim(self, account_id: str, amount: Units, *, kind: str, actor: str | None = None) -> int | None:
+    def claim(self, account_id: str, amount: Units, *, kind: RechargeKind, actor: str | None = None) -> int | None:
         """Record a recharge of a given amount as open; None if the account already has an open one."""
         with self._db.transaction() as session:
             account = lock_account(session, account_id)
@@ -307,7 +419,7 @@ class RechargeService:
         account: Account,
         amount: Units,
         *,
-        kind: str,
+        kind: RechargeKind,
         average_daily: Units | None = None,
         threshold: Units | None = None,
         actor: str | None = None,
@@ -319,7 +431,7 @@ class RechargeService:
             {
                 "account_id": account.id,
                 "kind": kind,
-                "phase": "claimed",
+                "phase": Phase.CLAIMED,
                 "currency": account.currency,
                 "amount": amount,
                 "vat": vat,
@@ -334,7 +446,7 @@ class RechargeService:
             },
         )
 
-    def process(self, recharge_id: int, phase: str | None = None) -> RechargeReport:
+    def process(self, recharge_id: int, phase: Phase | None = None) -> RechargeReport:
         """Advance a recharge until it is finished, failed, or waiting on the processor. Each step re-checks
         the phase under the recharge's lock and returns the phase it left the recharge in; `phase` is where
         the caller knows it stands (a claim it just made), else it is read."""
@@ -342,10 +454,10 @@ class RechargeService:
             with self._db.reading() as session:
                 phase = session.get(Recharge, recharge_id).phase  # type: ignore[union-attr]
         steps = {
-            "claimed": self._choose_source,
-            "charging": self._charge,
-            "paid": self._credit,
-            "credited": self._finish,
+            Phase.CLAIMED: self._choose_source,
+            Phase.CHARGING: self._charge,
+            Phase.PAID: self._credit,
+            Phase.CREDITED: self._finish,
         }
         try:
             while phase in steps:
@@ -360,12 +472,12 @@ class RechargeService:
         self._account_of[recharge_id] = recharge.account_id
         return recharge
 
-    def _choose_source(self, recharge_id: int) -> str:
+    def _choose_source(self, recharge_id: int) -> Step:
         """claimed -> charging: store a new attempt and its idempotency key before any request."""
         now = self._clock.now()
         with self._db.transaction() as session:
             recharge = self._lock(session, recharge_id)
-            if recharge.phase != "claimed":
+            if recharge.phase != Phase.CLAIMED:
                 return recharge.phase
             sources = candidate_sources(
                 session,
@@ -377,31 +489,32 @@ class RechargeService:
             )
             if not sources:
                 self._fail(session, recharge, now)
-                return "failed"
+                return Phase.FAILED
             source = sources[0]
             session.add(
                 ChargeAttempt(
                     recharge_id=recharge.id,
                     source_id=source.id,
                     idempotency_key=f"recharged-{uuid.uuid4()}",
-                    status="pending",
+                    status=AttemptStatus.PENDING,
                     created_at=now,
                 )
             )
-            recharge.phase, recharge.source_id, recharge.updated_at = "charging", source.id, now
+            recharge.phase, recharge.source_id, recharge.updated_at = Phase.CHARGING, source.id, now
         crashpoint("after_attempt_stored")
-        return "charging"
+        return Phase.CHARGING
 
-    def _charge(self, recharge_id: int) -> str:
+    def _charge(self, recharge_id: int) -> Step:
         """charging -> paid | claimed (declined) | failed: send, or re-send with the same key, or look up."""
         now = self._clock.now()
         with self._db.transaction() as session:
             self._lock(session, recharge_id)
             if not take_lease(session, recharge_id, now, now + timedelta(seconds=self._payments.lease_seconds)):
-                return "waiting"
+                return None
             recharge = session.get(Recharge, recharge_id)
             attempt = pending_attempt(session, recharge_id)
-            assert recharge is not None and attempt is not None, f"recharge {recharge_id} charging without attempt"
+            assert recharge is not None
+            assert attempt is not None, f"recharge {recharge_id} charging without attempt"
             source = session.get(FundingSource, attempt.source_id)
             assert source is not None
             request = ChargeRequest(
@@ -422,10 +535,22 @@ class RechargeService:
         crashpoint("before_request")
         try:
             result = self._ask(request, attempt_started, known_intent, now)
+        except ProcessorFault as exc:
+            # The processor may have stored its 5xx against the key and would replay it: never send the key again.
+            # Look the payment up by what we sent; without one, set the attempt aside and try afresh later.
+            log.warning("charge.processor_fault", recharge=recharge_id, error=str(exc))
+            try:
+                result = self.gateway.find(request.customer, request.idempotency_key, attempt_started)
+            except TransientPaymentError as lookup:
+                self._release(recharge_id, f"{exc}; the payment could not be looked up yet: {lookup}")
+                return None
+            if result is None:
+                why = f"{exc}; no payment was made under its key, a new attempt will follow"
+                return self._settle(recharge_id, attempt_id, None, set_aside=why)
         except TransientPaymentError as exc:
             log.warning("charge.unknown", recharge=recharge_id, error=str(exc))
             self._release(recharge_id, f"processor unreachable, will retry: {exc}")
-            return "waiting"
+            return None
         except PaymentError as exc:
             log.error("charge.refused", recharge=recharge_id, error=str(exc))
             self._release(recharge_id, f"processor refused the request: {exc}")
@@ -444,16 +569,23 @@ class RechargeService:
         # Past the processor's idempotency window: never send again, only look for what the key did.
         return self.gateway.find(request.customer, request.idempotency_key, started)
 
-    def _settle(self, recharge_id: int, attempt_id: int, result: PaymentResult | None) -> str:
+    def _settle(
+        self, recharge_id: int, attempt_id: int, result: PaymentResult | None, *, set_aside: str | None = None
+    ) -> Step:
+        """Record the processor's answer for an attempt and move the recharge on. `result` None: no payment exists
+        for the attempt; with `set_aside`, because the processor failed (the recharge waits for a new attempt),
+        else because the key's window passed without one (the recharge fails)."""
         now = self._clock.now()
         with self._db.transaction() as session:
             recharge = self._lock(session, recharge_id)
-            if result is not None and result.outcome == "pending":
+            if result is not None and result.outcome == AttemptStatus.PENDING:
                 session.get(ChargeAttempt, attempt_id).payment_intent = result.payment_intent  # type: ignore[union-attr]
                 recharge.lease_until, recharge.outcome = None, "payment processing at the processor"
-                return "waiting"
-            status = "abandoned" if result is None else result.outcome
+                return None
+            status = AttemptStatus.ABANDONED if result is None else result.outcome
             values: dict[str, object] = {"status": status, "finished_at": now}
+            if set_aside is not None:
+                values["message"] = set_aside[:500]
             if result is not None:
                 values |= {
                     "payment_intent": result.payment_intent,
@@ -469,25 +601,38 @@ class RechargeService:
             source = session.get(FundingSource, recharge.source_id)
             assert source is not None
             card = card_label(source, expiry=False)
+            if set_aside is not None:
+                recharge.phase, recharge.outcome = Phase.CLAIMED, set_aside[:200]
+                log.warning("charge.set_aside", recharge=recharge_id, account=recharge.account_id, why=set_aside)
+                self._observer.attempted(status, None)
+                return None  # a new attempt (new key) when recovery next takes it up, not in a loop now
             if result is None:
-                recharge.phase = "failed"
+                recharge.phase = Phase.FAILED
                 recharge.outcome = "no payment found for the attempt after the processor's idempotency window"
-            elif result.outcome == "succeeded":
+            elif result.outcome == AttemptStatus.ERROR:
+                # Our request was refused: the recharge ends, and neither the card nor the customer hears of it.
+                recharge.phase, recharge.outcome = Phase.FAILED, f"integration error: {result.message}"[:200]
+                log.error(
+                    "charge.integration_error",
+                    recharge=recharge_id,
+                    account=recharge.account_id,
+                    code=result.code,
+                    error=result.message,
+                )
+            elif result.outcome == AttemptStatus.SUCCEEDED:
                 recharge.phase, recharge.payment_intent, recharge.outcome = (
-                    "paid",
+                    Phase.PAID,
                     result.payment_intent,
                     f"paid by {card}",
                 )
-            elif result.outcome == "action_required":
-                recharge.phase, recharge.outcome = "failed", f"{card} needs the customer to authenticate"
-                account = session.get(Account, recharge.account_id)
-                assert account is not None
-                account.recharge_state, account.state_reason = "action_required", recharge.outcome
-                notices.action_required(session, recharge, attempt_id, source, now)
+            elif result.outcome == AttemptStatus.ACTION_REQUIRED:
+                # Set aside for this recharge only: the next card is tried (see `_fail` when none is left).
+                recharge.phase = Phase.CLAIMED
+                recharge.outcome = f"{card} needs the customer to authenticate; trying the next source"
             else:
                 why = result.decline_code or result.code or "declined"
-                recharge.phase, recharge.outcome = "claimed", f"{card} declined ({why}); trying the next source"
-                if result.decline_class == "hard":
+                recharge.phase, recharge.outcome = Phase.CLAIMED, f"{card} declined ({why}); trying the next source"
+                if result.decline_class == DeclineClass.HARD:
                     source.unusable_reason = f"{why} on {now:%Y-%m-%d}"
                 notices.declined_attempt(session, recharge, attempt_id, source, now, self._payments)
             log.info(
@@ -503,38 +648,38 @@ class RechargeService:
             self._observer.attempted(status, None if result is None else result.decline_class)
             return recharge.phase
 
-    def _credit(self, recharge_id: int) -> str:
+    def _credit(self, recharge_id: int) -> Step:
         """paid -> credited: the ledger credit, unique per PaymentIntent."""
         now = self._clock.now()
         with self._db.transaction() as session:
             recharge = self._lock(session, recharge_id)
-            if recharge.phase != "paid":
+            if recharge.phase != Phase.PAID:
                 return recharge.phase
             assert recharge.payment_intent is not None
-            entry_type = "recharge" if recharge.kind == "auto" else "topup"
+            entry_type = EntryType.RECHARGE if recharge.kind == RechargeKind.AUTO else EntryType.TOPUP
             post_entry(session, recharge.account_id, entry_type, recharge.payment_intent, recharge.amount, now)
             account = session.get(Account, recharge.account_id)
             assert account is not None
             account.due_since = None
-            if account.recharge_state == "backing_off":
+            if account.recharge_state == RechargeState.BACKING_OFF:
                 account.recharge_state, account.failed_cycles, account.retry_at, account.state_reason = (
-                    "ok",
+                    RechargeState.OK,
                     0,
                     None,
                     None,
                 )
-            recharge.phase, recharge.updated_at = "credited", now
+            recharge.phase, recharge.updated_at = Phase.CREDITED, now
             issue_receipt(session, self._settings, recharge, now)  # numbered and queued with the credit
             kind, amount, currency = recharge.kind, recharge.amount, recharge.currency
         crashpoint("after_credit")
         self._observer.credited(kind, amount, currency)
-        return "credited"
+        return Phase.CREDITED
 
-    def _finish(self, recharge_id: int) -> str:
+    def _finish(self, recharge_id: int) -> Step:
         with self._db.transaction() as session:
             recharge = self._lock(session, recharge_id)
-            if recharge.phase == "credited":
-                recharge.phase, recharge.updated_at = "finished", self._clock.now()
+            if recharge.phase == Phase.CREDITED:
+                recharge.phase, recharge.updated_at = Phase.FINISHED, self._clock.now()
                 log.info(
                     "recharge.finished",
                     recharge=recharge_id,
@@ -548,23 +693,35 @@ class RechargeService:
             return recharge.phase
 
     def _fail(self, session: Session, recharge: Recharge, now: datetime) -> None:
-        """No funding source is left to try: the recharge fails and, for an automatic one, the account backs
-        off one step of the retry schedule (suspended after the last)."""
+        """No funding source is left to try: the recharge fails. When a card needed the customer to authenticate,
+        the customer is asked to, and only automatic recharge waits for it (a top-up pauses nothing). Otherwise an
+        automatic recharge backs the account off one step of the retry schedule (suspended after the last)."""
         tried = attempts_of(session, recharge.id)
-        recharge.phase, recharge.updated_at = "failed", now
+        recharge.phase, recharge.updated_at = Phase.FAILED, now
         recharge.outcome = "every funding source declined" if tried else "no funding source can be charged now"
-        if recharge.kind != "auto" or not tried:
-            notices.recharge_failed(session, recharge, now)
-            return
         account = session.get(Account, recharge.account_id)
         assert account is not None
+        needs_customer = last_attempt_with(session, recharge.id, AttemptStatus.ACTION_REQUIRED)
+        if needs_customer is not None:
+            source = session.get(FundingSource, needs_customer.source_id)
+            assert source is not None
+            card = card_label(source, expiry=False)
+            recharge.outcome = f"{card} needs the customer to authenticate; no other card could pay"
+            if recharge.kind == RechargeKind.AUTO:
+                account.recharge_state = RechargeState.ACTION_REQUIRED
+                account.state_reason = f"{card} needs the customer to authenticate; automatic recharge paused"
+            notices.action_required(session, recharge, needs_customer.id, source, now)
+            return
+        if recharge.kind != RechargeKind.AUTO or not tried:
+            notices.recharge_failed(session, recharge, now)
+            return
         schedule = self._payments.retry_schedule_hours
         account.failed_cycles += 1
         if account.failed_cycles > len(schedule):
-            account.recharge_state, account.retry_at = "suspended", None
+            account.recharge_state, account.retry_at = RechargeState.SUSPENDED, None
             account.state_reason = f"suspended after {account.failed_cycles} failed recharge cycles"
         else:
-            account.recharge_state = "backing_off"
+            account.recharge_state = RechargeState.BACKING_OFF
             account.retry_at = now + timedelta(hours=schedule[account.failed_cycles - 1])
             account.state_reason = (
                 f"{account.failed_cycles} failed recharge cycle(s); next try {account.retry_at:%Y-%m-%d %H:%M} UTC"
@@ -581,6 +738,7 @@ class RechargeService:
             r = session.get(Recharge, recharge_id)
             assert r is not None
             source = session.get(FundingSource, r.source_id) if r.source_id is not None else None
+            refused = r.phase == Phase.FAILED and last_attempt_with(session, r.id, AttemptStatus.ERROR) is not None
             return RechargeReport(
                 r.id,
                 r.account_id,
@@ -591,4 +749,5 @@ class RechargeService:
                 r.total,
                 r.outcome or "",
                 card_label(source, expiry=False) if source else None,
+                refused,
             )

@@ -16,18 +16,22 @@ import requests
 
 from recharged.clock import parse_instant
 from recharged.config import Settings
+from recharged.events import WAITING_TOO_LONG
 from recharged.money import Units, format_ledger
 from recharged.payments import card_label
+from recharged.states import JobStatus, RechargeState
 from recharged.store.engine import Database
 from recharged.store.models import JobRun
 from recharged.store.reads import (
     accounts_not_ok,
+    failing_recoveries,
+    integration_errors_since,
     open_recharges_claimed_before,
     recharges_finished_since,
     undelivered_mail,
     unusable_sources,
 )
-from recharged.store.runs import last_job_run
+from recharged.store.runs import failing_events, last_job_run, pending_events_received_before
 
 HEALTH_TIMEOUT_SECONDS = 1.0
 MAIL_LATE = timedelta(hours=1)  # a pending email older than this needs a look (the mail server may be down)
@@ -45,7 +49,7 @@ class CycleRun:
     started_at: datetime
     finished_at: datetime | None
     instance: str
-    status: str  # running | succeeded | stopped | failed | interrupted
+    status: JobStatus
     summary: dict[str, Any]
     error: str | None
 
@@ -81,7 +85,8 @@ def ask_daemon(settings: Settings, timeout: float = HEALTH_TIMEOUT_SECONDS) -> D
     http = settings.http
     if not http.enabled:
         return DaemonAnswer(None, False, error="the daemon's HTTP server is disabled ([http] enabled = false)")
-    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(http.host, http.host)
+    # A daemon listening on every interface is asked on loopback.
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(http.host, http.host)  # noqa: S104
     url = f"http://{f'[{host}]' if ':' in host else host}:{http.port}/healthz"
     try:
         with requests.Session() as session:
@@ -157,13 +162,19 @@ ATTENTION_KINDS = {
     "cycle_failed": "the last recharge cycle failed",
     "cycle_overdue": "no successful cycle for longer than the interval and its grace",
     "scheduler_stopped": "the daemon answered but its scheduler is not running",
-    "action_required": "the customer must authenticate a payment",
-    "suspended": "automatic recharge suspended after repeated failures",
-    "backing_off": "recent recharges failed; retried later",
+    RechargeState.ACTION_REQUIRED: "the customer must authenticate a payment",
+    RechargeState.SUSPENDED: "automatic recharge suspended after repeated failures",
+    RechargeState.BACKING_OFF: "recent recharges failed; retried later",
     "unusable_source": "a card a hard decline made unusable",
     "mail_failed": "emails that failed for good",
     "mail_late": "emails pending for over an hour",
     "recharge_stuck": "a recharge open for longer than a lease",
+    RechargeState.DISPUTED: "a payment was disputed; automatic recharge paused until an admin acts",
+    "integration_error": "the processor refused requests of ours (not the cards' fault); fix before charging",
+    "charging_halted": "the circuit breaker stopped a cycle's charging after integration errors in a row",
+    "recovery_failing": "a recharge whose recovery keeps failing (retried with backoff)",
+    "event_failing": "a processor event (refund, dispute, card change, payment) that could not be handled yet",
+    "events_waiting": "processor events nobody has handled: is the daemon running? `recharged events process`",
 }
 
 
@@ -237,16 +248,16 @@ def status_report(db: Database, settings: Settings, now: datetime, daemon: Daemo
     with db.reading() as session:
         last_run = last_job_run(session, "cycle")
         last = None if last_run is None else CycleRun.of(last_run)
-        last_ok = last if last is not None and last.status == "succeeded" else None
+        last_ok = last if last is not None and last.status == JobStatus.SUCCEEDED else None
         if last_ok is None:
-            found = last_job_run(session, "cycle", "succeeded")
+            found = last_job_run(session, "cycle", JobStatus.SUCCEEDED)
             last_ok = None if found is None else CycleRun.of(found)
         charged = [Charged(*row) for row in recharges_finished_since(session, now - timedelta(days=1))]
 
         for account in accounts_not_ok(session):
             state = account.recharge_state
             reason = account.state_reason or ATTENTION_KINDS.get(state, state)
-            retry = account.retry_at if state == "backing_off" else None  # shown as its time
+            retry = account.retry_at if state == RechargeState.BACKING_OFF else None  # shown as its time
             attention.append(Attention(state, f"account {account.id}", reason, account.id, retry))
         for source in unusable_sources(session):
             attention.append(
@@ -266,6 +277,53 @@ def status_report(db: Database, settings: Settings, now: datetime, daemon: Daemo
             attention.append(
                 Attention("mail_failed" if status == "failed" else "mail_late", "outbox", detail, None, oldest)
             )
+        refused = integration_errors_since(session, now - timedelta(days=1))
+        if refused:
+            attention.append(
+                Attention(
+                    "integration_error",
+                    "payments",
+                    f"the processor refused {len(refused)} charge request(s) of ours in 24 h (never the cards' "
+                    f"fault; no customer was told), the last: {refused[0].message or refused[0].code}",
+                    None,
+                    refused[0].created_at,
+                )
+            )
+        for recharge in failing_recoveries(session):
+            attention.append(
+                Attention(
+                    "recovery_failing",
+                    f"recharge {recharge.id}",
+                    f"{recharge.outcome}; retried from {recharge.recover_after:%Y-%m-%d %H:%M} UTC"
+                    if recharge.recover_after
+                    else str(recharge.outcome),
+                    recharge.account_id,
+                    recharge.updated_at,
+                )
+            )
+        for event in failing_events(session):
+            attention.append(
+                Attention(
+                    "event_failing",
+                    f"event {event.id}",
+                    f"{event.type} {event.object_id}: {event.attempts} attempt(s), the last: {event.last_error}; "
+                    "tried again at the time shown, or now with `recharged events process`",
+                    event.account_id,
+                    event.next_attempt_at,
+                )
+            )
+        waiting, waiting_since = pending_events_received_before(session, now - WAITING_TOO_LONG)
+        if waiting:
+            attention.append(
+                Attention(
+                    "events_waiting",
+                    "processor events",
+                    f"{waiting} event(s) stored but not handled for over {WAITING_TOO_LONG.seconds // 60} minutes; "
+                    "the daemon handles them, or run `recharged events process`",
+                    None,
+                    waiting_since,
+                )
+            )
         for recharge in open_recharges_claimed_before(session, now - lease):
             attention.append(
                 Attention(
@@ -279,7 +337,10 @@ def status_report(db: Database, settings: Settings, now: datetime, daemon: Daemo
             )
 
     cycle_problems = []
-    if last is not None and last.status == "failed":
+    if last is not None and last.summary.get("halted"):
+        stopped = f"charging stopped: {last.summary['halted']}"
+        cycle_problems.append(Attention("charging_halted", f"cycle on {last.instance}", stopped, None, last.started_at))
+    if last is not None and last.status == JobStatus.FAILED:
         cycle_problems.append(
             Attention("cycle_failed", f"cycle on {last.instance}", last.error or "see the log", None, last.started_at)
         )

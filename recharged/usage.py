@@ -8,14 +8,18 @@ The database's unique (entry_type, external_id) decides what is a duplicate, not
 
 from __future__ import annotations
 
+import csv
 import re
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from pathlib import Path
+from typing import IO, Any, Literal
 
 from recharged.clock import Clock, parse_instant
 from recharged.config import Settings
+from recharged.csvfiles import batches, check_header, open_csv, shape_problem
 from recharged.money import SCALE, Units, parse_amount
 from recharged.rating import Rate, TimeRate, rate_event, rate_snapshot
 from recharged.sms import count_segments
@@ -290,3 +294,79 @@ def summarize(outcomes: Sequence[Outcome]) -> dict[str, int]:
     for outcome in outcomes:
         counts[outcome.status] += 1
     return counts
+
+
+@dataclass(frozen=True, slots=True)
+class ImportReport:
+    """What a CSV import did: `rejects` is the file the rejected rows were written to, None when there were none."""
+
+    path: Path
+    accepted: int
+    duplicate: int
+    rejected: int
+    rejects: Path | None
+    elapsed: float  # seconds
+
+    @property
+    def total(self) -> int:
+        return self.accepted + self.duplicate + self.rejected
+
+
+def rejects_path(path: Path) -> Path:
+    """Where an import of `path` writes its rejected rows unless told otherwise: FILE.rejected.csv."""
+    return path.with_name(path.stem + ".rejected.csv")
+
+
+def import_csv(
+    recorder: UsageRecorder,
+    path: Path,
+    *,
+    batch_size: int,
+    rejects: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ImportReport:
+    """Record the usage events of a CSV file (header: FIELDS) in batches of `batch_size`. Duplicates are skipped;
+    rejected rows, ragged ones included, are written with their line number and reason to `rejects` (default
+    `rejects_path(path)`), which is created only when there are any. `progress(bytes read, file size)` is called
+    once before the first batch and after each one."""
+    rejects = rejects or rejects_path(path)
+    counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
+    reject_writer: Any = None
+    reject_handle: IO[str] | None = None
+    started = time.perf_counter()
+    try:
+        with open_csv(path) as (reader, rows, handle):
+            check_header(path, reader.fieldnames, required=FIELDS, known=FIELDS)
+            size = path.stat().st_size
+            if progress is not None:
+                progress(0, size)
+            for batch in batches(rows, batch_size):
+                ragged = [(line, row, shape_problem(row)) for line, row in batch]
+                fitting = [(line, row) for line, row, problem in ragged if problem is None]
+                outcomes = recorder.record([row for _, row in fitting], [line for line, _ in fitting])
+                outcomes += [Outcome(line, row.get("event_id"), "rejected", p) for line, row, p in ragged if p]
+                for key, value in summarize(outcomes).items():
+                    counts[key] += value
+                rows_at = {line: row for line, row in batch}
+                bad = [(o, rows_at[o.position]) for o in outcomes if o.status == "rejected"]
+                if bad and reject_writer is None:
+                    reject_handle = rejects.open("w", newline="", encoding="utf-8")
+                    reject_writer = csv.writer(reject_handle)
+                    reject_writer.writerow(["line", "reason", *FIELDS])
+                for outcome, row in bad:
+                    reject_writer.writerow([outcome.position, outcome.reason, *(row.get(f) or "" for f in FIELDS)])
+                if progress is not None:
+                    # Known bug, tracked separately: tell() raises OSError while the csv reader is still iterating
+                    # the file, so a file of more than one batch fails here after its first batch was recorded.
+                    progress(handle.tell(), size)
+    finally:
+        if reject_handle is not None:
+            reject_handle.close()
+    return ImportReport(
+        path,
+        counts["accepted"],
+        counts["duplicate"],
+        counts["rejected"],
+        rejects if reject_handle is not None else None,
+        time.perf_counter() - started,
+    )

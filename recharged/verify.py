@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime
 
-from recharged.mail.outbox import outbox_problems
+from recharged.mail.admin import outbox_problems
 from recharged.mail.receipts import receipt_problems
 from recharged.money import format_ledger
 from recharged.rating import rate_event, rate_from_snapshot

@@ -31,7 +31,8 @@ class Received:
     def part(self, subtype: str) -> str:
         """The decoded text of the text/plain or text/html part."""
         found = self.message.get_body(preferencelist=(subtype,))
-        assert found is not None and found.get_content_subtype() == subtype, f"no text/{subtype} part"
+        assert found is not None, f"no text/{subtype} part"
+        assert found.get_content_subtype() == subtype, f"no text/{subtype} part"
         return found.get_content().replace("\r\n", "\n")
 
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import text
-
 from recharged.clock import Clock
+from recharged.states import AttemptStatus, JobStatus
 from recharged.store.engine import Database
+from recharged.store.reads import last_settled_attempt
 from recharged.store.runs import last_job_run
 
 Status = Literal["pass", "warn", "fail"]
@@ -38,10 +38,17 @@ class LastCall:
         self._clock = clock
         self._lock = threading.Lock()
         self.last: CallOutcome | None = None
+        self.skew: timedelta | None = None  # our wall clock minus the processor's, from its last answer
 
     def record(self, call: str, error: str | None) -> None:
         with self._lock:
             self.last = CallOutcome(self._clock.now(), call, error)
+
+    def record_skew(self, skew: timedelta) -> None:
+        self.skew = skew
+
+
+CLOCK_SKEW_WARN = timedelta(minutes=1)  # /healthz warns past this much skew against the processor's clock
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -62,18 +69,20 @@ class Health:
     started_at: datetime
     cycle_interval: Callable[[], timedelta]
     cycle_grace: Callable[[], timedelta]
+    max_clock_skew: Callable[[], timedelta]
     scheduler_running: Callable[[], bool]
     next_cycle: Callable[[], datetime | None]
     processor: LastCall
     mail: Callable[[], Mapping[str, Any] | None] | None = None
+    events: Callable[[], Mapping[str, Any]] | None = None  # the inbox of processor events
+    disputes: Callable[[], Mapping[str, Any]] | None = None  # accounts paused by a dispute
     service_id: str = ""
     version: str = ""
 
     def ping_database(self) -> tuple[Status, float, str | None]:
         started = time.perf_counter()
         try:
-            with self.db.engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
+            self.db.ping()
         except Exception as exc:
             return "fail", (time.perf_counter() - started) * 1000, f"{type(exc).__name__}: {exc}"[:300]
         return "pass", (time.perf_counter() - started) * 1000, None
@@ -109,7 +118,7 @@ class Health:
         last = None
         if db_status == "pass":
             with self.db.reading() as session:
-                run = last_job_run(session, "cycle", "succeeded")
+                run = last_job_run(session, "cycle", JobStatus.SUCCEEDED)
                 last = None if run is None else run.finished_at
         since = last or self.started_at
         age = (now - since).total_seconds()
@@ -143,6 +152,57 @@ class Health:
                 else (f"{call.call} ok" if call.error is None else f"{call.call} failed: {call.error}"[:300]),
             }
         ]
+
+        skew = self.processor.skew
+        seconds = None if skew is None else skew.total_seconds()
+        skew_status: Status = "pass"
+        if seconds is not None and abs(seconds) > self.max_clock_skew().total_seconds():
+            skew_status = "fail"
+        elif seconds is not None and abs(seconds) > CLOCK_SKEW_WARN.total_seconds():
+            skew_status = "warn"
+        checks["payments:clockSkew"] = [
+            {
+                "componentType": "system",
+                "observedValue": None if seconds is None else round(seconds, 1),
+                "observedUnit": "s",
+                "status": skew_status,
+                "output": "not measured yet"
+                if seconds is None
+                else (
+                    "our clock against the processor's"
+                    if skew_status == "pass"
+                    else "our clock is off the processor's (charging stops past the configured tolerance)"
+                ),
+            }
+        ]
+
+        if db_status == "pass":
+            with self.db.reading() as session:
+                latest = last_settled_attempt(session)
+                halted = last_job_run(session, "cycle")
+            refused = latest is not None and latest.status == AttemptStatus.ERROR
+            stopped = halted is not None and bool((halted.summary or {}).get("halted"))
+            checks["payments:integration"] = [
+                {
+                    "componentType": "system",
+                    "status": "fail" if refused or stopped else "pass",
+                    "time": _iso(None if latest is None else latest.finished_at),
+                    # Details (the processor's words) go to the log and `recharged status`, not to this page.
+                    "output": "charging stopped by the circuit breaker"
+                    if stopped
+                    else ("the processor refused our last charge request" if refused else "no integration error"),
+                }
+            ]
+
+        if self.events is not None:  # events failing or waiting: money after the charge is not followed
+            inbox: Mapping[str, Any] = (
+                self.events()
+                if db_status == "pass"
+                else {"componentType": "component", "status": "warn", "output": UNREAD}
+            )
+            checks["events:inbox"] = [{**inbox, "time": _iso(now)}]
+        if self.disputes is not None and db_status == "pass":
+            checks["accounts:disputed"] = [{**self.disputes(), "time": _iso(now)}]
 
         mail = None
         if self.mail is not None:  # the outbox is in the database: not read while the database fails its ping

@@ -21,18 +21,16 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from recharged import __version__
-from recharged.accounts import load_account
+from recharged import __version__, accounts
 from recharged.clock import Clock
 from recharged.daemon.health import CONTENT_TYPE as HEALTH_CONTENT_TYPE
 from recharged.daemon.health import Health
 from recharged.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from recharged.daemon.metrics import Metrics
 from recharged.daemon.runtime import Runtime
-from recharged.daemon.webhooks import SignatureError, verified_event
-from recharged.errors import DatabaseError, InputError, NotFoundError, RechargedError
+from recharged.daemon.webhooks import verified_event
+from recharged.errors import DatabaseError, InputError, NotFoundError, SignatureError
 from recharged.money import format_ledger
-from recharged.planning import plans_in
 from recharged.rating import TimeRate, longest_call
 from recharged.store.engine import Database
 from recharged.usage import FIELDS
@@ -61,6 +59,8 @@ class Backend(Protocol):
     def next_cycle(self) -> datetime | None: ...
 
     def usage_recorded(self, account_ids: set[str]) -> None: ...
+
+    def events_stored(self) -> None: ...
 
 
 class ApiError(Exception):
@@ -328,7 +328,10 @@ def create_app(backend: Backend) -> FastAPI:
     @app.post(
         "/v1/webhooks/stripe",
         tags=["webhooks"],
-        summary="Stripe events (signed); payment outcomes are re-read from Stripe, never taken from the event",
+        summary="Stripe events (signed): stored at once and handled off the request path, each id once",
+        description="The event is kept in the inbox in one transaction and answered `stored` (to be handled), "
+        "`duplicate` (this id came before) or `ignored` (a type recharged does not act on). Handling re-reads "
+        "from Stripe whatever the event is about; `recharged events list` shows how each ended.",
         responses=ERRORS,
     )
     async def stripe_webhook(request: Request) -> JSONResponse:
@@ -349,33 +352,25 @@ def create_app(backend: Backend) -> FastAPI:
         except InputError as exc:
             backend.metrics.webhooks.labels("malformed").inc()
             raise ApiError(400, str(exc)) from None
-        try:
-            handled = await run_in_threadpool(runtime.webhooks.handle, event)
-        except RechargedError as exc:  # the processor could not be asked: Stripe redelivers later
-            backend.metrics.webhooks.labels("retry_later").inc()
-            log.warning("webhook.retry_later", event_id=event["id"], error=str(exc))
-            raise ApiError(503, f"could not act on the event now, deliver it again later: {exc}") from None
-        backend.metrics.webhooks.labels(
-            handled.outcome if handled.outcome in ("duplicate", "ignored", "not_ours") else "handled"
-        ).inc()
-        return JSONResponse({"received": True, "event": handled.event_id, "outcome": handled.outcome})
+        stored = await run_in_threadpool(runtime.events.store, event)  # the database down: 503, Stripe retries
+        backend.metrics.webhooks.labels(stored.outcome).inc()
+        if stored.outcome == "stored":
+            backend.events_stored()  # handled off the request path, right away
+        return JSONResponse({"received": True, "event": stored.event_id, "outcome": stored.outcome})
 
     return app
 
 
 def account_view(backend: Backend, runtime: Runtime, account_id: str) -> AccountView:
-    at = backend.clock.now()
-    with backend.db.reading() as session:
-        account = load_account(session, account_id)
-        plan = next(plans_in(session, runtime.settings, at, [account_id]))
-    decision = plan.decision
+    view = accounts.account_view(backend.db, runtime.settings, account_id, backend.clock.now())
+    account, decision = view.account, view.plan.decision
     rates = runtime.settings.plans.get(account.plan)
     dialer = rates.rate_table().get(DIALER_KIND) if rates is not None else None
     longest = longest_call(decision.balance, dialer) if isinstance(dialer, TimeRate) else None
     return AccountView(
         account_id=account.id,
         currency=account.currency,
-        as_of=at,
+        as_of=view.at,
         balance=format_ledger(decision.balance),
         threshold=format_ledger(decision.threshold),
         recharge_amount=format_ledger(decision.recharge_amount),

@@ -15,6 +15,7 @@ import structlog
 
 from recharged.clock import Clock
 from recharged.daemon.metrics import Metrics
+from recharged.states import JobStatus
 from recharged.store.engine import Database
 from recharged.store.runs import finish_job_run, running_job_runs, start_job_run
 
@@ -39,7 +40,9 @@ def close_interrupted_runs(db: Database, clock: Clock) -> int:
         for run in running_job_runs(session):
             name, _, pid = run.instance.rpartition(":")
             if name == host and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-                finish_job_run(session, run.id, "interrupted", clock.now(), run.summary, "the process ended mid-run")
+                finish_job_run(
+                    session, run.id, JobStatus.INTERRUPTED, clock.now(), run.summary, "the process ended mid-run"
+                )
                 closed += 1
     return closed
 
@@ -69,21 +72,21 @@ class JobRecorder:
         try:
             summary = body()
         except Exception as exc:
-            self._metrics.job_runs.labels(job, "failed").inc()
+            self._metrics.job_runs.labels(job, JobStatus.FAILED).inc()
             log.exception("job.failed", job=job, error=str(exc), seconds=round(time.perf_counter() - started, 3))
             if run_id is not None:
                 try:
                     with self._db.transaction() as session:
-                        finish_job_run(session, run_id, "failed", self._clock.now(), None, str(exc)[:500])
+                        finish_job_run(session, run_id, JobStatus.FAILED, self._clock.now(), None, str(exc)[:500])
                 except Exception:  # the database itself may be what failed
                     log.exception("job.record_failed", job=job)
             raise
         seconds = time.perf_counter() - started
         if run_id is not None:
-            status = "stopped" if stopped(summary) else "succeeded"
+            status = JobStatus.STOPPED if stopped(summary) else JobStatus.SUCCEEDED
             with self._db.transaction() as session:
                 finish_job_run(session, run_id, status, self._clock.now(), summary, None)
-        self._metrics.job_runs.labels(job, "succeeded").inc()
+        self._metrics.job_runs.labels(job, JobStatus.SUCCEEDED).inc()
         # Recorded jobs (the cycle) always log their canonical line; the frequent ones only at debug level.
         (log.info if record else log.debug)(f"{job}.finished", job=job, seconds=round(seconds, 3), **summary)
         return summary

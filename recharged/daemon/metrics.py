@@ -1,7 +1,8 @@
 """Prometheus metrics of one daemon: `recharged_` prefix, base units (seconds, currency units), `_total` counters.
 
 Each daemon builds its own registry (no global state), so tests can run several side by side. `Metrics` is
-also the charge flow's `Observer`: it hears decisions, attempts and credits as they happen.
+also the charge flow's `Observer` and the event inbox's: it hears decisions, attempts, credits and events as
+they happen.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from recharged.balance import AccountPlan
 from recharged.money import Units, to_decimal
-from recharged.planning import AccountPlan
+from recharged.states import AttemptStatus
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -43,6 +45,14 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.clock_skew = Gauge(
+            "recharged_processor_clock_skew_seconds",
+            "Our wall clock minus the payment processor's, from its last answer's Date header",
+            registry=r,
+        )
+        self.recovery_failures = Counter(
+            "recharged_recovery_failures", "Recharges whose recovery failed (retried later with backoff)", registry=r
+        )
         self.declines = Counter(
             "recharged_declines", "Declined charge attempts by class (hard, soft)", ["decline_class"], registry=r
         )
@@ -70,7 +80,18 @@ class Metrics:
             ["job"],
             registry=r,
         )
-        self.webhooks = Counter("recharged_webhooks", "Stripe webhook deliveries by outcome", ["outcome"], registry=r)
+        self.webhooks = Counter(
+            "recharged_webhooks",
+            "Stripe webhook deliveries by outcome: stored (to handle), duplicate, ignored, bad_signature, malformed",
+            ["outcome"],
+            registry=r,
+        )
+        self.events = Counter(
+            "recharged_events",
+            "Processor events handled from the inbox, by outcome: handled, not_ours, failed (retried later)",
+            ["outcome"],
+            registry=r,
+        )
         self.urgent_charges = Counter(
             "recharged_urgent_charges",
             "Accounts charged between cycles because their runway was too short",
@@ -84,8 +105,14 @@ class Metrics:
 
     def attempted(self, status: str, decline_class: str | None) -> None:
         self.charges.labels(status).inc()
-        if status == "declined":
+        if status == AttemptStatus.DECLINED:
             self.declines.labels(decline_class or "unknown").inc()
+
+    def recovery_failed(self, recharge_id: int) -> None:
+        self.recovery_failures.inc()
+
+    def event_processed(self, outcome: str) -> None:
+        self.events.labels(outcome).inc()
 
     def credited(self, kind: str, amount: Units, currency: str) -> None:
         # Prometheus samples are floats: the exact amount is in the ledger, this one is for graphs and alerts.

@@ -29,9 +29,9 @@ from typing import IO, Any
 
 import structlog
 import uvicorn
-from sqlalchemy.engine import make_url
 
 from recharged import __version__
+from recharged.balance import AccountPlan
 from recharged.clock import Clock
 from recharged.config import Settings, load_settings
 from recharged.daemon import sdnotify
@@ -40,16 +40,18 @@ from recharged.daemon.http import create_app
 from recharged.daemon.jobs import JobRecorder, close_interrupted_runs
 from recharged.daemon.metrics import Metrics
 from recharged.daemon.runtime import Runtime, build_runtime
-from recharged.daemon.scheduler import Scheduler, job_specs
-from recharged.errors import ConfigError, RechargedError
+from recharged.daemon.scheduler import JobSpec, Scheduler, job_specs
+from recharged.errors import ConfigError, InstanceError, RechargedError
+from recharged.events import disputes_check, inbox_check
 from recharged.logs import configure
+from recharged.mail.admin import last_delivery_check
 from recharged.mail.notices import notify_from_plans
-from recharged.mail.outbox import OutboxSender, outbox_health
+from recharged.mail.outbox import OutboxSender
 from recharged.mail.statements import issue_monthly_statements
 from recharged.money import format_ledger
 from recharged.payments import PaymentGateway
-from recharged.planning import AccountPlan
-from recharged.store.engine import Database, masked_url
+from recharged.states import JobStatus
+from recharged.store.engine import Database, masked_url, sqlite_file
 from recharged.store.runs import instance_name, last_job_run
 
 log = structlog.get_logger("recharged.daemon")
@@ -58,21 +60,15 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 RESTART_ONLY = (("database", "url"), ("http", "enabled"), ("http", "host"), ("http", "port"))
 
 
-class InstanceError(RechargedError):
-    """Another daemon already works on this SQLite database."""
-
-    exit_code = 75  # EX_TEMPFAIL
-
-
 @contextlib.contextmanager
 def single_instance(url: str) -> Iterator[None]:
     """On SQLite only one daemon may run: hold an exclusive lock on `<database>.daemon.lock` while running.
     The kernel releases it when the process dies, even by kill -9. PostgreSQL allows several instances."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+    database = sqlite_file(url)
+    if database is None:
         yield
         return
-    path = Path(f"{parsed.database}.daemon.lock")
+    path = Path(f"{database}.daemon.lock")
     handle: IO[str] = path.open("a+")
     try:
         try:
@@ -144,6 +140,13 @@ class Daemon:
         self._urgent = ThreadPoolExecutor(max_workers=4, thread_name_prefix="urgent")
         self._urgent_pending: set[str] = set()
         self._urgent_lock = threading.Lock()
+        # Processor events: one drain at a time, woken when a webhook stores one (and on the "events" schedule).
+        self._events_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="events")
+        self._events_lock = threading.Lock()
+        self._events_draining = False
+        self._events_again = False
+        self._events_idle = threading.Event()
+        self._events_idle.set()
         self._jobs = JobRecorder(self.db, clock, self.metrics, self.instance)
         self._sender = OutboxSender(self.db, settings, clock)
         self._server: uvicorn.Server | None = None
@@ -155,32 +158,18 @@ class Daemon:
             started_at=clock.now(),
             cycle_interval=lambda: self.runtime().settings.daemon.cycle_interval,
             cycle_grace=lambda: self.runtime().settings.daemon.cycle_grace,
+            max_clock_skew=lambda: self.runtime().settings.payments.max_clock_skew,
             scheduler_running=lambda: self._scheduler.running,
             next_cycle=self.next_cycle,
             processor=self._processor,
-            mail=self._mail_health,
+            mail=lambda: last_delivery_check(self.db),
+            events=lambda: inbox_check(self.db, clock.now()),
+            disputes=lambda: disputes_check(self.db),
             service_id=self.instance,
             version=__version__,
         )
 
     # --- what the HTTP API asks ------------------------------------------------------------------------------
-
-    def _mail_health(self) -> dict[str, Any]:
-        """The last delivery attempt's outcome and what waits, from the outbox (no call to the mail server)."""
-        with self.db.reading() as session:
-            mail = outbox_health(session)
-        outcome = mail["last_outcome"]
-        # A message that failed for good needs a person, not a restart: warn, never fail the whole daemon.
-        status = "warn" if mail["failed"] or (outcome and outcome != "sent") else "pass"
-        return {
-            "componentType": "system",
-            "status": status,
-            "time": mail["last_attempt_at"],
-            "observedValue": mail["pending"],
-            "observedUnit": "messages waiting",
-            "output": f"last delivery: {outcome or 'none yet'}; {mail['failed']} failed for good"
-            + (f", oldest waiting since {mail['oldest_pending_at']}" if mail["oldest_pending_at"] else ""),
-        }
 
     @property
     def clock(self) -> Clock:
@@ -238,6 +227,37 @@ class Daemon:
                 with self._urgent_lock:
                     self._urgent_pending -= account_ids
 
+    def events_stored(self) -> None:
+        """A webhook stored a processor event: handle it now, off the request (the "events" job would in a while).
+        Wakes during a drain make it go round once more, so an event stored as it ends is not left waiting."""
+        if self._stop.is_set():
+            return
+        with self._events_lock:
+            if self._events_draining:
+                self._events_again = True
+                return
+            self._events_draining, self._events_again = True, False
+            self._events_idle.clear()
+        self._events_pool.submit(self._drain_events)
+
+    def _drain_events(self) -> None:
+        try:
+            while True:
+                self._events()
+                with self._events_lock:
+                    if not self._events_again or self._stop.is_set():
+                        self._events_draining = False
+                        return
+                    self._events_again = False
+        finally:
+            with self._events_lock:
+                self._events_draining = False
+                self._events_idle.set()
+
+    def wait_events_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until no wake-up drain of the inbox runs (tests, shutdown); False if `timeout` passed."""
+        return self._events_idle.wait(timeout)
+
     # --- jobs -------------------------------------------------------------------------------------------------
 
     def _job(
@@ -274,13 +294,19 @@ class Daemon:
             )
             return {**report.summary(), "notices": notices}
 
-        summary = self._job("cycle", body, record=True, stopped=lambda summary: bool(summary["left_for_next"]))
+        summary = self._job(
+            "cycle",
+            body,
+            record=True,
+            # Left work for the next run because of a shutdown (not because the circuit breaker opened).
+            stopped=lambda summary: bool(summary["left_for_next"]) and not summary["halted"],
+        )
         if summary is None:
             if not self._stop.is_set():
                 self.metrics.cycles.labels("failed").inc()
                 self._status("last cycle failed; see the log")
             return
-        self.metrics.cycles.labels("succeeded").inc()
+        self.metrics.cycles.labels("halted" if summary["halted"] else "succeeded").inc()
         self.metrics.cycle_duration.observe(time.perf_counter() - started)
         self.metrics.last_success.set(self._clock.now().timestamp())
         self._status(
@@ -298,14 +324,19 @@ class Daemon:
 
         self._job("completer", body)
 
+    def _events(self) -> None:
+        """Handle the processor events that are due, one at a time (`recharged.events`)."""
+        runtime = self.runtime()
+        self._job("events", lambda: runtime.events.process_pending(stop=self._stop).summary())
+
     def _maintain(self) -> None:
-        """SQLite keeps no statistics unless asked; the plan's queries need them (PRAGMA optimize is cheap)."""
+        """Fresh planner statistics for the plan's queries (`Database.optimize`). Only SQLite needs them asked
+        for: on other databases the job does not run at all, so it is neither logged nor counted."""
         if self.db.dialect != "sqlite":
             return
 
         def body() -> Mapping[str, Any]:
-            with self.db.engine.connect() as connection:
-                connection.exec_driver_sql("PRAGMA optimize")
+            self.db.optimize()
             return {"sqlite": "optimized"}
 
         self._job("maintenance", body)
@@ -336,6 +367,7 @@ class Daemon:
         return {
             "cycle": self._cycle,
             "completer": self._complete,
+            "events": self._events,
             "maintenance": self._maintain,
             "mail": self._send_mail,
             "statements": self._statements,
@@ -351,9 +383,9 @@ class Daemon:
         upcoming = self.next_cycle()
         return "not scheduled" if upcoming is None else f"{upcoming:%Y-%m-%d %H:%M} UTC"
 
-    def _specs(self, settings: Settings) -> Any:
+    def _specs(self, settings: Settings) -> dict[str, JobSpec]:
         with self.db.transaction() as session:
-            last = last_job_run(session, "cycle", "succeeded")
+            last = last_job_run(session, "cycle", JobStatus.SUCCEEDED)
         return job_specs(
             settings.daemon,
             self._clock.now(),
@@ -460,6 +492,7 @@ class Daemon:
             )
         self._scheduler.shutdown()
         self._urgent.shutdown(wait=False, cancel_futures=True)
+        self._events_pool.shutdown(wait=False, cancel_futures=True)
         if self._server_thread is not None:
             self._server_thread.join(timeout=max(1.0, timeout))
         self.db.close()

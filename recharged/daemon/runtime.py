@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 from recharged import credentials as secrets
 from recharged.clock import Clock
 from recharged.config import Settings
 from recharged.daemon.health import LastCall
 from recharged.daemon.metrics import Metrics
-from recharged.daemon.webhooks import WebhookHandler
 from recharged.errors import ConfigError
+from recharged.events import EventService
 from recharged.payments import PaymentGateway, RateLimiter, StripeGateway
 from recharged.recharge import RechargeService
 from recharged.store.engine import Database
@@ -27,7 +28,7 @@ class Runtime:
     settings: Settings
     recharges: RechargeService
     usage: UsageRecorder
-    webhooks: WebhookHandler
+    events: EventService
     api_tokens: tuple[str, ...]
     webhook_secret: str | None
 
@@ -44,8 +45,11 @@ def api_tokens() -> tuple[str, ...]:
     return tokens
 
 
-def stripe_gateway(settings: Settings, processor: LastCall | None, metrics: Metrics | None) -> PaymentGateway:
-    """The Stripe gateway; the key comes only from the environment or systemd credentials."""
+def stripe_gateway(
+    settings: Settings, processor: LastCall | None, metrics: Metrics | None, clock: Clock | None = None
+) -> PaymentGateway:
+    """The Stripe gateway; the key comes only from the environment or systemd credentials. Its clock skew is
+    measured against `clock` (the system clock when None)."""
     key = secrets.read_secret("stripe_api_key")
     if key is None:
         raise ConfigError("no Stripe API key: set RECHARGED_STRIPE_API_KEY or the systemd credential stripe_api_key")
@@ -56,6 +60,12 @@ def stripe_gateway(settings: Settings, processor: LastCall | None, metrics: Metr
             processor.record(call, error)
         if metrics is not None and error is not None:
             metrics.processor_errors.labels(call).inc()
+
+    def on_skew(skew: timedelta) -> None:
+        if processor is not None:
+            processor.record_skew(skew)
+        if metrics is not None:
+            metrics.clock_skew.set(skew.total_seconds())
 
     def on_retry(call: str) -> None:
         if metrics is not None:
@@ -71,6 +81,8 @@ def stripe_gateway(settings: Settings, processor: LastCall | None, metrics: Metr
         rate_limiter=RateLimiter(payments.max_requests_per_second),
         on_call=on_call,
         on_retry=on_retry,
+        on_skew=on_skew,
+        now=None if clock is None else clock.now,
     )
 
 
@@ -83,7 +95,7 @@ def build_runtime(
     gateway: Callable[[Settings], PaymentGateway] | None = None,
 ) -> Runtime:
     """Everything that depends on the configuration, checked before it is used (a missing key fails here)."""
-    make_gateway = gateway or (lambda s: stripe_gateway(s, processor, metrics))
+    make_gateway = gateway or (lambda s: stripe_gateway(s, processor, metrics, clock))
     the_gateway = make_gateway(settings)
     recharges = RechargeService(db, settings, lambda: the_gateway, clock, observer=metrics)
     webhook_secret = secrets.read_secret("stripe_webhook_secret")
@@ -91,7 +103,7 @@ def build_runtime(
         settings=settings,
         recharges=recharges,
         usage=UsageRecorder(db, settings, clock),
-        webhooks=WebhookHandler(db, recharges, clock),
+        events=EventService(db, recharges, clock, observer=metrics),
         api_tokens=api_tokens(),
         webhook_secret=None if webhook_secret is None else webhook_secret.value,
     )

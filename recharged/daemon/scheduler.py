@@ -22,6 +22,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from recharged.config import DaemonSettings
 
 log = structlog.get_logger("recharged.scheduler")
+EVENTS_INTERVAL_SECONDS = 30  # processor events are also handled right after a webhook stores them
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,13 @@ def job_specs(
             IntervalTrigger(seconds=settings.completer_interval_seconds, timezone=UTC),
             settings.completer_interval_seconds,
             now,
+        ),
+        # Events a webhook stored are handled at once; this catches those whose retry time came, and any stored
+        # while no drain ran (another instance's webhook, a crash).
+        "events": JobSpec(
+            IntervalTrigger(seconds=EVENTS_INTERVAL_SECONDS, timezone=UTC),
+            EVENTS_INTERVAL_SECONDS,
+            now + timedelta(seconds=1),
         ),
         "maintenance": JobSpec(IntervalTrigger(hours=24, timezone=UTC), 3600, now + timedelta(minutes=1)),
         "mail": JobSpec(

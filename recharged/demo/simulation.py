@@ -25,11 +25,10 @@ from typing import Any
 
 import requests
 import stripe
-from sqlalchemy import func, select
 from tenacity import wait_none
 
 from recharged.accounts import NewAccount, adjust_balance, create_accounts
-from recharged.balance import runway_days
+from recharged.balance import AccountPlan, runway_days
 from recharged.charts import BalancePoint, balance_chart
 from recharged.clock import FixedClock, SystemClock, start_of_day
 from recharged.config import Settings
@@ -38,11 +37,10 @@ from recharged.mail.notices import notify_from_plans
 from recharged.mail.outbox import OutboxSender
 from recharged.money import Units, format_ledger, parse_amount
 from recharged.payments import StripeGateway
-from recharged.planning import AccountPlan
 from recharged.recharge import RechargeService
 from recharged.sms import count_segments
 from recharged.store.engine import Database
-from recharged.store.models import Account, ChargeAttempt, OutboxMessage, Receipt, Recharge
+from recharged.store.reads import account_activity, balances
 from recharged.testing.stripe_server import StripeTestServer
 from recharged.usage import UsageRecorder
 from recharged.verify import Report, verify
@@ -295,7 +293,7 @@ class _Simulation:
     def __init__(self, db: Database, settings: Settings, clock: FixedClock, server: StripeTestServer) -> None:
         self.db, self.settings, self.clock = db, settings, clock
         self.gateway = StripeGateway(
-            STRIPE_KEY, api_base=server.url, timeout_seconds=10, max_retries=2, wait=wait_none()
+            STRIPE_KEY, api_base=server.url, timeout_seconds=10, max_retries=2, wait=wait_none(), now=clock.now
         )
         session = requests.Session()
         session.trust_env = False  # the local server is never reached through a proxy
@@ -310,7 +308,7 @@ class _Simulation:
         self.cycles = 0
 
     def add(self, customer: Customer) -> None:
-        rng = random.Random(f"{SEED}:{customer.id}")
+        rng = random.Random(f"{SEED}:{customer.id}")  # noqa: S311 - a seeded, reproducible simulation
         days = [customer.daily(day, rng) for day in range(-HISTORY_DAYS, DAYS)]
         self.tracks[customer.id] = _Track(customer, rng, days)
 
@@ -335,7 +333,7 @@ class _Simulation:
                 self._record(events)
         target = parse_amount(customer.balance)
         with self.db.reading() as session:
-            current = session.execute(select(Account.balance).where(Account.id == customer.id)).scalar_one()
+            current = balances(session, [customer.id])[customer.id]
         if target != current:
             adjust_balance(
                 self.db,
@@ -384,7 +382,7 @@ class _Simulation:
             raise RechargedError(f"delivering the outbox at {now.isoformat()} failed: {delivery.error}")
         self.cycles += 1
         with self.db.reading() as session:
-            after = dict(session.execute(select(Account.id, Account.balance)).all())
+            after = balances(session)
         for account_id, plan in before.items():
             track = self.tracks[account_id]
             d = plan.decision
@@ -457,31 +455,9 @@ def run(out: Path, *, end: datetime | None = None, progress: Callable[[int, int]
 def _results(db: Database, sim: _Simulation, charts: Path) -> list[AccountResult]:
     """Each account's figures from the database, and its chart."""
     with db.reading() as session:
-
-        def per_account(query: Any) -> dict[str, Any]:
-            return dict(session.execute(query).all())
-
-        finished = Recharge.phase == "finished"
-        charges = per_account(select(Recharge.account_id, func.count()).where(finished).group_by(Recharge.account_id))
-        charged = per_account(
-            select(Recharge.account_id, func.sum(Recharge.total)).where(finished).group_by(Recharge.account_id)
-        )
-        declines = per_account(
-            select(Recharge.account_id, func.count())
-            .join(ChargeAttempt, ChargeAttempt.recharge_id == Recharge.id)
-            .where(ChargeAttempt.status == "declined")
-            .group_by(Recharge.account_id)
-        )
-        receipts = per_account(select(Receipt.account_id, func.count()).group_by(Receipt.account_id))
-        notices = per_account(
-            select(OutboxMessage.account_id, func.count())
-            .where(OutboxMessage.kind != "receipt")
-            .group_by(OutboxMessage.account_id)
-        )
-        states = per_account(select(Account.id, Account.recharge_state))
-        lifts = session.execute(
-            select(Recharge.account_id, Recharge.created_at, Recharge.amount).where(finished).order_by(Recharge.id)
-        ).all()
+        activity = account_activity(session)
+    charges, charged, declines = activity.charges, activity.charged, activity.declines
+    receipts, notices, states, lifts = activity.receipts, activity.notices, activity.states, activity.lifts
     results = []
     for customer in CUSTOMERS:
         track = sim.tracks[customer.id]

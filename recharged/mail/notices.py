@@ -8,7 +8,11 @@ that makes it unique (one notice per declined attempt, per failed recharge, per 
 - automatic recharge suspended after the retry schedule ran out;
 - balance low or run out while automatic recharge is off, and spend cap reached: conditions seen in the recharge
   plan, one notice per episode (`notify_from_plans`, which the recharge cycle calls with its plans);
-- an admin changed the customer's automatic recharge settings or cards: what changed, when, by whom.
+- an admin changed the customer's automatic recharge settings or cards: what changed, when, by whom; or the card
+  processor removed a card (detached at the processor, or its customer deleted there);
+- money given back after a payment: a refund to the card (and a refund the bank returned), a disputed payment
+  whose funds the bank took back (automatic recharge paused), and disputed funds reinstated: one notice per
+  refund or dispute movement, in the transaction that posts its ledger entry.
 """
 
 from __future__ import annotations
@@ -20,13 +24,22 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from recharged.balance import AccountPlan
 from recharged.config import PaymentsSettings
 from recharged.mail.outbox import enqueue
-from recharged.money import format_customer, parse_amount
-from recharged.planning import AccountPlan
+from recharged.money import Units, format_customer, parse_amount
+from recharged.states import RechargeState
 from recharged.store.charging import candidate_sources
 from recharged.store.engine import Database, insert_once
-from recharged.store.models import Account, AuditRecord, ChargeAttempt, FundingSource, NoticeEpisode, Recharge
+from recharged.store.models import (
+    Account,
+    AuditRecord,
+    ChargeAttempt,
+    FundingSource,
+    NoticeEpisode,
+    Receipt,
+    Recharge,
+)
 
 GENERIC_DECLINE = "your bank declined the payment; please contact your bank or use another card"
 # Decline reasons a customer may be told, and can act on. Anything else (lost, stolen, fraudulent, pick-up,
@@ -249,11 +262,12 @@ SETTING_WORDS = {
     "max_charged_per_day": "Spending limit per 24 hours",
     "max_charged_per_30_days": "Spending limit per 30 days",
 }
-STATE_WORDS = {
-    "ok": "active",
-    "backing_off": "retrying after a declined payment",
-    "suspended": "paused after declined payments",
-    "action_required": "waiting for you to confirm your card",
+STATE_WORDS: dict[str, str] = {
+    RechargeState.OK: "active",
+    RechargeState.BACKING_OFF: "retrying after a declined payment",
+    RechargeState.SUSPENDED: "paused after declined payments",
+    RechargeState.ACTION_REQUIRED: "waiting for you to confirm your card",
+    RechargeState.DISPUTED: "paused after a disputed payment",
 }
 AMOUNT_SETTINGS = ("min_threshold", "min_recharge", "max_recharge", "max_charged_per_day", "max_charged_per_30_days")
 
@@ -312,3 +326,81 @@ def _admin_notice(
         "changes": changes,
     }
     _notice(session, f"settings:audit:{record.id}", "settings_changed", account, context, record.at)
+
+
+# --- after the charge: refunds and disputes -----------------------------------------------------------------
+
+# Why a cardholder disputed a payment, as the customer may read it (Stripe's dispute reasons).
+DISPUTE_REASONS = {
+    "fraudulent": "the cardholder told the bank they did not make this payment",
+    "unrecognized": "the cardholder did not recognise this payment",
+    "duplicate": "the cardholder says they were charged twice",
+    "product_not_received": "the cardholder says they did not receive what they paid for",
+    "product_unacceptable": "the cardholder says what they paid for was not as described",
+    "subscription_canceled": "the cardholder says they had cancelled",
+    "credit_not_processed": "the cardholder says a refund they were promised did not arrive",
+}
+GENERIC_DISPUTE = "the cardholder disputed the payment with their bank"
+
+
+def _payment(session: Session, recharge: Recharge) -> dict[str, Any]:
+    """The payment a reversal concerns, as the customer knows it: its reference, receipt, total and date."""
+    receipt = session.scalar(select(Receipt.number).where(Receipt.recharge_id == recharge.id))
+    source = session.get(FundingSource, recharge.source_id) if recharge.source_id is not None else None
+    return {
+        "reference": recharge.payment_intent,
+        "receipt": receipt,
+        "kind": recharge.kind,
+        "total": recharge.total,
+        "vat": recharge.vat,
+        "date": recharge.created_at.isoformat(),
+        "card": None if source is None else _card(source),
+    }
+
+
+def refund_posted(
+    session: Session,
+    recharge: Recharge,
+    refund_id: str,
+    given_back: Units,
+    balance_change: Units,
+    at: datetime,
+    *,
+    failed: bool = False,
+) -> bool:
+    """A refund of `given_back` (VAT included) went to the card and took `balance_change` (negative) off the
+    balance; or, `failed`, the bank returned that refund and `balance_change` (positive) is back on it."""
+    account, context = _account(session, recharge.account_id)
+    context |= {
+        "payment": _payment(session, recharge),
+        "refund": {"id": refund_id, "amount": given_back, "balance_change": balance_change, "failed": failed},
+    }
+    key = f"refund:{refund_id}:failed" if failed else f"refund:{refund_id}"
+    return _notice(session, key, "refund", account, context, at)
+
+
+def dispute_movement(
+    session: Session,
+    recharge: Recharge,
+    dispute_id: str,
+    movement: str,
+    amount: Units,
+    balance_change: Units,
+    reason: str | None,
+    at: datetime,
+) -> bool:
+    """A disputed payment's funds moved: `withdrawn` by the bank (the credit is taken back, automatic recharge
+    paused) or `reinstated` (the dispute was decided for us: the credit is back)."""
+    account, context = _account(session, recharge.account_id)
+    context |= {
+        "payment": _payment(session, recharge),
+        "dispute": {
+            "id": dispute_id,
+            "movement": movement,
+            "amount": amount,
+            "balance_change": balance_change,
+            "reason": DISPUTE_REASONS.get(reason or "", GENERIC_DISPUTE),
+        },
+        "auto_recharge_paused": account.recharge_state == RechargeState.DISPUTED,
+    }
+    return _notice(session, f"dispute:{dispute_id}:{movement}", "dispute", account, context, at)

@@ -22,7 +22,15 @@ from recharged.config import Settings, TimeRateSettings
 from recharged.errors import ConflictError, NotFoundError
 from recharged.mail.outbox import enqueue
 from recharged.mail.templating import common_context, render
-from recharged.money import Units, ceil_to_minor, minor_step, parse_amount, round_to_minor
+from recharged.money import (
+    CURRENCIES,
+    Units,
+    ceil_to_charge,
+    charge_step,
+    parse_amount,
+    round_to_charge,
+    smallest_net_reaching,
+)
 from recharged.store.engine import Database
 from recharged.store.ledger import POLICY_COLUMNS, next_receipt_number
 from recharged.store.models import Account, FundingSource, OutboxMessage, Receipt, ReceiptCounter, Recharge
@@ -41,7 +49,9 @@ def issue_receipt(session: Session, settings: Settings, recharge: Recharge, at: 
     """Number and record the receipt of a recharge credited in this transaction, and queue its email."""
     account = session.get(Account, recharge.account_id)
     source = session.get(FundingSource, recharge.source_id) if recharge.source_id is not None else None
-    assert account is not None and source is not None and recharge.payment_intent is not None
+    assert account is not None
+    assert source is not None
+    assert recharge.payment_intent is not None
     # Read the balance from the database: the credit moved it with an UPDATE the loaded object has not seen.
     balance_after = session.execute(select(Account.balance).where(Account.id == account.id)).scalar_one()
     issuer = settings.receipts.issuer
@@ -64,6 +74,7 @@ def issue_receipt(session: Session, settings: Settings, recharge: Recharge, at: 
         "balance_after": balance_after,
         **_minutes(settings, account.plan, balance_after),
         "reason": _reason(settings, account, recharge) if recharge.kind == "auto" else None,
+        "processor_minimum": _processor_minimum(recharge),
     }
     receipt = Receipt(
         number=number,
@@ -119,13 +130,15 @@ def _reason(settings: Settings, account: Account, recharge: Recharge) -> dict[st
     days = history_days(recharge.created_at, account.created_at, account.first_usage_at, policy.window_days)
     currency = recharge.currency
     nominal = max(
-        ceil_to_minor(policy.min_recharge, currency),
-        round_to_minor(recharge.average_daily * policy.recharge_days, currency),
+        ceil_to_charge(policy.min_recharge, currency),
+        round_to_charge(recharge.average_daily * policy.recharge_days, currency),
     )
     note = None
-    if recharge.amount > nominal + minor_step(currency):
+    if _processor_minimum(recharge) is not None:
+        note = None  # raised to the processor's minimum: the receipt says so in its own sentence
+    elif recharge.amount > nominal + charge_step(currency):
         note = "This time we added more than that, to bring your balance back above the minimum."
-    elif recharge.amount < nominal - minor_step(currency):
+    elif recharge.amount < nominal - charge_step(currency):
         note = "This time we added less than that, to stay within your spending limits."
     return {
         "window_days": days,
@@ -136,6 +149,19 @@ def _reason(settings: Settings, account: Account, recharge: Recharge) -> dict[st
         "recharge_amount": recharge.amount,
         "note": note,
     }
+
+
+def _processor_minimum(recharge: Recharge) -> Units | None:
+    """The processor's minimum charge when this automatic recharge was raised to it, else None.
+
+    Nothing records that a charge was raised: it is read from the figures. The decision raises a charge whose
+    total (amount plus VAT) is below the minimum to the smallest amount whose total reaches it, so an automatic
+    recharge of exactly that amount is taken as raised (one that came to it on its own reads the same)."""
+    minimum = CURRENCIES[recharge.currency].minimum_units if recharge.currency in CURRENCIES else None
+    if recharge.kind != "auto" or minimum is None:
+        return None
+    raised = smallest_net_reaching(minimum, Decimal(recharge.vat_percent), recharge.currency)
+    return minimum if recharge.amount == raised else None
 
 
 # --- reading and re-sending -----------------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 calendar month, kept as issued (one per account and month) and emailed through the outbox.
 
 A statement reads the per-day usage totals for its products (one row per usage kind: quantity, unit, amount),
-the ledger's other entries for credits and charges (recharges, purchases, adjustments), and the balance at the
-start of the month from both; closing = opening - usage + credits and charges, exactly, in Units. Amounts are
-shown to the minor unit; the ledger keeps 5 decimals, which the statement says.
+the ledger's other entries for credits and charges (recharges, purchases, adjustments) and for refunds and
+disputes (each refund, each dispute's withdrawn or reinstated funds, on its own line with the receipt of the
+payment it concerns), and the balance at the start of the month from both; closing = opening - usage + credits
+and charges + refunds and disputes, exactly, in Units. Amounts are shown to the minor unit; the ledger keeps 5
+decimals, which the statement says.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from recharged.clock import Clock, midnight
 from recharged.config import Settings, TimeRateSettings
 from recharged.errors import InputError, NotFoundError
 from recharged.mail.outbox import enqueue
-from recharged.money import MINOR_EXPONENT, Units, format_ledger, round_to_minor, to_decimal
+from recharged.money import MINOR_EXPONENT, Units, format_ledger, to_display_decimal
+from recharged.states import REVERSAL_TYPES, EntryType
 from recharged.store.engine import Database, insert_once
 from recharged.store.models import Account, DailyUsage, Rate, Receipt, Recharge, Statement
 from recharged.store.reads import ledger_sum_before, non_usage_entries
@@ -39,6 +42,12 @@ PRODUCT_LABELS = {
     "ai_voice_detection": "AI voice detection",
 }
 CREDIT_LABELS = {"opening": "Opening balance brought over", "recharge": "Automatic recharge", "topup": "Purchase"}
+REVERSAL_LABELS = {
+    EntryType.REFUND: "Refund to your card",
+    EntryType.DISPUTE: "Disputed payment: funds taken back by your bank",
+    EntryType.REINSTATED: "Dispute decided for us: funds returned",
+}
+REFUND_RETURNED = "Refund returned by your bank"
 ROUNDING_NOTE = (
     "Amounts are shown rounded to the {unit}. Your balance is kept to 5 decimal places (usage is priced in "
     "fractions of a {unit}), so a total may differ by a {unit} from the sum of the rounded lines above it."
@@ -63,8 +72,7 @@ def previous_month(month: date) -> date:
 
 
 def _minor_decimal(units: Units, currency: str) -> Decimal:
-    exponent = MINOR_EXPONENT[currency]
-    return to_decimal(round_to_minor(units, currency)).quantize(Decimal(1).scaleb(-exponent))
+    return to_display_decimal(units, currency)
 
 
 def build_statement(
@@ -99,30 +107,38 @@ def build_statement(
     usage_total = sum(p["amount"] for p in products)
 
     entries = non_usage_entries(session, account.id, midnight(start), midnight(end))
+    # The receipt of the payment each credit is, or each refund or dispute reverses.
+    paid_by = {e.payment_intent if e.entry_type in REVERSAL_TYPES else e.external_id for e in entries}
     receipts = dict(
         session.execute(
             select(Recharge.payment_intent, Receipt.number)
             .join(Receipt, Receipt.recharge_id == Recharge.id)
-            .where(Recharge.payment_intent.in_([e.external_id for e in entries if e.entry_type != "adjustment"]))
+            .where(Recharge.payment_intent.in_(sorted(p for p in paid_by if p)))
         ).all()
     )
     credits: list[dict[str, Any]] = []
+    reversals: list[dict[str, Any]] = []
     for entry in entries:
-        if entry.entry_type == "adjustment":
+        reversal = entry.entry_type in REVERSAL_TYPES
+        if entry.entry_type == EntryType.ADJUSTMENT:
             description = "Credit adjustment" if entry.amount >= 0 else "Debit adjustment"
+        elif entry.entry_type == EntryType.REFUND and entry.external_id.endswith(":failed"):
+            description = REFUND_RETURNED
+        elif reversal:
+            description = REVERSAL_LABELS[EntryType(entry.entry_type)]
         else:
             description = CREDIT_LABELS.get(entry.entry_type, entry.entry_type.capitalize())
-        number = receipts.get(entry.external_id)
-        credits.append(
-            {
-                "date": entry.occurred_at.isoformat(),
-                "type": entry.entry_type,
-                "description": f"{description}, receipt {number}" if number else description,
-                "receipt": number,
-                "amount": int(entry.amount),
-            }
-        )
+        number = receipts.get(entry.payment_intent if reversal else entry.external_id)
+        line = {
+            "date": entry.occurred_at.isoformat(),
+            "type": entry.entry_type,
+            "description": f"{description}, receipt {number}" if number else description,
+            "receipt": number,
+            "amount": int(entry.amount),
+        }
+        (reversals if reversal else credits).append(line | ({"reference": entry.external_id} if reversal else {}))
     credits_total = sum(c["amount"] for c in credits)
+    reversals_total = sum(r["amount"] for r in reversals)
     minor_name = "cent" if MINOR_EXPONENT[currency] == 2 else f"smallest unit of {currency}"
     if MINOR_EXPONENT[currency] == 0:
         minor_name = f"whole {currency}"
@@ -140,7 +156,9 @@ def build_statement(
         "usage_total": usage_total,
         "credits": credits,
         "credits_total": credits_total,
-        "closing": opening - usage_total + credits_total,
+        "reversals": reversals,
+        "reversals_total": reversals_total,
+        "closing": opening - usage_total + credits_total + reversals_total,
         "rounding_note": ROUNDING_NOTE.format(unit=minor_name),
     }
 
@@ -256,6 +274,11 @@ def as_json(content: dict[str, Any]) -> dict[str, Any]:
             for c in content["credits"]
         ],
         "credits_total": money(content["credits_total"]),
+        "reversals": [
+            {k: r[k] for k in ("date", "type", "description", "receipt", "reference")} | money(r["amount"])
+            for r in content.get("reversals", [])
+        ],
+        "reversals_total": money(content.get("reversals_total", 0)),
         "closing_balance": money(content["closing"]),
         "note": content["rounding_note"],
     }
@@ -283,5 +306,9 @@ def as_csv(content: dict[str, Any]) -> str:
     for c in content["credits"]:
         row("credit", c["date"][:10], c["description"], "", "", c["amount"])
     row("credits_total", "", "Total credits and charges", "", "", content["credits_total"])
+    for r in content.get("reversals", []):
+        row("reversal", r["date"][:10], r["description"], "", "", r["amount"])
+    if content.get("reversals"):
+        row("reversals_total", "", "Total refunds and disputes", "", "", content["reversals_total"])
     row("closing_balance", content["last_day"], "Closing balance", "", "", content["closing"])
     return buffer.getvalue()

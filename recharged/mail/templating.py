@@ -26,7 +26,7 @@ from jinja2 import (
 
 from recharged.clock import as_utc, parse_instant
 from recharged.config import Settings
-from recharged.errors import ConfigError, RechargedError
+from recharged.errors import ConfigError, TemplateRenderError
 from recharged.money import MINOR_EXPONENT, SYMBOLS, format_customer, to_decimal
 
 TEMPLATES = (
@@ -39,11 +39,9 @@ TEMPLATES = (
     "spend_cap_reached",
     "settings_changed",
     "statement",
+    "refund",
+    "dispute",
 )
-
-
-class TemplateRenderError(RechargedError):
-    """A template could not be rendered (a broken override, a missing value)."""
 
 
 @dataclass(frozen=True, slots=True)

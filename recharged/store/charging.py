@@ -10,6 +10,7 @@ from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from recharged.states import CLOSED_PHASES, AttemptStatus, Phase
 from recharged.store.ledger import lock_account
 from recharged.store.models import (
     ChargeAttempt,
@@ -47,7 +48,7 @@ def take_lease(session: Session, recharge_id: int, now: datetime, until: datetim
         update(Recharge)
         .where(
             Recharge.id == recharge_id,
-            Recharge.phase == "charging",
+            Recharge.phase == Phase.CHARGING,
             (Recharge.lease_until.is_(None)) | (Recharge.lease_until < now),
         )
         .values(lease_until=until)
@@ -60,7 +61,7 @@ def settle_attempt(session: Session, attempt_id: int, values: Mapping[str, Any])
     """Record an attempt's outcome once: False when another worker already did."""
     result = session.execute(
         update(ChargeAttempt)
-        .where(ChargeAttempt.id == attempt_id, ChargeAttempt.status == "pending")
+        .where(ChargeAttempt.id == attempt_id, ChargeAttempt.status == AttemptStatus.PENDING)
         .values(**values)
         .execution_options(synchronize_session=False)
     )
@@ -69,7 +70,9 @@ def settle_attempt(session: Session, attempt_id: int, values: Mapping[str, Any])
 
 def pending_attempt(session: Session, recharge_id: int) -> ChargeAttempt | None:
     return session.scalars(
-        select(ChargeAttempt).where(ChargeAttempt.recharge_id == recharge_id, ChargeAttempt.status == "pending")
+        select(ChargeAttempt).where(
+            ChargeAttempt.recharge_id == recharge_id, ChargeAttempt.status == AttemptStatus.PENDING
+        )
     ).one_or_none()
 
 
@@ -77,20 +80,23 @@ def candidate_sources(
     session: Session, account_id: str, recharge_id: int, now: datetime, cooldown: timedelta, max_declines_30d: int
 ) -> list[FundingSource]:
     """Usable sources in charging order (default first), minus those this recharge tried and those resting
-    after declines (at most `max_declines_30d` declines in 30 days, none within `cooldown`)."""
-    tried = select(ChargeAttempt.source_id).where(ChargeAttempt.recharge_id == recharge_id)
+    after declines (at most `max_declines_30d` declines in 30 days, none within `cooldown`). An attempt set aside
+    after processor trouble (abandoned: no payment was made under its key) does not count as tried."""
+    tried = select(ChargeAttempt.source_id).where(
+        ChargeAttempt.recharge_id == recharge_id, ChargeAttempt.status != AttemptStatus.ABANDONED
+    )
     declines_30d = (
         select(func.count())
         .where(
             ChargeAttempt.source_id == FundingSource.id,
-            ChargeAttempt.status == "declined",
+            ChargeAttempt.status == AttemptStatus.DECLINED,
             ChargeAttempt.created_at >= now - timedelta(days=30),
         )
         .scalar_subquery()
     )
     last_decline = (
         select(func.max(ChargeAttempt.created_at))
-        .where(ChargeAttempt.source_id == FundingSource.id, ChargeAttempt.status == "declined")
+        .where(ChargeAttempt.source_id == FundingSource.id, ChargeAttempt.status == AttemptStatus.DECLINED)
         .scalar_subquery()
     )
     query = (
@@ -109,12 +115,13 @@ def candidate_sources(
 
 
 def open_recharge_ids(session: Session, now: datetime, idle_since: datetime | None = None) -> list[int]:
-    """Recharges left in an intermediate phase whose lease (if any) has run out, oldest first; with
-    `idle_since`, only those not changed since then."""
+    """Recharges left in an intermediate phase whose lease (if any) has run out and whose recovery is not backing
+    off after failures, oldest first; with `idle_since`, only those not changed since then."""
     query = (
         select(Recharge.id)
-        .where(Recharge.phase.not_in(("finished", "failed")))
+        .where(Recharge.phase.not_in(CLOSED_PHASES))
         .where((Recharge.lease_until.is_(None)) | (Recharge.lease_until < now))
+        .where((Recharge.recover_after.is_(None)) | (Recharge.recover_after <= now))
         .order_by(Recharge.id)
     )
     if idle_since is not None:
@@ -152,7 +159,7 @@ def try_claim_lock(session: Session, account_id: str, *, wait: bool) -> bool:
 
 
 def accounts_with_open_recharge(session: Session, ids: Sequence[str] | None = None) -> set[str]:
-    query = select(Recharge.account_id).where(Recharge.phase.not_in(("finished", "failed")))
+    query = select(Recharge.account_id).where(Recharge.phase.not_in(CLOSED_PHASES))
     if ids is not None:
         query = query.where(Recharge.account_id.in_(ids))
     return set(session.scalars(query))
@@ -170,3 +177,14 @@ def accounts_with_usable_source(session: Session, ids: Sequence[str] | None = No
 def attempts_of(session: Session, recharge_id: int) -> int:
     query = select(func.count()).select_from(ChargeAttempt).where(ChargeAttempt.recharge_id == recharge_id)
     return int(session.scalar(query) or 0)
+
+
+def last_attempt_with(session: Session, recharge_id: int, status: AttemptStatus) -> ChargeAttempt | None:
+    """The recharge's latest attempt that ended with `status`, if any."""
+    query = (
+        select(ChargeAttempt)
+        .where(ChargeAttempt.recharge_id == recharge_id, ChargeAttempt.status == status)
+        .order_by(ChargeAttempt.id.desc())
+        .limit(1)
+    )
+    return session.scalars(query).one_or_none()

@@ -37,6 +37,14 @@ def masked_url(url: str) -> str:
     return make_url(normalize_url(url)).render_as_string(hide_password=True)
 
 
+def sqlite_file(url: str) -> str | None:
+    """The file of a SQLite database URL; None for another database or an in-memory one."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return parsed.database
+
+
 def make_engine(url: str, connections: int | None = None) -> Engine:
     """An engine configured for recharged: WAL and BEGIN IMMEDIATE on SQLite, pre-ping on PostgreSQL.
     `connections`: how many threads may hold a connection at once (the daemon's charge workers and HTTP
@@ -147,6 +155,8 @@ class Database:
         except OperationalError as exc:
             raise DatabaseError(f"database {masked_url(self.url)}: {exc.orig}") from exc
 
+    # Alembic is imported only where the schema version is read or changed: it is slow to import, and most
+    # commands need it once (require_current) or not at all.
     def _alembic(self) -> Any:
         from alembic.config import Config
 
@@ -188,6 +198,19 @@ class Database:
             state = "has no recharged schema" if current is None else f"is at schema {current}, not {head}"
             raise DatabaseError(f"database {masked_url(self.url)} {state}: run `recharged db upgrade`")
 
+    def optimize(self) -> None:
+        """Refresh the query planner's statistics: PRAGMA optimize on SQLite, which keeps none unless asked (it is
+        cheap). Elsewhere nothing: PostgreSQL's autovacuum keeps its own."""
+        if self.dialect != "sqlite":
+            return
+        with self.engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA optimize")
+
+    def ping(self) -> None:
+        """One round trip to the database (raises what the driver raises when it cannot answer)."""
+        with self.engine.connect() as connection:
+            connection.exec_driver_sql("SELECT 1")
+
     def close(self) -> None:
         self.engine.dispose()
 
@@ -206,6 +229,10 @@ def dialect_insert(session: Session, table: Any) -> Any:
 def insert_once(session: Session, model: Any, values: Mapping[str, Any], conflict: Sequence[str]) -> bool:
     """Insert one row unless a row with the same `conflict` columns exists; True when this call inserted it."""
     statement = (
-        dialect_insert(session, model.__table__).values(**values).on_conflict_do_nothing(index_elements=conflict)
+        dialect_insert(session, model.__table__)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=conflict)
+        # Without it SQLAlchemy 2 does not keep an INSERT's rowcount: psycopg's reads -1, and -1 is true.
+        .execution_options(preserve_rowcount=True)
     )
-    return bool(cast(Any, session.execute(statement)).rowcount)
+    return bool(cast(Any, session.execute(statement)).rowcount == 1)

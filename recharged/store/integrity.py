@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import String, func, select, type_coerce
 from sqlalchemy.orm import Session
 
+from recharged.states import CLOSED_PHASES, CREDIT_TYPES, AttemptStatus, EntryType, Phase, RechargeState
 from recharged.store.models import (
     Account,
     ChargeAttempt,
@@ -52,7 +53,7 @@ def usage_entries_with_rates(session: Session, chunk: int = 20_000) -> Iterator[
             Rate.unit,
         )
         .outerjoin(Rate, Rate.id == Entry.rate_id)
-        .where(Entry.entry_type == "usage")
+        .where(Entry.entry_type == EntryType.USAGE)
     )
     yield from session.execute(query.execution_options(yield_per=chunk))
 
@@ -60,9 +61,8 @@ def usage_entries_with_rates(session: Session, chunk: int = 20_000) -> Iterator[
 def recharge_credit_problems(session: Session) -> list[str]:
     """Charging invariants: every credited recharge has exactly its ledger credit, every charge credit
     belongs to a credited recharge, and no recharge has more than one succeeded attempt."""
-    credit_types = ("recharge", "topup")
-    credited = select(Recharge).where(Recharge.phase.in_(("credited", "finished")))
-    credits = {e.external_id: e for e in session.scalars(select(Entry).where(Entry.entry_type.in_(credit_types)))}
+    credited = select(Recharge).where(Recharge.phase.in_((Phase.CREDITED, Phase.FINISHED)))
+    credits = {e.external_id: e for e in session.scalars(select(Entry).where(Entry.entry_type.in_(CREDIT_TYPES)))}
     problems = []
     for recharge in session.scalars(credited):
         entry = credits.pop(recharge.payment_intent or "", None)
@@ -77,7 +77,7 @@ def recharge_credit_problems(session: Session) -> list[str]:
     problems += [f"credit {pi}: no credited recharge paid by it" for pi in credits]
     doubles = session.execute(
         select(ChargeAttempt.recharge_id, func.count())
-        .where(ChargeAttempt.status == "succeeded")
+        .where(ChargeAttempt.status == AttemptStatus.SUCCEEDED)
         .group_by(ChargeAttempt.recharge_id)
         .having(func.count() > 1)
     )
@@ -95,25 +95,29 @@ def recharge_phase_problems(session: Session) -> list[str]:
         attempts.setdefault(attempt.recharge_id, []).append(attempt)
     for recharge in session.scalars(select(Recharge).order_by(Recharge.id)):
         mine = attempts.get(recharge.id, [])
-        pending = [a for a in mine if a.status == "pending"]
-        succeeded = [a for a in mine if a.status == "succeeded"]
+        pending = [a for a in mine if a.status == AttemptStatus.PENDING]
+        succeeded = [a for a in mine if a.status == AttemptStatus.SUCCEEDED]
         where = f"recharge {recharge.id} ({recharge.phase})"
-        if recharge.phase == "charging" and len(pending) != 1:
+        if recharge.phase == Phase.CHARGING and len(pending) != 1:
             problems.append(f"{where}: {len(pending)} pending attempts, expected exactly one")
-        if recharge.phase != "charging" and pending:
+        if recharge.phase != Phase.CHARGING and pending:
             problems.append(f"{where}: has a pending attempt outside the charging phase")
-        if recharge.phase in ("paid", "credited", "finished"):
+        if recharge.phase in (Phase.PAID, Phase.CREDITED, Phase.FINISHED):
             if len(succeeded) != 1 or succeeded[0].payment_intent != recharge.payment_intent:
                 problems.append(f"{where}: expected one succeeded attempt for {recharge.payment_intent}")
         elif succeeded:
             problems.append(f"{where}: a succeeded attempt but the recharge was never paid")
         if recharge.total < recharge.amount or recharge.amount <= 0:
             problems.append(f"{where}: amount {recharge.amount} and total {recharge.total} do not add up")
-    for account in session.scalars(select(Account).where(Account.recharge_state != "ok")):
-        if account.recharge_state == "backing_off" and account.retry_at is None:
-            problems.append(f"account {account.id}: backing off without a retry time")
-        if account.recharge_state not in ("backing_off", "suspended", "action_required"):
-            problems.append(f"account {account.id}: unknown recharge state {account.recharge_state!r}")
+    # Read as plain text: a value outside the vocabulary (written around recharged) is reported, not raised.
+    state = type_coerce(Account.recharge_state, String)
+    for account_id, value, retry_at in session.execute(
+        select(Account.id, state, Account.retry_at).where(state != RechargeState.OK.value)
+    ):
+        if value not in set(RechargeState):
+            problems.append(f"account {account_id}: unknown recharge state {value!r}")
+        elif value == RechargeState.BACKING_OFF and retry_at is None:
+            problems.append(f"account {account_id}: backing off without a retry time")
     return problems
 
 
@@ -132,7 +136,7 @@ def uniqueness_problems(session: Session) -> list[str]:
         f"account {account_id}: {n} open recharges"
         for account_id, n in session.execute(
             select(Recharge.account_id, func.count())
-            .where(Recharge.phase.not_in(("finished", "failed")))
+            .where(Recharge.phase.not_in(CLOSED_PHASES))
             .group_by(Recharge.account_id)
             .having(func.count() > 1)
         )

@@ -12,15 +12,15 @@ from typing import Any
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
+from recharged.states import CHARGE_TYPES
 from recharged.store.engine import dialect_insert, insert_once
 from recharged.store.models import (
     Account,
     DailyUsage,
     Entry,
     Rate,
+    ReceiptCounter,
 )
-
-CHARGE_TYPES = ("recharge",)  # what the spend caps count: automatic recharges
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,9 +80,11 @@ def post_entry(
     note: str | None = None,
     *,
     recorded_at: datetime | None = None,
+    payment_intent: str | None = None,
 ) -> bool:
-    """Post one non-usage entry (opening balance, adjustment, recharge or top-up credit) and move the cached
-    balance with it, once: False, and no change, when (entry_type, external_id) is already in the ledger."""
+    """Post one non-usage entry (opening balance, adjustment, recharge or top-up credit, or a reversal of one:
+    refund, dispute, reinstated, with the `payment_intent` it reverses) and move the cached balance with it,
+    once: False, and no change, when (entry_type, external_id) is already in the ledger."""
     inserted = session.execute(
         dialect_insert(session, Entry.__table__)
         .values(
@@ -93,6 +95,7 @@ def post_entry(
             occurred_at=at,
             recorded_at=recorded_at or at,
             note=note,
+            payment_intent=payment_intent,
         )
         .on_conflict_do_nothing(index_elements=["entry_type", "external_id"])
         .returning(Entry.id)
@@ -315,7 +318,6 @@ def _record_usage_sqlite(cursor: Any, rows: Sequence[UsageRow]) -> set[str]:
 def next_receipt_number(session: Session, issuer: str) -> int:
     """The issuer's next receipt number, taken from its counter row, which stays locked until the transaction
     ends: numbers are sequential, and a rolled-back transaction gives its number back, so there are no gaps."""
-    from recharged.store.models import ReceiptCounter
 
     raise_counter = (
         update(ReceiptCounter)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -26,6 +28,22 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from recharged.states import (
+    CLOSED_PHASES,
+    CREDIT_TYPES,
+    REVERSAL_TYPES,
+    AttemptStatus,
+    DeclineClass,
+    EntryType,
+    EventStatus,
+    JobStatus,
+    Measure,
+    OutboxStatus,
+    Phase,
+    RechargeKind,
+    RechargeState,
+)
+
 if TYPE_CHECKING:
     from recharged.payments import CardInfo
 
@@ -36,8 +54,6 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-
-ENTRY_TYPES = ("usage", "opening", "adjustment", "recharge", "topup")
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -73,6 +89,36 @@ class DecimalText(TypeDecorator[Decimal]):
         return None if value is None else Decimal(value)
 
 
+E = TypeVar("E", bound=StrEnum)
+
+
+class StateText(TypeDecorator[E]):
+    """A value of one of the vocabularies in `states.py`, stored as its string; an unknown value is refused
+    before it reaches the database, and values read back are members of the enum. The CHECK constraints built
+    with `one_of` say the same in the database (those marked `ddl_if(dialect="postgresql")` on PostgreSQL only:
+    migration 0005 says why)."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, enum: type[E], length: int) -> None:
+        super().__init__(length)
+        self.enum = enum
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else self.enum(value).value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> E | None:
+        return None if value is None else self.enum(value)
+
+
+def one_of(column: str, values: Iterable[StrEnum], *, negated: bool = False) -> str:
+    """SQL that holds when `column` is one of `values` (or none of them, `negated`), for CHECK constraints and
+    partial indexes."""
+    listed = ", ".join(f"'{v.value}'" for v in values)
+    return f"{column} {'NOT IN' if negated else 'IN'} ({listed})"
+
+
 BigId = BigInteger().with_variant(Integer(), "sqlite")  # INTEGER PRIMARY KEY is SQLite's rowid
 
 
@@ -104,7 +150,9 @@ class Account(Base):
     balance: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
     first_usage_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # Where automatic recharge stands: ok, backing_off (until retry_at), suspended, action_required.
-    recharge_state: Mapped[str] = mapped_column(String(20), default="ok", server_default=text("'ok'"))
+    recharge_state: Mapped[RechargeState] = mapped_column(
+        StateText(RechargeState, 20), default=RechargeState.OK, server_default=text("'ok'")
+    )
     failed_cycles: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     state_reason: Mapped[str | None] = mapped_column(String(200))
@@ -151,7 +199,7 @@ class FundingSource(Base):
         self.unusable_reason, self.removed_at = None, None
 
 
-RECHARGE_OPEN = "phase NOT IN ('finished', 'failed')"
+RECHARGE_OPEN = one_of("phase", CLOSED_PHASES, negated=True)
 
 
 class Recharge(Base):
@@ -168,15 +216,14 @@ class Recharge(Base):
             sqlite_where=text(RECHARGE_OPEN),
         ),
         Index("ix_recharges_open", "phase", postgresql_where=text(RECHARGE_OPEN), sqlite_where=text(RECHARGE_OPEN)),
-        CheckConstraint(
-            "phase IN ('claimed', 'charging', 'paid', 'credited', 'finished', 'failed')", name="known_phase"
-        ),
+        CheckConstraint(one_of("phase", Phase), name="known_phase"),
+        CheckConstraint(one_of("kind", RechargeKind), name="known_kind").ddl_if(dialect="postgresql"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
-    kind: Mapped[str] = mapped_column(String(10))  # auto | topup
-    phase: Mapped[str] = mapped_column(String(10))
+    kind: Mapped[RechargeKind] = mapped_column(StateText(RechargeKind, 10))
+    phase: Mapped[Phase] = mapped_column(StateText(Phase, 10))
     currency: Mapped[str] = mapped_column(String(3))
     amount: Mapped[int] = mapped_column(BigInteger)  # credited to the balance (net)
     vat: Mapped[int] = mapped_column(BigInteger)
@@ -191,6 +238,9 @@ class Recharge(Base):
     source_id: Mapped[int | None] = mapped_column(ForeignKey("funding_sources.id"))
     outcome: Mapped[str | None] = mapped_column(String(200))
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Recovery of this recharge failed this many times in a row; it is not tried again before recover_after.
+    recovery_failures: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    recover_after: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
@@ -209,16 +259,19 @@ class ChargeAttempt(Base):
             sqlite_where=text("status = 'pending'"),
         ),
         Index("ix_charge_attempts_source_time", "source_id", "created_at"),
+        CheckConstraint(one_of("status", AttemptStatus), name="known_status").ddl_if(dialect="postgresql"),
+        CheckConstraint(
+            f"decline_class IS NULL OR {one_of('decline_class', DeclineClass)}", name="known_decline"
+        ).ddl_if(dialect="postgresql"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     recharge_id: Mapped[int] = mapped_column(ForeignKey("recharges.id"), index=True)
     source_id: Mapped[int] = mapped_column(ForeignKey("funding_sources.id"))
     idempotency_key: Mapped[str] = mapped_column(String(64), unique=True)
-    # pending | succeeded | declined | action_required | abandoned
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[AttemptStatus] = mapped_column(StateText(AttemptStatus, 16))
     payment_intent: Mapped[str | None] = mapped_column(String(64))
-    decline_class: Mapped[str | None] = mapped_column(String(10))  # hard | soft
+    decline_class: Mapped[DeclineClass | None] = mapped_column(StateText(DeclineClass, 10))
     code: Mapped[str | None] = mapped_column(String(64))
     decline_code: Mapped[str | None] = mapped_column(String(64))
     advice_code: Mapped[str | None] = mapped_column(String(64))
@@ -243,12 +296,13 @@ class Rate(Base):
             "unit",
             name="uq_rates_snapshot",
         ),
+        CheckConstraint(one_of("measure", Measure), name="known_measure").ddl_if(dialect="postgresql"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     plan: Mapped[str] = mapped_column(String(40))
     kind: Mapped[str] = mapped_column(String(40))
-    measure: Mapped[str] = mapped_column(String(8))
+    measure: Mapped[Measure] = mapped_column(StateText(Measure, 8))
     price: Mapped[int] = mapped_column(BigInteger)  # per minute (time) or per unit (count)
     increment_seconds: Mapped[int] = mapped_column(Integer)  # 0 for count rates
     minimum_seconds: Mapped[int] = mapped_column(Integer)
@@ -263,14 +317,14 @@ class Entry(Base):
     __table_args__ = (
         UniqueConstraint("entry_type", "external_id"),
         CheckConstraint("entry_type <> 'usage' OR amount <= 0", name="usage_is_a_debit"),
-        CheckConstraint("entry_type IN ('usage', 'opening', 'adjustment', 'recharge', 'topup')", name="known_type"),
+        CheckConstraint(one_of("entry_type", EntryType), name="known_type"),
         # Charges by time, for the spend caps: a partial index that usage entries (the bulk) never touch.
         Index(
             "ix_entries_charges",
             "account_id",
             "occurred_at",
-            postgresql_where=text("entry_type IN ('recharge', 'topup')"),
-            sqlite_where=text("entry_type IN ('recharge', 'topup')"),
+            postgresql_where=text(one_of("entry_type", CREDIT_TYPES)),
+            sqlite_where=text(one_of("entry_type", CREDIT_TYPES)),
         ),
     )
 
@@ -278,7 +332,7 @@ class Entry(Base):
     # No index of its own: nothing reads entries by account alone (plans and statements read daily_usage, caps
     # the partial index below), and every usage insert would pay for one.
     account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
-    entry_type: Mapped[str] = mapped_column(String(16))
+    entry_type: Mapped[EntryType] = mapped_column(StateText(EntryType, 16))
     external_id: Mapped[str] = mapped_column(String(128))
     amount: Mapped[int] = mapped_column(BigInteger)
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -290,6 +344,8 @@ class Entry(Base):
     billable_quantity: Mapped[int | None] = mapped_column(BigInteger)
     rate_id: Mapped[int | None] = mapped_column(ForeignKey("rates.id"))
     note: Mapped[str | None] = mapped_column(String(500))
+    # Reversals (refund, dispute, reinstated): the PaymentIntent whose credit they reverse. NULL otherwise.
+    payment_intent: Mapped[str | None] = mapped_column(String(64))
 
 
 class DailyUsage(Base):
@@ -325,29 +381,56 @@ class JobRun(Base):
     and `recharged status` read to see the last and next cycle, whichever instance ran it."""
 
     __tablename__ = "job_runs"
-    __table_args__ = (Index("ix_job_runs_job_started", "job", "started_at"),)
+    __table_args__ = (
+        Index("ix_job_runs_job_started", "job", "started_at"),
+        CheckConstraint(one_of("status", JobStatus), name="known_status").ddl_if(dialect="postgresql"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     job: Mapped[str] = mapped_column(String(40))
     instance: Mapped[str] = mapped_column(String(120))  # host:pid
-    status: Mapped[str] = mapped_column(String(12))  # running | succeeded | stopped | failed | interrupted
+    status: Mapped[JobStatus] = mapped_column(StateText(JobStatus, 12))
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(String(500))
 
 
-class WebhookEvent(Base):
-    """A processor event already handled: deliveries of the same event id are acknowledged and ignored."""
+class ProcessorEvent(Base):
+    """The inbox of processor events (Stripe webhooks): stored with the object as the event carried it, in the
+    transaction that answers the webhook, and handled later, once, by `recharged.events`. The object is never
+    trusted for amounts or states: the handler re-reads it from the processor.
 
-    __tablename__ = "webhook_events"
+    pending -> handled | ignored; a failed attempt leaves it pending with `last_error` and `next_attempt_at`."""
+
+    __tablename__ = "processor_events"
+    __table_args__ = (
+        Index("ix_processor_events_status_due", "status", "next_attempt_at"),
+        CheckConstraint(one_of("status", EventStatus), name="known_status"),
+    )
 
     id: Mapped[str] = mapped_column(String(255), primary_key=True)  # evt_...
     type: Mapped[str] = mapped_column(String(80))
-    payment_intent: Mapped[str | None] = mapped_column(String(64))
+    object_id: Mapped[str | None] = mapped_column(String(255))  # pi_..., ch_..., re_..., du_..., pm_..., cus_...
+    payload: Mapped[Any] = mapped_column(JSON, nullable=True)  # the event's data.object, as received
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    status: Mapped[EventStatus] = mapped_column(StateText(EventStatus, 10))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    handled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    account_id: Mapped[str | None] = mapped_column(String(64))  # the account it concerned, once known
     outcome: Mapped[str | None] = mapped_column(String(200))
+    last_error: Mapped[str | None] = mapped_column(String(500))
 
+
+# Reversals (refunds, disputes, reinstated funds) by time, for `reconcile`: a partial index usage never touches.
+Index(
+    "ix_entries_reversals",
+    Entry.occurred_at,
+    postgresql_where=text(one_of("entry_type", REVERSAL_TYPES)),
+    sqlite_where=text(one_of("entry_type", REVERSAL_TYPES)),
+)
 
 # --- receipts, the outbox, notices and statements -------------------------------------------------------------
 
@@ -356,8 +439,8 @@ Index(
     "ix_entries_non_usage",
     Entry.account_id,
     Entry.occurred_at,
-    postgresql_where=text("entry_type <> 'usage'"),
-    sqlite_where=text("entry_type <> 'usage'"),
+    postgresql_where=text(f"entry_type <> '{EntryType.USAGE.value}'"),
+    sqlite_where=text(f"entry_type <> '{EntryType.USAGE.value}'"),
 )
 
 
@@ -375,7 +458,11 @@ class Receipt(Base):
     """The receipt of one credit of a balance (an automatic recharge or a one-time purchase), as issued."""
 
     __tablename__ = "receipts"
-    __table_args__ = (UniqueConstraint("issuer", "seq"), CheckConstraint("seq > 0", name="positive_seq"))
+    __table_args__ = (
+        UniqueConstraint("issuer", "seq"),
+        CheckConstraint("seq > 0", name="positive_seq"),
+        CheckConstraint(one_of("kind", RechargeKind), name="known_kind").ddl_if(dialect="postgresql"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     number: Mapped[str] = mapped_column(String(32), unique=True)  # ISSUER-000042
@@ -383,7 +470,7 @@ class Receipt(Base):
     seq: Mapped[int] = mapped_column(BigInteger)
     recharge_id: Mapped[int] = mapped_column(ForeignKey("recharges.id"), unique=True)
     account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
-    kind: Mapped[str] = mapped_column(String(10))  # auto | topup
+    kind: Mapped[RechargeKind] = mapped_column(StateText(RechargeKind, 10))
     issued_at: Mapped[datetime] = mapped_column(UTCDateTime())
     currency: Mapped[str] = mapped_column(String(3))
     amount: Mapped[int] = mapped_column(BigInteger)  # credited (net)
@@ -403,7 +490,7 @@ class OutboxMessage(Base):
 
     __tablename__ = "outbox"
     __table_args__ = (
-        CheckConstraint("status IN ('pending', 'sending', 'sent', 'failed')", name="known_status"),
+        CheckConstraint(one_of("status", OutboxStatus), name="known_status"),
         Index("ix_outbox_status_due", "status", "next_attempt_at"),
         Index("ix_outbox_last_attempt", "last_attempt_at"),
     )
@@ -415,7 +502,9 @@ class OutboxMessage(Base):
     to_address: Mapped[str] = mapped_column(String(254))
     context: Mapped[dict[str, Any]] = mapped_column(JSON)  # what the template renders
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    status: Mapped[str] = mapped_column(String(10), default="pending", server_default=text("'pending'"))
+    status: Mapped[OutboxStatus] = mapped_column(
+        StateText(OutboxStatus, 10), default=OutboxStatus.PENDING, server_default=text("'pending'")
+    )
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())

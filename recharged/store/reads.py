@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
@@ -10,18 +11,31 @@ from sqlalchemy import func, literal_column, select
 from sqlalchemy.orm import Session
 
 from recharged.clock import midnight
+from recharged.states import (
+    CLOSED_PHASES,
+    CREDIT_TYPES,
+    REVERSAL_TYPES,
+    AttemptStatus,
+    EntryType,
+    OutboxStatus,
+    Phase,
+    RechargeState,
+)
 from recharged.store.models import (
     Account,
+    ChargeAttempt,
     DailyUsage,
     Entry,
     FundingSource,
+    OutboxMessage,
+    Receipt,
     Recharge,
 )
 
 # --- status, account history and reconciliation (`recharged status`, `accounts history`, `reconcile`) ---------
 
-CREDIT_TYPES = ("recharge", "topup")
-_USAGE_INLINE: Any = literal_column("'usage'")  # inline, so the partial index on non-usage entries applies
+# Inline, so the partial index on non-usage entries applies.
+_USAGE_INLINE: Any = literal_column(f"'{EntryType.USAGE.value}'")
 _IN_CHUNK = 500  # ids per IN (...) list
 
 
@@ -29,7 +43,7 @@ def recharges_finished_since(session: Session, since: datetime) -> list[tuple[st
     """Recharges finished at or after `since`, per currency: (currency, count, credited, charged)."""
     query = (
         select(Recharge.currency, func.count(), func.sum(Recharge.amount), func.sum(Recharge.total))
-        .where(Recharge.phase == "finished", Recharge.updated_at >= since)
+        .where(Recharge.phase == Phase.FINISHED, Recharge.updated_at >= since)
         .group_by(Recharge.currency)
         .order_by(Recharge.currency)
     )
@@ -38,7 +52,12 @@ def recharges_finished_since(session: Session, since: datetime) -> list[tuple[st
 
 def accounts_not_ok(session: Session) -> list[Account]:
     """Accounts whose automatic recharge is not in the ok state, in id order."""
-    return list(session.scalars(select(Account).where(Account.recharge_state != "ok").order_by(Account.id)))
+    return list(session.scalars(select(Account).where(Account.recharge_state != RechargeState.OK).order_by(Account.id)))
+
+
+def accounts_in_state(session: Session, state: RechargeState) -> list[str]:
+    """The ids of the accounts whose automatic recharge is in `state`, in id order."""
+    return list(session.scalars(select(Account.id).where(Account.recharge_state == state).order_by(Account.id)))
 
 
 def unusable_sources(session: Session) -> list[FundingSource]:
@@ -54,10 +73,9 @@ def unusable_sources(session: Session) -> list[FundingSource]:
 def undelivered_mail(session: Session, pending_before: datetime) -> list[tuple[str, int, datetime, str | None]]:
     """Emails failed for good, and emails still pending that were queued before `pending_before`:
     (status, count, oldest queued at, the latest error) per status."""
-    from recharged.store.models import OutboxMessage
 
-    late = (OutboxMessage.status == "failed") | (
-        (OutboxMessage.status == "pending") & (OutboxMessage.created_at < pending_before)
+    late = (OutboxMessage.status == OutboxStatus.FAILED) | (
+        (OutboxMessage.status == OutboxStatus.PENDING) & (OutboxMessage.created_at < pending_before)
     )
     groups = session.execute(
         select(OutboxMessage.status, func.count(), func.min(OutboxMessage.created_at))
@@ -81,7 +99,7 @@ def open_recharges_claimed_before(session: Session, created_before: datetime) ->
     """Recharges still open that were claimed before `created_before`, oldest first."""
     query = (
         select(Recharge)
-        .where(Recharge.phase.not_in(("finished", "failed")), Recharge.created_at < created_before)
+        .where(Recharge.phase.not_in(CLOSED_PHASES), Recharge.created_at < created_before)
         .order_by(Recharge.created_at, Recharge.id)
     )
     return list(session.scalars(query))
@@ -150,6 +168,19 @@ def processor_customers(session: Session) -> list[str]:
     return list(session.scalars(select(FundingSource.customer).distinct().order_by(FundingSource.customer)))
 
 
+def customers_in_use(session: Session, since: datetime) -> set[str]:
+    """The processor's customers we may still charge (a usable card on file) or charged since `since`."""
+    usable = select(FundingSource.customer).where(
+        FundingSource.removed_at.is_(None), FundingSource.unusable_reason.is_(None)
+    )
+    charged = (
+        select(FundingSource.customer)
+        .join(Recharge, Recharge.source_id == FundingSource.id)
+        .where(Recharge.created_at >= since)
+    )
+    return set(session.scalars(usable.union(charged)))
+
+
 def credits_for(session: Session, since: datetime, payment_intents: Sequence[str]) -> list[Entry]:
     """Ledger credits of charges (recharge and top-up entries) that occurred at or after `since`, and those of
     the given PaymentIntents whenever they occurred."""
@@ -165,6 +196,49 @@ def credits_for(session: Session, since: datetime, payment_intents: Sequence[str
     return sorted(found.values(), key=lambda e: (e.occurred_at, e.id))
 
 
+def adjustments_referencing(session: Session, since: datetime, payment_intents: Sequence[str]) -> list[Entry]:
+    """Manual adjustments whose reference (`recharged adjust --reference pi_...`) is a PaymentIntent: those of the
+    given ones whenever they occurred, and any that occurred at or after `since` whose reference looks like one."""
+    looks_like = Entry.external_id.like("pi\\_%", escape="\\")
+    found = {
+        e.id: e
+        for e in session.scalars(
+            select(Entry).where(Entry.entry_type == EntryType.ADJUSTMENT, Entry.occurred_at >= since, looks_like)
+        )
+    }
+    ids = sorted(set(payment_intents))
+    for i in range(0, len(ids), _IN_CHUNK):
+        query = select(Entry).where(
+            Entry.entry_type == EntryType.ADJUSTMENT, Entry.external_id.in_(ids[i : i + _IN_CHUNK])
+        )
+        found.update((e.id, e) for e in session.scalars(query))
+    return sorted(found.values(), key=lambda e: (e.occurred_at, e.id))
+
+
+def reversals_for(session: Session, since: datetime, object_ids: Sequence[str]) -> list[Entry]:
+    """Ledger reversals (refund, dispute, reinstated entries) that occurred at or after `since`, and those of the
+    given refunds and disputes (`re_...`, `re_...:failed`, `du_...`) whenever they occurred."""
+    found = {
+        e.id: e
+        for e in session.scalars(select(Entry).where(Entry.entry_type.in_(REVERSAL_TYPES), Entry.occurred_at >= since))
+    }
+    ids = sorted({*object_ids, *(f"{i}:failed" for i in object_ids)})
+    for i in range(0, len(ids), _IN_CHUNK):
+        query = select(Entry).where(Entry.entry_type.in_(REVERSAL_TYPES), Entry.external_id.in_(ids[i : i + _IN_CHUNK]))
+        found.update((e.id, e) for e in session.scalars(query))
+    return sorted(found.values(), key=lambda e: (e.occurred_at, e.id))
+
+
+def recharges_by_id(session: Session, ids: Sequence[int]) -> dict[int, Recharge]:
+    """The recharges with the given ids that exist."""
+    wanted = sorted(set(ids))
+    found: dict[int, Recharge] = {}
+    for i in range(0, len(wanted), _IN_CHUNK):
+        query = select(Recharge).where(Recharge.id.in_(wanted[i : i + _IN_CHUNK]))
+        found.update((r.id, r) for r in session.scalars(query))
+    return found
+
+
 def recharges_paid_by(session: Session, payment_intents: Sequence[str]) -> dict[str, Recharge]:
     """The recharges recorded as paid by the given PaymentIntents, by PaymentIntent."""
     ids = sorted(set(payment_intents))
@@ -173,3 +247,84 @@ def recharges_paid_by(session: Session, payment_intents: Sequence[str]) -> dict[
         query = select(Recharge).where(Recharge.payment_intent.in_(ids[i : i + _IN_CHUNK]))
         found.update((r.payment_intent or "", r) for r in session.scalars(query))
     return found
+
+
+def balances(session: Session, ids: Sequence[str] | None = None) -> dict[str, int]:
+    """Each account's cached balance (verify proves it equals the sum of its entries)."""
+    query = select(Account.id, Account.balance)
+    if ids is not None:
+        query = query.where(Account.id.in_(ids))
+    return {account_id: int(balance) for account_id, balance in session.execute(query)}
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """What happened to each account, for the demo's summary: finished recharges (count and total charged),
+    declined attempts, receipts, notices (every email but receipts), the recharge state, and each finished
+    recharge's (account, time, amount credited) in order."""
+
+    charges: dict[str, int]
+    charged: dict[str, int]
+    declines: dict[str, int]
+    receipts: dict[str, int]
+    notices: dict[str, int]
+    states: dict[str, RechargeState]
+    lifts: list[tuple[str, datetime, int]]
+
+
+def account_activity(session: Session) -> Activity:
+    def per_account(query: Any) -> dict[str, Any]:
+        return dict(session.execute(query).all())
+
+    finished = Recharge.phase == Phase.FINISHED
+    by_account = Recharge.account_id
+    return Activity(
+        charges=per_account(select(by_account, func.count()).where(finished).group_by(by_account)),
+        charged=per_account(select(by_account, func.sum(Recharge.total)).where(finished).group_by(by_account)),
+        declines=per_account(
+            select(by_account, func.count())
+            .join(ChargeAttempt, ChargeAttempt.recharge_id == Recharge.id)
+            .where(ChargeAttempt.status == AttemptStatus.DECLINED)
+            .group_by(by_account)
+        ),
+        receipts=per_account(select(Receipt.account_id, func.count()).group_by(Receipt.account_id)),
+        notices=per_account(
+            select(OutboxMessage.account_id, func.count())
+            .where(OutboxMessage.kind != "receipt")
+            .group_by(OutboxMessage.account_id)
+        ),
+        states=per_account(select(Account.id, Account.recharge_state)),
+        lifts=[
+            (account, at, int(amount))
+            for account, at, amount in session.execute(
+                select(by_account, Recharge.created_at, Recharge.amount).where(finished).order_by(Recharge.id)
+            )
+        ],
+    )
+
+
+def integration_errors_since(session: Session, since: datetime) -> list[ChargeAttempt]:
+    """Charge attempts since `since` that the processor refused as malformed (ours, not the card's), newest first."""
+    query = (
+        select(ChargeAttempt)
+        .where(ChargeAttempt.status == AttemptStatus.ERROR, ChargeAttempt.created_at >= since)
+        .order_by(ChargeAttempt.id.desc())
+    )
+    return list(session.scalars(query))
+
+
+def last_settled_attempt(session: Session) -> ChargeAttempt | None:
+    """The charge attempt settled last, whatever its outcome (it tells whether charging works right now)."""
+    query = (
+        select(ChargeAttempt)
+        .where(ChargeAttempt.finished_at.is_not(None))
+        .order_by(ChargeAttempt.finished_at.desc(), ChargeAttempt.id.desc())
+        .limit(1)
+    )
+    return session.scalars(query).one_or_none()
+
+
+def failing_recoveries(session: Session) -> list[Recharge]:
+    """Open recharges whose recovery failed and is backing off."""
+    query = select(Recharge).where(Recharge.recovery_failures > 0, Recharge.phase.not_in(CLOSED_PHASES))
+    return list(session.scalars(query.order_by(Recharge.id)))

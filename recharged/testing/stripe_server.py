@@ -6,12 +6,16 @@ The real ``stripe`` SDK talks to it unchanged::
         client = stripe.StripeClient("sk_test_x", base_addresses={"api": server.url})
         client.v1.payment_intents.create(params={...})
 
-It implements the small slice of the v1 API that recharged uses (customers, card payment
-methods, PaymentIntents, charges) with Stripe's response shapes, test-mode payment methods
-(``pm_card_visa``, ``pm_card_chargeDeclinedInsufficientFunds``, ...), error bodies,
-idempotency semantics, plus fault injection (``http_500``, ``http_429``, ``slow``,
-``drop_after_commit``), latency and rate limiting. Standard library only; binds to
-127.0.0.1 only.
+It implements the slice of the v1 API that recharged uses with Stripe's response shapes and error bodies:
+customers (create, update, delete), card payment methods (attach, detach, update), PaymentIntents (create,
+confirm, cancel, list, search), charges, refunds, disputes, balance transactions and events. Stripe's documented
+test payment methods behave as on Stripe (``pm_card_visa``, ``pm_card_chargeDeclinedInsufficientFunds``,
+``pm_card_createDispute``, ``pm_card_refundFail``, ...). Every state change records an Event, which can be
+delivered, signed as Stripe signs, to webhook endpoints. Idempotency keys follow Stripe's rules; faults can be
+injected (``http_500``, ``http_500_stored``, ``http_500_after_commit``, ``http_429``, ``slow``,
+``drop_after_commit``) and latency and rate limits added. Test hooks stand in for what Stripe does on its own
+(``close_dispute``, ``fail_refund``, ``settle_refund``, ``settle_processing``, ``update_card``). Standard library
+only; binds to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ import base64
 import binascii
 import contextlib
 import copy
+import email.utils
+import hashlib
+import heapq
+import hmac
+import itertools
 import json
 import logging
 import re
@@ -28,6 +37,8 @@ import socket
 import string
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -37,14 +48,20 @@ from typing import Any, Literal, cast, get_args
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 __all__ = [
+    "API_VERSION",
+    "DEFAULT_IDEMPOTENCY_TTL",
     "FAULTS",
+    "SANDBOX_RATE_LIMIT",
     "TEST_PAYMENT_METHODS",
     "Clock",
     "Fault",
     "RecordedRequest",
     "StripeTestServer",
     "TestCard",
+    "WebhookDelivery",
+    "WebhookEndpoint",
     "decode_form",
+    "sign_payload",
 ]
 
 _log = logging.getLogger(__name__)
@@ -53,13 +70,18 @@ JSON = dict[str, Any]
 Clock = Callable[[], float]
 """A callable returning the current POSIX time (``time.time`` by default)."""
 
-Fault = Literal["http_500", "http_429", "slow", "drop_after_commit"]
+Fault = Literal["http_500", "http_500_stored", "http_500_after_commit", "http_429", "slow", "drop_after_commit"]
 FAULTS: frozenset[str] = frozenset(get_args(Fault))
 
 DEFAULT_IDEMPOTENCY_TTL = 24 * 60 * 60.0
-_API_VERSION = "2026-10-28.endive"
+SANDBOX_RATE_LIMIT = 25
+"""Stripe's basic rate limit in test mode: 25 reads and 25 writes per second (docs.stripe.com/rate-limits).
+``StripeTestServer(rate_limit=SANDBOX_RATE_LIMIT)`` answers 429 beyond it, counting reads and writes apart."""
+
+API_VERSION = "2026-10-28.endive"
 _ALNUM = string.ascii_letters + string.digits
-_MAX_IDEMPOTENCY_KEY_LENGTH = 255
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+MAX_DESCRIPTION_LENGTH = 1000
 
 
 # --------------------------------------------------------------------------- test cards
@@ -74,7 +96,7 @@ class TestCard:
     brand: str
     last4: str
     fingerprint: str
-    outcome: Literal["succeeded", "declined", "authentication_required"] = "succeeded"
+    outcome: Literal["succeeded", "declined", "authentication_required", "processing"] = "succeeded"
     code: str | None = None
     decline_code: str | None = None
     advice_code: str | None = None
@@ -82,16 +104,30 @@ class TestCard:
     param: str | None = None
     funding: str = "credit"
     country: str = "US"
+    number: str | None = None
+    """The card number Stripe documents for this behaviour (for reference: the server takes no raw numbers)."""
+    dispute_reason: str | None = None
+    """After a successful charge the cardholder disputes it with this reason (``fraudulent``, ...)."""
+    refunds: Literal["succeeded", "pending", "fail_later"] = "succeeded"
+    """How refunds of its charges behave: succeed at once, start ``pending``, or succeed and fail later."""
 
 
 _DECLINED = "Your card was declined."
 _AUTH_REQUIRED = "Your card was declined. This transaction requires authentication."
 
 TEST_PAYMENT_METHODS: dict[str, TestCard] = {
-    "pm_card_visa": TestCard("visa", "4242", "Xt5EWLLDS7FJjR1c"),
-    "pm_card_mastercard": TestCard("mastercard", "4444", "q0QtTgzLbCkTGVaB"),
+    "pm_card_visa": TestCard("visa", "4242", "Xt5EWLLDS7FJjR1c", number="4242424242424242"),
+    "pm_card_mastercard": TestCard("mastercard", "4444", "q0QtTgzLbCkTGVaB", number="5555555555554444"),
     "pm_card_chargeDeclined": TestCard(
-        "visa", "0002", "nbWCzDTtvsMKeRI8", "declined", "card_declined", "generic_decline", None, _DECLINED
+        "visa",
+        "0002",
+        "nbWCzDTtvsMKeRI8",
+        "declined",
+        "card_declined",
+        "generic_decline",
+        None,
+        _DECLINED,
+        number="4000000000000002",
     ),
     "pm_card_chargeDeclinedInsufficientFunds": TestCard(
         "visa",
@@ -102,9 +138,18 @@ TEST_PAYMENT_METHODS: dict[str, TestCard] = {
         "insufficient_funds",
         "try_again_later",
         "Your card has insufficient funds.",
+        number="4000000000009995",
     ),
     "pm_card_chargeDeclinedLostCard": TestCard(
-        "visa", "9987", "p4FHkWC0wRaeqhSj", "declined", "card_declined", "lost_card", "do_not_try_again", _DECLINED
+        "visa",
+        "9987",
+        "p4FHkWC0wRaeqhSj",
+        "declined",
+        "card_declined",
+        "lost_card",
+        "do_not_try_again",
+        _DECLINED,
+        number="4000000000009987",
     ),
     "pm_card_chargeDeclinedStolenCard": TestCard(
         "visa",
@@ -115,6 +160,7 @@ TEST_PAYMENT_METHODS: dict[str, TestCard] = {
         "stolen_card",
         "do_not_try_again",
         _DECLINED,
+        number="4000000000009979",
     ),
     "pm_card_chargeDeclinedExpiredCard": TestCard(
         "visa",
@@ -126,6 +172,7 @@ TEST_PAYMENT_METHODS: dict[str, TestCard] = {
         "confirm_card_data",
         "Your card has expired.",
         "exp_month",
+        number="4000000000000069",
     ),
     "pm_card_chargeDeclinedProcessingError": TestCard(
         "visa",
@@ -136,6 +183,7 @@ TEST_PAYMENT_METHODS: dict[str, TestCard] = {
         "processing_error",
         "try_again_later",
         "An error occurred while processing your card. Try again in a little bit.",
+        number="4000000000000119",
     ),
     "pm_card_authenticationRequired": TestCard(
         "visa",
@@ -146,7 +194,23 @@ TEST_PAYMENT_METHODS: dict[str, TestCard] = {
         "authentication_required",
         None,
         _AUTH_REQUIRED,
+        number="4000002760003184",
     ),
+    # docs.stripe.com/testing#disputes: "With default account settings, charge succeeds, only to be disputed as
+    # fraudulent" (4000000000000259) / "as product not received" (4000000000002685).
+    "pm_card_createDispute": TestCard(
+        "visa", "0259", "Dq0Vb3vfFmZr7Z2k", number="4000000000000259", dispute_reason="fraudulent"
+    ),
+    "pm_card_createDisputeProductNotReceived": TestCard(
+        "visa", "2685", "Nk4Ue1wzsXgR9hLa", number="4000000000002685", dispute_reason="product_not_received"
+    ),
+    # docs.stripe.com/testing#refunds: 4000000000007726 "If you initiate a refund, its status begins as pending";
+    # 4000000000005126 "its status begins as succeeded. Some time later, its status transitions to failed".
+    "pm_card_pendingRefund": TestCard("visa", "7726", "Pr8sKq2LmYtW5eNd", number="4000000000007726", refunds="pending"),
+    "pm_card_refundFail": TestCard("visa", "5126", "Fe6cJw3HnQzB1uTo", number="4000000000005126", refunds="fail_later"),
+    # Not a Stripe name: cards never enter `processing` on Stripe (only asynchronous methods such as bank debits
+    # do). This local card lets tests drive the asynchronous path; `StripeTestServer.settle_processing` ends it.
+    "pm_card_asyncProcessing": TestCard("visa", "1117", "As9yPz4RoVcX2mGi", "processing"),
 }
 
 _CURRENCIES = frozenset(
@@ -197,6 +261,24 @@ _SUPPORTED_PAYMENT_METHOD_TYPES = frozenset({"card"})
 _CONFIRMABLE = ("requires_payment_method", "requires_confirmation", "requires_action")
 _CANCELABLE = ("requires_payment_method", "requires_capture", "requires_confirmation", "requires_action", "processing")
 
+_REFUND_CREATE_PARAMS = frozenset(
+    {
+        "amount", "charge", "currency", "customer", "instructions_email", "metadata", "origin", "payment_intent",
+        "reason", "refund_application_fee", "reverse_transfer",
+    }
+)  # fmt: skip
+_REFUND_REASONS = ("duplicate", "fraudulent", "requested_by_customer")
+_PM_UPDATE_PARAMS = frozenset({"allow_redisplay", "billing_details", "card", "metadata", "us_bank_account"})
+_DISPUTE_UPDATE_PARAMS = frozenset({"evidence", "intended_submission_method", "metadata", "submit"})
+_DISPUTE_EVIDENCE_FIELDS = (
+    "access_activity_log", "billing_address", "cancellation_policy", "cancellation_policy_disclosure",
+    "cancellation_rebuttal", "customer_communication", "customer_email_address", "customer_name",
+    "customer_purchase_ip", "customer_signature", "duplicate_charge_documentation", "duplicate_charge_explanation",
+    "duplicate_charge_id", "product_description", "receipt", "refund_policy", "refund_policy_disclosure",
+    "refund_refusal_explanation", "service_date", "service_documentation", "shipping_address", "shipping_carrier",
+    "shipping_date", "shipping_documentation", "shipping_tracking_number", "uncategorized_file",
+    "uncategorized_text",
+)  # fmt: skip
 
 # --------------------------------------------------------------------------- helpers
 
@@ -252,6 +334,7 @@ class _ApiError(Exception):
         code: str | None = None,
         param: str | None = None,
         extra: JSON | None = None,
+        should_retry: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -260,6 +343,8 @@ class _ApiError(Exception):
         self.code = code
         self.param = param
         self.extra = extra or {}
+        self.should_retry = should_retry
+        """Value of the ``Stripe-Should-Retry`` header (``None``: not sent, the client decides)."""
 
     def error_object(self) -> JSON:
         """The ``error`` member, leaving out null fields as Stripe does."""
@@ -345,6 +430,32 @@ def _format_amount(amount: int, currency: str) -> str:
         return f"{amount} {currency}"
     symbol = "$" if currency == "usd" else ""
     return f"{symbol}{amount / 100:,.2f} {currency}"
+
+
+_SYMBOLS = {"usd": "$", "cad": "$", "aud": "$", "nzd": "$", "sgd": "$", "hkd": "$", "gbp": "£", "eur": "€"}
+
+
+def _format_money(amount: int, currency: str) -> str:
+    """Money as Stripe's refund errors print it: ``$20.00``, ``£93.90``, ``€7.00`` (else ``1000 JPY``)."""
+    if currency in _ZERO_DECIMAL:
+        return f"{amount} {currency.upper()}"
+    symbol = _SYMBOLS.get(currency)
+    return f"{symbol}{amount / 100:,.2f}" if symbol else f"{amount / 100:,.2f} {currency.upper()}"
+
+
+def _too_long(value: str, param: str, limit: int) -> _ApiError:
+    """Stripe's error for an over-long string, which quotes its first and last four characters
+    (seen in the wild: "Invalid string: P1_e...Gvxg; must be at most 5000 characters")."""
+    return _ApiError(
+        400, f"Invalid string: {value[:4]}...{value[-4:]}; must be at most {limit} characters", param=param
+    )
+
+
+def _event_type_matches(pattern: str, event_type: str) -> bool:
+    """Stripe's event type filters: an exact type, ``*``, or a group such as ``charge.dispute.*``."""
+    if pattern in ("*", event_type):
+        return True
+    return pattern.endswith(".*") and event_type.startswith(pattern[:-1])
 
 
 def _expand_list(params: JSON) -> list[str]:
@@ -433,12 +544,212 @@ class _Ctx:
     request_id: str
     now: int
     api_version: str
+    idempotency_key: str | None = None
 
 
 @dataclass
 class _PaymentMethod:
     obj: JSON
     card: TestCard
+    detached: bool = False
+    """Detached from its customer (or the customer was deleted): Stripe refuses to use it again."""
+
+
+# --------------------------------------------------------------------------- webhooks
+
+# Stripe signs each delivery with `Stripe-Signature: t=<unix time>,v1=<hex HMAC-SHA256>`, the HMAC keyed with the
+# endpoint's signing secret over "<t>.<raw body>" (docs.stripe.com/webhooks, "Verify signatures manually"), so
+# `stripe.Webhook.construct_event` accepts what is sent here. "In test mode, Stripe retries three times over a few
+# hours"; here the retries are as many, but seconds apart.
+
+DEFAULT_WEBHOOK_ATTEMPTS = 4
+"""One delivery and three retries, as Stripe does in test mode."""
+
+
+def sign_payload(body: bytes, secret: str, timestamp: int) -> str:
+    """The ``Stripe-Signature`` header Stripe would send for ``body`` signed at ``timestamp``."""
+    signed = f"{timestamp}.".encode() + body
+    digest = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+@dataclass(frozen=True)
+class WebhookEndpoint:
+    """Where the server POSTs events (see :meth:`StripeTestServer.webhook_endpoint`)."""
+
+    id: str
+    url: str
+    secret: str
+    enabled_events: tuple[str, ...] = ("*",)
+    max_attempts: int = DEFAULT_WEBHOOK_ATTEMPTS
+    retry_delay: float = 0.5
+    """Seconds before the first retry; doubled for each later one."""
+    timeout: float = 5.0
+
+    def wants(self, event_type: str) -> bool:
+        return any(_event_type_matches(pattern, event_type) for pattern in self.enabled_events)
+
+
+@dataclass(frozen=True)
+class WebhookDelivery:
+    """One attempt to deliver an event to an endpoint."""
+
+    event_id: str
+    event_type: str
+    endpoint_id: str
+    url: str
+    attempt: int
+    """1 for the first delivery, 2 for the first retry, ..."""
+    status: int | None
+    """HTTP status the endpoint answered (``None``: no answer, see ``error``)."""
+    error: str | None
+    signature: str
+    """The ``Stripe-Signature`` header sent."""
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+
+@dataclass(order=True)
+class _Pending:
+    due: float
+    seq: int
+    endpoint: WebhookEndpoint = field(compare=False)
+    event_id: str = field(compare=False)
+    event_type: str = field(compare=False)
+    body: bytes = field(compare=False)
+    attempt: int = field(compare=False, default=1)
+
+
+class WebhookDispatcher:
+    """A background thread that POSTs queued events, retrying non-2xx answers with exponential back-off."""
+
+    def __init__(self, signing_clock: Callable[[], Clock], on_result: Callable[[WebhookDelivery], None]) -> None:
+        self._signing_clock = signing_clock
+        self._on_result = on_result
+        self._cond = threading.Condition()
+        self._queue: list[_Pending] = []
+        self._seq = itertools.count()
+        self._in_flight = 0
+        self._stopping = False
+        self._generation = 0  # a thread left over from before stop() exits instead of running beside a new one
+        self._thread: threading.Thread | None = None
+        # Never route deliveries through an HTTP(S)_PROXY from the environment.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def enqueue(self, endpoint: WebhookEndpoint, event_id: str, event_type: str, body: bytes) -> None:
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._stopping = False
+                self._thread = threading.Thread(
+                    target=self._run, args=(self._generation,), name="stripe-testserver-webhooks", daemon=True
+                )
+                self._thread.start()
+            heapq.heappush(
+                self._queue, _Pending(time.monotonic(), next(self._seq), endpoint, event_id, event_type, body)
+            )
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is queued or in flight (retries included); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and self._in_flight == 0, timeout)
+
+    def stop(self) -> None:
+        """Stop the thread, dropping queued deliveries."""
+        with self._cond:
+            self._stopping = True
+            self._generation += 1
+            self._queue.clear()
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2)
+        with self._cond:
+            self._thread = None
+
+    def _run(self, generation: int) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and (not self._queue or self._queue[0].due > time.monotonic()):
+                    wait = self._queue[0].due - time.monotonic() if self._queue else None
+                    self._cond.wait(wait)
+                if self._stopping or generation != self._generation:
+                    return
+                item = heapq.heappop(self._queue)
+                self._in_flight += 1
+            try:
+                delivery = self._post(item)
+            except Exception as exc:  # a malformed URL, ...: a failed attempt like any other
+                delivery = WebhookDelivery(
+                    item.event_id,
+                    item.event_type,
+                    item.endpoint.id,
+                    item.endpoint.url,
+                    item.attempt,
+                    None,
+                    repr(exc),
+                    "",
+                )
+            with contextlib.suppress(Exception):
+                self._on_result(delivery)
+            with self._cond:
+                self._in_flight -= 1
+                self._cond.notify_all()
+                if generation != self._generation:
+                    return
+                if not delivery.ok and item.attempt < item.endpoint.max_attempts and not self._stopping:
+                    delay = item.endpoint.retry_delay * 2 ** (item.attempt - 1)
+                    item.due, item.seq, item.attempt = time.monotonic() + delay, next(self._seq), item.attempt + 1
+                    heapq.heappush(self._queue, item)
+
+    def _post(self, item: _Pending) -> WebhookDelivery:
+        endpoint = item.endpoint
+        signature = sign_payload(item.body, endpoint.secret, int(self._signing_clock()()))
+        request = urllib.request.Request(  # noqa: S310 - the URL is checked to be http(s) at registration
+            endpoint.url,
+            data=item.body,
+            method="POST",
+            headers={
+                "Content-Type": "application/json; charset=utf-8",
+                "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
+                "Stripe-Signature": signature,
+            },
+        )
+        status: int | None = None
+        error: str | None = None
+        try:
+            with self._opener.open(request, timeout=endpoint.timeout) as response:
+                status = int(response.status)
+                response.read()
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+            exc.close()
+        except (urllib.error.URLError, OSError) as exc:
+            error = str(exc)
+        _log.debug("stripe-testserver: webhook %s to %s: %s", item.event_id, endpoint.url, status or error)
+        return WebhookDelivery(
+            item.event_id, item.event_type, endpoint.id, endpoint.url, item.attempt, status, error, signature
+        )
+
+
+_STRIPE_500 = (
+    "Sorry, something went wrong. We've already been notified of the problem, but if you need any help, you can "
+    "reach us at https://support.stripe.com/contact."
+)
+_PM_REUSED = (
+    "The provided PaymentMethod was previously used with a PaymentIntent without Customer attachment, shared with a "
+    "connected account without Customer attachment, or was detached from a Customer. It may not be used again. To "
+    "use a PaymentMethod multiple times, you must attach it to a Customer first."
+)
+_PM_REATTACHED = (
+    "This PaymentMethod was previously used without being attached to a Customer or was detached from a Customer, "
+    "and may not be used again."
+)
+_DISPUTE_FEE = 1500  # Stripe's dispute fee in the US, taken with the withdrawal and returned when the dispute is won
+_NETWORK_REASON_CODES = {"fraudulent": "10.4", "product_not_received": "13.1"}  # Visa's codes for these reasons
+_OPEN_DISPUTE = ("needs_response", "under_review", "warning_needs_response", "warning_under_review")
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -475,6 +786,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _dispatch
 
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The ``Date`` header (RFC 7231 IMF-fixdate, as Stripe sends it), from the server's clock."""
+        if timestamp is None:
+            timestamp = cast(_HTTPServer, self.server).owner.clock()
+        return email.utils.formatdate(timestamp, usegmt=True)
+
     def log_message(self, format: str, *args: Any) -> None:
         _log.debug("stripe-testserver: " + format, *args)
 
@@ -497,44 +814,62 @@ class StripeTestServer:
         latency: float = 0.0,
         rate_limit: float | None = None,
         strict_return_url: bool = True,
+        signing_clock: Clock | None = None,
     ) -> None:
         """Create a stopped server.
 
         ``port`` 0 lets the OS pick a free port (the server always binds 127.0.0.1). ``clock`` drives
-        ``created`` timestamps and idempotency-key expiry; ``idempotency_ttl`` is how long keys are held
-        (seconds); ``latency`` is added to every request; ``rate_limit`` is a maximum number of requests per
-        second (429 beyond it; ``None`` disables). With ``strict_return_url``, confirming a PaymentIntent whose
-        automatic payment methods allow redirects without a ``return_url`` fails as on real Stripe; pass
-        ``allowed_payment_method_types=["card"]`` or ``automatic_payment_methods[allow_redirects]=never``.
+        ``created`` timestamps, the ``Date`` header and idempotency-key expiry; ``idempotency_ttl`` is how long
+        keys are held (seconds); ``latency`` is added to every request; ``rate_limit`` is a maximum number of
+        reads, and of writes, per second (429 beyond it, as Stripe's limiter; ``None`` disables;
+        :data:`SANDBOX_RATE_LIMIT` is Stripe's test-mode limit). With ``strict_return_url``, confirming a
+        PaymentIntent whose automatic payment methods allow redirects without a ``return_url`` fails as on real
+        Stripe; pass ``allowed_payment_method_types=["card"]`` or ``automatic_payment_methods[allow_redirects]=never``.
+        ``signing_clock`` gives the timestamps of webhook signatures; it defaults to the real ``time.time``
+        because receivers (``stripe.Webhook.construct_event``) compare them with the system clock.
         """
         self.clock: Clock = clock or time.time
+        self.signing_clock: Clock = signing_clock or time.time
         self._requested_port = port
         self.idempotency_ttl = idempotency_ttl
         self.latency = latency
         self.strict_return_url = strict_return_url
         self._rate_limit = rate_limit
+        # Top-level POST parameters answered with 400 parameter_unknown before anything runs (validation: nothing
+        # is stored against the key), like an emulator or an older API version that does not know them.
+        self.unsupported_parameters: set[str] = set()
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
         self._faults: list[_FaultRule] = []
-        self._rate_window: deque[float] = deque()
+        self._rate_windows: dict[str, deque[float]] = {"read": deque(), "write": deque()}
         self._requests: list[RecordedRequest] = []
         self._idempotency: OrderedDict[str, _IdemRecord] = OrderedDict()
         self._customers: dict[str, JSON] = {}
         self._payment_methods: dict[str, _PaymentMethod] = {}
         self._payment_intents: dict[str, JSON] = {}
         self._charges: dict[str, JSON] = {}
+        self._deleted_customers: dict[str, JSON] = {}
+        self._refunds: dict[str, JSON] = {}
+        self._disputes: dict[str, JSON] = {}
+        self._balance_transactions: dict[str, JSON] = {}
+        self._events: dict[str, JSON] = {}
+        self._endpoints: dict[str, WebhookEndpoint] = {}
+        self._deliveries: list[WebhookDelivery] = []
+        self._webhooks = WebhookDispatcher(lambda: self.signing_clock, self._delivered)
         self._seq: dict[str, int] = {}
         self._pmc_id = _new_id("pmc")
         self._routes: list[tuple[str, re.Pattern[str], Callable[[_Ctx, tuple[str, ...]], _Response]]] = [
             ("POST", re.compile(r"/v1/customers"), self._customer_create),
             ("GET", re.compile(r"/v1/customers/([^/]+)"), self._customer_retrieve),
             ("POST", re.compile(r"/v1/customers/([^/]+)"), self._customer_update),
+            ("DELETE", re.compile(r"/v1/customers/([^/]+)"), self._customer_delete),
             ("GET", re.compile(r"/v1/customers/([^/]+)/payment_methods"), self._customer_pm_list),
             ("GET", re.compile(r"/v1/customers/([^/]+)/payment_methods/([^/]+)"), self._customer_pm_retrieve),
             ("GET", re.compile(r"/v1/payment_methods/([^/]+)"), self._pm_retrieve),
+            ("POST", re.compile(r"/v1/payment_methods/([^/]+)"), self._pm_update),
             ("POST", re.compile(r"/v1/payment_methods/([^/]+)/attach"), self._pm_attach),
             ("POST", re.compile(r"/v1/payment_methods/([^/]+)/detach"), self._pm_detach),
             ("POST", re.compile(r"/v1/payment_intents"), self._pi_create),
@@ -544,6 +879,17 @@ class StripeTestServer:
             ("POST", re.compile(r"/v1/payment_intents/([^/]+)/confirm"), self._pi_confirm),
             ("POST", re.compile(r"/v1/payment_intents/([^/]+)/cancel"), self._pi_cancel),
             ("GET", re.compile(r"/v1/charges/([^/]+)"), self._charge_retrieve),
+            ("POST", re.compile(r"/v1/refunds"), self._refund_create),
+            ("GET", re.compile(r"/v1/refunds"), self._refund_list),
+            ("GET", re.compile(r"/v1/refunds/([^/]+)"), self._refund_retrieve),
+            ("POST", re.compile(r"/v1/refunds/([^/]+)"), self._refund_update),
+            ("GET", re.compile(r"/v1/disputes"), self._dispute_list),
+            ("GET", re.compile(r"/v1/disputes/([^/]+)"), self._dispute_retrieve),
+            ("POST", re.compile(r"/v1/disputes/([^/]+)"), self._dispute_update),
+            ("POST", re.compile(r"/v1/disputes/([^/]+)/close"), self._dispute_close),
+            ("GET", re.compile(r"/v1/balance_transactions/([^/]+)"), self._balance_transaction_retrieve),
+            ("GET", re.compile(r"/v1/events"), self._event_list),
+            ("GET", re.compile(r"/v1/events/([^/]+)"), self._event_retrieve),
         ]
 
     # ----------------------------------------------------------------- lifecycle
@@ -577,6 +923,7 @@ class StripeTestServer:
         if thread is not None:
             thread.join(timeout=5)
         self._httpd = self._thread = None
+        self._webhooks.stop()
 
     def __enter__(self) -> StripeTestServer:
         return self.start()
@@ -609,7 +956,8 @@ class StripeTestServer:
     def rate_limit(self, value: float | None) -> None:
         with self._lock:
             self._rate_limit = value
-            self._rate_window.clear()
+            for window in self._rate_windows.values():
+                window.clear()
 
     def inject(
         self,
@@ -622,10 +970,15 @@ class StripeTestServer:
     ) -> None:
         """Make the next ``times`` matching requests (``None``: all of them) fail with ``fault``.
 
-        ``http_500`` / ``http_429`` answer an error without doing any work (nothing is stored, no
-        idempotency record). ``slow`` sleeps ``seconds`` after taking the idempotency key and before doing
-        the work. ``drop_after_commit`` does the work, stores the result and idempotency record, then closes
-        the connection without answering. ``path_prefix`` / ``method`` of ``None`` match anything.
+        ``http_500`` / ``http_429`` answer an error before the endpoint starts (nothing is done or stored under
+        the idempotency key, so a retry does the work; the 500 says ``Stripe-Should-Retry: true``).
+        ``http_500_stored`` fails once the endpoint has started, before it changes anything: the 500 is saved
+        under the idempotency key and replayed to every retry with that key until it expires, as Stripe does
+        (``Stripe-Should-Retry: false``). ``http_500_after_commit`` is the same but after the work was done (its
+        events are emitted): the indeterminate 500 Stripe warns about. ``slow`` sleeps ``seconds`` after taking
+        the idempotency key and before doing the work. ``drop_after_commit`` does the work, stores the result
+        and idempotency record, then closes the connection without answering. ``path_prefix`` / ``method`` of
+        ``None`` match anything.
         """
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; expected one of {sorted(FAULTS)}")
@@ -725,7 +1078,7 @@ class StripeTestServer:
         )
         with self._lock:
             self._requests.append(record)
-        api_version = h.headers.get("Stripe-Version") or _API_VERSION
+        api_version = h.headers.get("Stripe-Version") or API_VERSION
         headers = {"Request-Id": request_id, "Stripe-Version": api_version}
         if key is not None:
             headers["Idempotency-Key"] = key
@@ -763,20 +1116,20 @@ class StripeTestServer:
         rule: _FaultRule | None,
     ) -> tuple[_Response | None, bool, bool]:
         """Run one request; returns (response or None if the server stopped, replayed, dropped)."""
-        drop = rule is not None and rule.fault == "drop_after_commit"
+        fault = rule.fault if rule is not None else None
+        drop = fault == "drop_after_commit"
         try:
             self._authenticate(h.headers.get("Authorization"))
-            self._check_rate_limit()
-            if rule is not None and rule.fault == "http_500":
-                raise _ApiError(
-                    500,
-                    "Sorry, something went wrong. We've already been notified of the problem, but if you need "
-                    "any help, you can reach us at https://support.stripe.com/contact.",
-                    type_="api_error",
-                )
-            if rule is not None and rule.fault == "http_429":
+            self._check_rate_limit(method)
+            if fault == "http_500":  # before the endpoint runs: nothing saved, a retry does the work
+                raise _ApiError(500, _STRIPE_500, type_="api_error", should_retry=True)
+            if fault == "http_429":
                 raise self._rate_limit_error()
             route = self._route(method, path)
+            unsupported = sorted(self.unsupported_parameters & params.keys()) if method == "POST" else []
+            if unsupported:  # an emulator (or an API version) that does not know a parameter we send
+                name = unsupported[0]
+                raise _ApiError(400, f"Received unknown parameter: {name}", code="parameter_unknown", param=name)
         except _ApiError as err:
             return self._error_response(err, request_id), False, False
 
@@ -792,12 +1145,25 @@ class StripeTestServer:
             self._idempotency_abort(key)
             return None, False, False
 
+        # "For API v1, Stripe saves the status code and body of the first request made with a given idempotency
+        # key after endpoint execution begins. Retries with the same key return the saved response, including
+        # 500 errors." Validation failures happen before execution and are not saved (docs.stripe.com/api/
+        # idempotent_requests); a stored 500 says Stripe-Should-Retry: false since a retry only replays it.
+        stored_500 = _ApiError(500, _STRIPE_500, type_="api_error", should_retry=False if key else None)
+        if fault == "http_500_stored":
+            response = self._error_response(stored_500, request_id)
+            if key is not None:
+                self._idempotency_commit(key, response)
+            return response, False, False
+
         handler, groups = route
         committed = True
         try:
             with self._lock:
-                ctx = _Ctx(method, path, params, request_id, int(self.clock()), api_version)
+                ctx = _Ctx(method, path, params, request_id, int(self.clock()), api_version, key)
                 response = handler(ctx, groups)
+            if fault == "http_500_after_commit":
+                response = self._error_response(stored_500, request_id)
         except _ApiError as err:
             committed = False
             response = self._error_response(err, request_id)
@@ -828,7 +1194,8 @@ class StripeTestServer:
     def _error_response(self, err: _ApiError, request_id: str) -> _Response:
         body = err.error_object()
         body["request_log_url"] = f"https://dashboard.stripe.com/test/logs/{request_id}?t={int(self.clock())}"
-        return _Response(err.status, {"error": body})
+        headers = {} if err.should_retry is None else {"Stripe-Should-Retry": str(err.should_retry).lower()}
+        return _Response(err.status, {"error": body}, headers)
 
     def _take_fault(self, method: str, path: str) -> _FaultRule | None:
         with self._lock:
@@ -870,13 +1237,15 @@ class StripeTestServer:
             code="rate_limit",
         )
 
-    def _check_rate_limit(self) -> None:
+    def _check_rate_limit(self, method: str) -> None:
+        """Stripe's rate limiter counts reads and writes apart ("Test mode: 25 read operations and 25 write
+        operations" per second, docs.stripe.com/rate-limits)."""
         with self._lock:
             limit = self._rate_limit
             if limit is None:
                 return
             now = time.monotonic()
-            window = self._rate_window
+            window = self._rate_windows["read" if method == "GET" else "write"]
             while window and window[0] <= now - 1.0:
                 window.popleft()
             if len(window) >= limit:
@@ -910,10 +1279,10 @@ class StripeTestServer:
         return record
 
     def _idempotency_begin(self, key: str, method: str, path: str, params: JSON, request_id: str) -> _Response | None:
-        if len(key) > _MAX_IDEMPOTENCY_KEY_LENGTH:
+        if len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
             raise _ApiError(
                 400,
-                f"Invalid idempotency key: keys must be at most {_MAX_IDEMPOTENCY_KEY_LENGTH} characters long.",
+                f"Invalid idempotency key: keys must be at most {MAX_IDEMPOTENCY_KEY_LENGTH} characters long.",
                 param="Idempotency-Key",
             )
         with self._lock:
@@ -936,12 +1305,12 @@ class StripeTestServer:
                     "try again later.",
                     type_="idempotency_error",
                     code="idempotency_key_in_use",
+                    should_retry=True,
                 )
-            return _Response(
-                record.status,
-                copy.deepcopy(record.body),
-                {"Idempotent-Replayed": "true", "Original-Request": record.request_id},
-            )
+            headers = {"Idempotent-Replayed": "true", "Original-Request": record.request_id}
+            if record.status >= 400:  # replaying a saved error again would change nothing
+                headers["Stripe-Should-Retry"] = "false"
+            return _Response(record.status, copy.deepcopy(record.body), headers)
 
     def _idempotency_commit(self, key: str, response: _Response) -> None:
         with self._lock:
@@ -992,8 +1361,9 @@ class StripeTestServer:
             return self._payment_methods[ident].obj
         if ident in self._payment_intents:
             return self._payment_intents[ident]
-        if ident in self._charges:
-            return self._charges[ident]
+        for table in (self._charges, self._refunds, self._disputes, self._balance_transactions):
+            if ident in table:
+                return table[ident]
         raise _ApiError(400, f"This property cannot be expanded ({full}).", param="expand")
 
     def _list(self, items: list[JSON], params: JSON, url: str, kind: str) -> JSON:
@@ -1101,15 +1471,34 @@ class StripeTestServer:
         }
         self._customers[cus_id] = customer
         self._remember_order(cus_id)
+        attached: _PaymentMethod | None = None
         if pm_param is not None:
-            pm = self._materialize_pm(pm_param, ctx.now)
-            pm.obj["customer"] = cus_id
+            attached = self._materialize_pm(pm_param, ctx.now)
+            attached.obj["customer"] = cus_id
             if default_pm is not None:
-                customer["invoice_settings"]["default_payment_method"] = pm.obj["id"]
+                customer["invoice_settings"]["default_payment_method"] = attached.obj["id"]
+        self._emit("customer.created", customer, ctx)
+        if attached is not None:
+            self._emit("payment_method.attached", attached.obj, ctx)
         return _Response(200, self._render(customer, _expand_list(p)))
 
     def _customer_retrieve(self, ctx: _Ctx, groups: tuple[str, ...]) -> _Response:
+        deleted = self._deleted_customers.get(groups[0])
+        if deleted is not None:  # "If it's for a deleted Customer, a subset of the customer's information is
+            return _Response(200, copy.deepcopy(deleted))  # returned, including a deleted property set to true"
         return _Response(200, self._render(self._get_customer(groups[0]), _expand_list(ctx.params)))
+
+    def _customer_delete(self, ctx: _Ctx, groups: tuple[str, ...]) -> _Response:
+        customer = self._get_customer(groups[0])
+        del self._customers[customer["id"]]
+        stub: JSON = {"deleted": True, "id": customer["id"], "object": "customer"}
+        self._deleted_customers[customer["id"]] = stub
+        for pm in self._payment_methods.values():  # its payment methods cannot be used any more
+            if pm.obj["customer"] == customer["id"]:
+                pm.obj["customer"] = None
+                pm.detached = True
+        self._emit("customer.deleted", customer, ctx)
+        return _Response(200, copy.deepcopy(stub))
 
     def _customer_update(self, ctx: _Ctx, groups: tuple[str, ...]) -> _Response:
         customer = self._get_customer(groups[0])
@@ -1129,12 +1518,14 @@ class StripeTestServer:
                         code="resource_missing",
                         param="invoice_settings[default_payment_method]",
                     )
+        before = copy.deepcopy(customer)
         for name in ("description", "email", "name", "phone"):
             if name in p:
                 customer[name] = _opt_str(p, name)
         customer["metadata"] = metadata
         if default_pm is not None:
             customer["invoice_settings"]["default_payment_method"] = default_pm or None
+        self._emit_updated("customer.updated", before, customer, ctx)
         return _Response(200, self._render(customer, _expand_list(p)))
 
     # ----------------------------------------------------------------- payment methods
@@ -1190,6 +1581,8 @@ class StripeTestServer:
         pm = self._payment_methods.get(ident)
         if pm is None:
             raise _ApiError(400, f"No such PaymentMethod: '{ident}'", code="resource_missing", param=param)
+        if pm.detached:
+            raise _ApiError(400, _PM_REUSED)
         return pm.card
 
     def _materialize_pm(self, ident: str, now: int) -> _PaymentMethod:
@@ -1219,11 +1612,13 @@ class StripeTestServer:
         p = ctx.params
         _check_unknown(p, {"customer", "customer_account"})
         self._get_pm(groups[0])
+        existing = self._payment_methods.get(groups[0])
+        if existing is not None and existing.detached:
+            raise _ApiError(400, _PM_REATTACHED)
         cus_id = _opt_str(p, "customer")
         if cus_id is None:
             raise _missing("customer")
         self._get_customer(cus_id, "customer", 400)
-        existing = self._payment_methods.get(groups[0])
         if existing is not None and existing.obj["customer"] not in (None, cus_id):
             raise _ApiError(
                 400,
@@ -1231,7 +1626,77 @@ class StripeTestServer:
                 param="payment_method",
             )
         pm = self._materialize_pm(groups[0], ctx.now)
-        pm.obj["customer"] = cus_id
+        if pm.obj["customer"] != cus_id:
+            pm.obj["customer"] = cus_id
+            self._emit("payment_method.attached", pm.obj, ctx)
+        return _Response(200, self._render(pm.obj, _expand_list(p)))
+
+    def _pm_update(self, ctx: _Ctx, groups: tuple[str, ...]) -> _Response:
+        p = ctx.params
+        _check_unknown(p, _PM_UPDATE_PARAMS)
+        pm = self._payment_methods.get(groups[0])
+        if pm is None:
+            raise _ApiError(404, f"No such PaymentMethod: '{groups[0]}'", code="resource_missing", param="id")
+        if pm.obj["customer"] is None:
+            raise _ApiError(400, "You must save this PaymentMethod to a customer before you can update it.")
+        updated = copy.deepcopy(pm.obj)
+        card_params = p.get("card")
+        if card_params not in (None, ""):
+            if not isinstance(card_params, dict):
+                raise _ApiError(400, "Invalid object", param="card")
+            _check_unknown(
+                {f"card[{k}]": v for k, v in card_params.items()},
+                {"card[exp_month]", "card[exp_year]", "card[networks]"},
+            )
+            if card_params.get("exp_month") not in (None, ""):
+                month = _parse_int(card_params["exp_month"], "card[exp_month]")
+                if not 1 <= month <= 12:
+                    raise _ApiError(
+                        402,
+                        "Your card's expiration month is invalid.",
+                        type_="card_error",
+                        code="invalid_expiry_month",
+                        param="card[exp_month]",
+                    )
+                updated["card"]["exp_month"] = month
+            if card_params.get("exp_year") not in (None, ""):
+                year = _parse_int(card_params["exp_year"], "card[exp_year]")
+                if year < time.gmtime(ctx.now).tm_year:
+                    raise _ApiError(
+                        402,
+                        "Your card's expiration year is invalid.",
+                        type_="card_error",
+                        code="invalid_expiry_year",
+                        param="card[exp_year]",
+                    )
+                updated["card"]["exp_year"] = year
+        billing = p.get("billing_details")
+        if billing not in (None, ""):
+            if not isinstance(billing, dict):
+                raise _ApiError(400, "Invalid object", param="billing_details")
+            for name, value in billing.items():
+                if name == "address" and isinstance(value, dict):
+                    updated["billing_details"]["address"].update({k: v or None for k, v in value.items()})
+                elif name in ("email", "name", "phone", "tax_id"):
+                    updated["billing_details"][name] = value or None
+                else:
+                    raise _ApiError(
+                        400,
+                        f"Received unknown parameter: billing_details[{name}]",
+                        code="parameter_unknown",
+                        param=f"billing_details[{name}]",
+                    )
+        updated["metadata"] = _metadata(p.get("metadata"), pm.obj["metadata"])
+        if p.get("allow_redisplay") not in (None, ""):
+            if p["allow_redisplay"] not in ("always", "limited", "unspecified"):
+                raise _ApiError(
+                    400,
+                    "Invalid allow_redisplay: must be one of always, limited, or unspecified",
+                    param="allow_redisplay",
+                )
+            updated["allow_redisplay"] = p["allow_redisplay"]
+        before, pm.obj = pm.obj, updated
+        self._emit_updated("payment_method.updated", before, pm.obj, ctx)
         return _Response(200, self._render(pm.obj, _expand_list(p)))
 
     def _pm_detach(self, ctx: _Ctx, groups: tuple[str, ...]) -> _Response:
@@ -1247,6 +1712,8 @@ class StripeTestServer:
         if cus is not None and cus["invoice_settings"]["default_payment_method"] == pm.obj["id"]:
             cus["invoice_settings"]["default_payment_method"] = None
         pm.obj["customer"] = None
+        pm.detached = True  # "was detached from a Customer. It may not be used again."
+        self._emit("payment_method.detached", pm.obj, ctx)
         return _Response(200, self._render(pm.obj, _expand_list(ctx.params)))
 
     def _customer_pm_list(self, ctx: _Ctx, groups: tuple[str, ...]) -> _Response:
@@ -1424,6 +1891,9 @@ class StripeTestServer:
         if customer is not None:
             self._get_customer(customer, "customer", 400)
         metadata = _metadata(p.get("metadata"))
+        description = _opt_str(p, "description")
+        if description is not None and len(description) > MAX_DESCRIPTION_LENGTH:
+            raise _too_long(description, "description", MAX_DESCRIPTION_LENGTH)
         capture_method = _opt_str(p, "capture_method") or "automatic"
         if capture_method not in ("automatic", "automatic_async"):
             raise _ApiError(
@@ -1467,7 +1937,7 @@ class StripeTestServer:
             "currency": currency,
             "customer": customer,
             "customer_account": None,
-            "description": _opt_str(p, "description"),
+            "description": description,
             "excluded_payment_method_types": None,
             "id": pi_id,
             "last_payment_error": None,
@@ -1510,6 +1980,7 @@ class StripeTestServer:
             pi["status"] = "requires_confirmation"
         self._payment_intents[pi_id] = pi
         self._remember_order(pi_id)
+        self._emit("payment_intent.created", pi, ctx)
         if confirm:
             return self._attempt(ctx, pi, off_session, error_on_requires_action)
         return _Response(200, self._render(pi, _expand_list(p)))
@@ -1558,7 +2029,9 @@ class StripeTestServer:
             canceled_at=ctx.now,
             cancellation_reason=_opt_str(p, "cancellation_reason"),
             next_action=None,
+            processing=None,
         )
+        self._emit("payment_intent.canceled", pi, ctx)
         return _Response(200, self._render(pi, _expand_list(p)))
 
     def _pi_retrieve(self, ctx: _Ctx, groups: tuple[str, ...]) -> _Response:
@@ -1567,6 +2040,8 @@ class StripeTestServer:
     def _pi_list(self, ctx: _Ctx, _groups: tuple[str, ...]) -> _Response:
         p = ctx.params
         customer = _opt_str(p, "customer")
+        if customer is not None and customer not in self._customers:  # deleted or never there: "No such customer"
+            raise _no_such("customer", customer, "customer")
         created_ok = self._created_filter(p)
         items = [
             pi
@@ -1623,7 +2098,7 @@ class StripeTestServer:
     # ----------------------------------------------------------------- charging
 
     def _attempt(self, ctx: _Ctx, pi: JSON, off_session: bool, error_on_requires_action: bool) -> _Response:
-        """Confirm ``pi`` with its payment method: succeed, decline (402) or require authentication."""
+        """Confirm ``pi`` with its payment method: succeed, decline (402), require authentication or process."""
         pm = self._payment_methods[pi["payment_method"]]
         card = pm.card
         expand = _expand_list(ctx.params)
@@ -1640,21 +2115,56 @@ class StripeTestServer:
                 },
                 last_payment_error=None,
             )
+            self._emit("payment_intent.requires_action", pi, ctx)
             return _Response(200, self._render(pi, expand))
-        if card.outcome == "succeeded":
-            charge = self._new_charge(ctx, pi, pm, None)
+        if card.outcome == "processing":
+            charge = self._new_charge(ctx.now, pi, pm, None, pending=True)
             pi.update(
-                status="succeeded",
-                amount_received=pi["amount"],
+                status="processing",
                 latest_charge=charge["id"],
                 last_payment_error=None,
                 next_action=None,
+                processing={"card": {"customer_notification": None}, "type": "card"},
             )
-            if pi["setup_future_usage"] and pi["customer"] and pm.obj["customer"] is None:
-                pm.obj["customer"] = pi["customer"]
+            self._attach_for_future_usage(pi, pm, ctx)
+            self._emit("charge.pending", charge, ctx)
+            self._emit("payment_intent.processing", pi, ctx)
+            return _Response(200, self._render(pi, expand))
+        if card.outcome == "succeeded":
+            charge = self._new_charge(ctx.now, pi, pm, None)
+            self._succeed(ctx, pi, pm, charge)
             return _Response(200, self._render(pi, expand))
 
-        charge = self._new_charge(ctx, pi, pm, card)
+        charge = self._new_charge(ctx.now, pi, pm, card)
+        error = self._decline(ctx, pi, pm, charge, card)
+        error["payment_intent"] = copy.deepcopy(pi)
+        error["request_log_url"] = f"https://dashboard.stripe.com/test/logs/{ctx.request_id}?t={ctx.now}"
+        return _Response(402, {"error": dict(sorted(error.items()))})
+
+    def _attach_for_future_usage(self, pi: JSON, pm: _PaymentMethod, ctx: _Ctx | None) -> None:
+        if pi["setup_future_usage"] and pi["customer"] and pm.obj["customer"] is None and not pm.detached:
+            pm.obj["customer"] = pi["customer"]
+            self._emit("payment_method.attached", pm.obj, ctx)
+
+    def _succeed(self, ctx: _Ctx | None, pi: JSON, pm: _PaymentMethod, charge: JSON) -> None:
+        """``charge`` went through: the PaymentIntent succeeds, and a dispute test card is then disputed."""
+        pi.update(
+            status="succeeded",
+            amount_received=pi["amount"],
+            latest_charge=charge["id"],
+            last_payment_error=None,
+            next_action=None,
+            processing=None,
+        )
+        self._attach_for_future_usage(pi, pm, ctx)
+        self._emit("charge.succeeded", charge, ctx)
+        self._emit("payment_intent.succeeded", pi, ctx)
+        if pm.card.dispute_reason is not None:
+            self._open_dispute(charge, pm.card.dispute_reason, ctx.now if ctx is not None else int(self.clock()))
+
+    def _decline(self, ctx: _Ctx | None, pi: JSON, pm: _PaymentMethod, charge: JSON, card: TestCard) -> JSON:
+        """``charge`` was declined: the PaymentIntent goes back to ``requires_payment_method``; returns the
+        error object (without ``payment_intent`` / ``request_log_url``)."""
         error: JSON = {
             "charge": charge["id"],
             "code": card.code,
@@ -1674,14 +2184,29 @@ class StripeTestServer:
             last_payment_error=copy.deepcopy(error),
             payment_method=None,
             next_action=None,
+            processing=None,
         )
-        error["payment_intent"] = copy.deepcopy(pi)
-        error["request_log_url"] = f"https://dashboard.stripe.com/test/logs/{ctx.request_id}?t={ctx.now}"
-        return _Response(402, {"error": dict(sorted(error.items()))})
+        self._emit("charge.failed", charge, ctx)
+        self._emit("payment_intent.payment_failed", pi, ctx)
+        return error
 
-    def _new_charge(self, ctx: _Ctx, pi: JSON, pm: _PaymentMethod, failure: TestCard | None) -> JSON:
-        first = pi["latest_charge"] is None
-        ch_id = "ch_" + pi["id"][3:] if first else _new_id("ch")
+    def _new_charge(
+        self, now: int, pi: JSON, pm: _PaymentMethod, failure: TestCard | None, *, pending: bool = False
+    ) -> JSON:
+        ch_id = "ch_" + pi["id"][3:] if pi["latest_charge"] is None else _new_id("ch")
+        charge = self._charge_object(ch_id, now, pi, pm, failure)
+        self._charges[ch_id] = charge
+        self._remember_order(ch_id)
+        if pending:  # an asynchronous payment: nothing captured until it settles
+            charge.update(status="pending", paid=False, captured=False, amount_captured=0, receipt_url=None)
+            charge["outcome"] = None
+            charge["payment_method_details"]["card"]["amount_authorized"] = None
+        elif failure is None:
+            self._charge_balance_transaction(charge, now)
+        return charge
+
+    @staticmethod
+    def _charge_object(ch_id: str, now: int, pi: JSON, pm: _PaymentMethod, failure: TestCard | None) -> JSON:
         card = pm.obj["card"]
         ok = failure is None
         if ok:
@@ -1720,11 +2245,11 @@ class StripeTestServer:
             "application": None,
             "application_fee": None,
             "application_fee_amount": None,
-            "balance_transaction": _new_id("txn") if ok else None,
+            "balance_transaction": None,
             "billing_details": copy.deepcopy(pm.obj["billing_details"]),
             "calculated_statement_descriptor": "RECHARGED",
             "captured": ok,
-            "created": ctx.now,
+            "created": now,
             "currency": pi["currency"],
             "customer": pi["customer"],
             "description": pi["description"],
@@ -1784,12 +2309,690 @@ class StripeTestServer:
             "transfer_data": None,
             "transfer_group": pi["transfer_group"],
         }
-        self._charges[ch_id] = charge
-        self._remember_order(ch_id)
         return charge
+
+    def _charge_balance_transaction(self, charge: JSON, now: int) -> None:
+        # Stripe's standard US card pricing (2.9% + 30¢); other currencies are left without a fee.
+        fee = round(charge["amount"] * 0.029) + 30 if charge["currency"] == "usd" else 0
+        txn = self._new_balance_transaction(
+            now,
+            charge["amount"],
+            charge["currency"],
+            "charge",
+            "charge",
+            charge["id"],
+            charge["description"],
+            [
+                {
+                    "amount": fee,
+                    "application": None,
+                    "currency": charge["currency"],
+                    "description": "Stripe processing fees",
+                    "type": "stripe_fee",
+                }
+            ]
+            if fee
+            else [],
+        )
+        charge["balance_transaction"] = txn["id"]
 
     def _charge_retrieve(self, ctx: _Ctx, groups: tuple[str, ...]) -> _Response:
         charge = self._charges.get(groups[0])
         if charge is None:
             raise _ApiError(404, f"No such charge: '{groups[0]}'", code="resource_missing", param="id")
         return _Response(200, self._render(charge, _expand_list(ctx.params)))
+
+    # ----------------------------------------------------------------- events
+
+    def _emit(self, event_type: str, obj: JSON, ctx: _Ctx | None = None, previous: JSON | None = None) -> JSON:
+        """Record an Event carrying a copy of ``obj`` as it is now, and queue it for the webhook endpoints.
+
+        ``ctx`` is the API request that caused it (``None``: Stripe did it on its own, ``request.id`` is null).
+        Called with the lock held.
+        """
+        data: JSON = {"object": copy.deepcopy(obj)}
+        if previous is not None:
+            data["previous_attributes"] = copy.deepcopy(previous)
+        endpoints = [e for e in self._endpoints.values() if e.wants(event_type)]
+        event: JSON = {
+            "api_version": API_VERSION,
+            "created": ctx.now if ctx is not None else int(self.clock()),
+            "data": data,
+            "id": _new_id("evt"),
+            "livemode": False,
+            "object": "event",
+            "pending_webhooks": len(endpoints),
+            "request": {
+                "id": ctx.request_id if ctx is not None else None,
+                "idempotency_key": ctx.idempotency_key if ctx is not None else None,
+            },
+            "type": event_type,
+        }
+        self._events[event["id"]] = event
+        self._remember_order(event["id"])
+        if endpoints:
+            body = self._event_body(event)
+            for endpoint in endpoints:
+                self._webhooks.enqueue(endpoint, event["id"], event_type, body)
+        return event
+
+    def _emit_updated(self, event_type: str, before: JSON, after: JSON, ctx: _Ctx | None) -> None:
+        """Emit a ``*.updated`` event whose ``previous_attributes`` hold the changed top-level attributes
+        ("If an array attribute has any updated elements, this object contains the entire array"); nothing if
+        nothing changed."""
+        previous = {k: before.get(k) for k in after if before.get(k) != after[k]}
+        if previous:
+            self._emit(event_type, after, ctx, previous)
+
+    @staticmethod
+    def _event_body(event: JSON) -> bytes:
+        return json.dumps(event, indent=2).encode()
+
+    def _get_event(self, ident: str) -> JSON:
+        event = self._events.get(ident)
+        if event is None:
+            raise _no_such("event", ident, "id", 404)
+        return event
+
+    def _event_retrieve(self, ctx: _Ctx, groups: tuple[str, ...]) -> _Response:
+        return _Response(200, self._render(self._get_event(groups[0]), _expand_list(ctx.params)))
+
+    def _event_list(self, ctx: _Ctx, _groups: tuple[str, ...]) -> _Response:
+        p = ctx.params
+        patterns: list[str] = []
+        if p.get("type") not in (None, ""):
+            patterns.append(str(p["type"]))
+        types = p.get("types")
+        if types not in (None, ""):
+            if not isinstance(types, list):
+                raise _ApiError(400, "Invalid array", param="types")
+            patterns.extend(str(t) for t in types)
+        created_ok = self._created_filter(p)
+        items = [
+            e
+            for e in self._events.values()
+            if created_ok(e) and (not patterns or any(_event_type_matches(t, e["type"]) for t in patterns))
+        ]
+        return _Response(200, self._list(items, p, "/v1/events", "event"))
+
+    def events(self, type: str | None = None) -> list[JSON]:
+        """Events recorded so far, oldest first (copies); ``type`` filters as Stripe's list does (an exact type,
+        or a group such as ``charge.dispute.*``)."""
+        with self._lock:
+            return [
+                copy.deepcopy(e) for e in self._events.values() if type is None or _event_type_matches(type, e["type"])
+            ]
+
+    # ----------------------------------------------------------------- webhooks
+
+    def webhook_endpoint(
+        self,
+        url: str,
+        secret: str | None = None,
+        *,
+        enabled_events: Iterable[str] = ("*",),
+        max_attempts: int = DEFAULT_WEBHOOK_ATTEMPTS,
+        retry_delay: float = 0.5,
+        timeout: float = 5.0,
+    ) -> WebhookEndpoint:
+        """POST every later event (of ``enabled_events``) to ``url`` from a background thread, signed with
+        ``secret`` exactly as Stripe signs (``stripe.Webhook.construct_event`` accepts it).
+
+        A non-2xx answer (or none) is retried up to ``max_attempts`` deliveries in all, ``retry_delay`` seconds
+        after the first and doubling. ``secret`` defaults to a fresh ``whsec_...``; the returned endpoint holds
+        it. See :meth:`webhook_deliveries` and :meth:`wait_for_webhooks`.
+        """
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"webhook URL must be http(s): {url!r}")
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        endpoint = WebhookEndpoint(
+            _new_id("we"),
+            url,
+            secret or f"whsec_{_rand(32)}",
+            tuple(enabled_events),
+            max_attempts,
+            retry_delay,
+            timeout,
+        )
+        with self._lock:
+            self._endpoints[endpoint.id] = endpoint
+        return endpoint
+
+    def remove_webhook_endpoint(self, endpoint: WebhookEndpoint | str) -> None:
+        """Stop sending events to ``endpoint`` (deliveries already queued still go out)."""
+        with self._lock:
+            self._endpoints.pop(endpoint if isinstance(endpoint, str) else endpoint.id, None)
+
+    def webhook_deliveries(self, event_id: str | None = None) -> list[WebhookDelivery]:
+        """Every delivery attempt so far, oldest first (optionally of one event)."""
+        with self._lock:
+            return [d for d in self._deliveries if event_id is None or d.event_id == event_id]
+
+    def wait_for_webhooks(self, timeout: float = 5.0) -> bool:
+        """Wait until no delivery is queued, in flight or waiting for a retry; False if ``timeout`` passed."""
+        return self._webhooks.wait_idle(timeout)
+
+    def signed_payload(
+        self, event: JSON | str, *, secret: str | None = None, timestamp: int | None = None
+    ) -> tuple[bytes, str]:
+        """The body and ``Stripe-Signature`` header Stripe would send for ``event`` (an Event or its id), so a
+        test can deliver it itself, twice, or out of order. ``secret`` defaults to the only webhook endpoint's;
+        ``timestamp`` to now by :attr:`signing_clock`."""
+        with self._lock:
+            if isinstance(event, str):
+                if event not in self._events:
+                    raise KeyError(event)
+                event = copy.deepcopy(self._events[event])
+            if secret is None:
+                if len(self._endpoints) != 1:
+                    raise ValueError("pass secret=: the server has no single webhook endpoint to take it from")
+                secret = next(iter(self._endpoints.values())).secret
+        body = self._event_body(event)
+        when = int(self.signing_clock()) if timestamp is None else timestamp
+        return body, sign_payload(body, secret, when)
+
+    def _delivered(self, delivery: WebhookDelivery) -> None:
+        with self._lock:
+            self._deliveries.append(delivery)
+            event = self._events.get(delivery.event_id)
+            if delivery.ok and event is not None and event["pending_webhooks"] > 0:
+                event["pending_webhooks"] -= 1
+
+    # ----------------------------------------------------------------- balance transactions
+
+    def _new_balance_transaction(
+        self,
+        now: int,
+        amount: int,
+        currency: str,
+        type_: str,
+        category: str,
+        source: str,
+        description: str | None,
+        fee_details: list[JSON],
+    ) -> JSON:
+        fee = sum(int(f["amount"]) for f in fee_details)
+        txn: JSON = {
+            "amount": amount,
+            "available_on": now + 2 * 24 * 3600,
+            "balance_type": "payments",
+            "created": now,
+            "currency": currency,
+            "description": description,
+            "exchange_rate": None,
+            "fee": fee,
+            "fee_details": fee_details,
+            "id": _new_id("txn"),
+            "net": amount - fee,
+            "object": "balance_transaction",
+            "reporting_category": category,
+            "source": source,
+            "status": "pending",
+            "type": type_,
+        }
+        self._balance_transactions[txn["id"]] = txn
+        self._remember_order(txn["id"])
+        return txn
+
+    def _balance_transaction_retrieve(self, ctx: _Ctx, groups: tuple[str, ...]) -> _Response:
+        txn = self._balance_transactions.get(groups[0])
+        if txn is None:
+            raise _no_such("balance transaction", groups[0], "id", 404)
+        return _Response(200, self._render(txn, _expand_list(ctx.params)))
+
+    # ----------------------------------------------------------------- refunds
+
+    def _refundable_charge(self, p: JSON) -> JSON:
+        charge_id = _opt_str(p, "charge")
+        pi_id = _opt_str(p, "payment_intent")
+        if charge_id is None and pi_id is None:
+            raise _ApiError(
+                400, "One of the following params should be provided for this request: payment_intent or charge."
+            )
+        charge: JSON | None = None
+        if charge_id is not None:
+            charge = self._charges.get(charge_id)
+            if charge is None:
+                raise _no_such("charge", charge_id, "charge")
+        if pi_id is not None:
+            pi = self._payment_intents.get(pi_id)
+            if pi is None:
+                raise _no_such("payment_intent", pi_id, "payment_intent")
+            if charge is not None and charge["payment_intent"] != pi_id:
+                raise _ApiError(400, f"Charge {charge['id']} does not belong to PaymentIntent {pi_id}.", param="charge")
+            charge = charge or (self._charges.get(pi["latest_charge"]) if pi["latest_charge"] else None)
+            if charge is None:
+                raise _ApiError(400, f"This PaymentIntent ({pi_id}) does not have a successful charge to refund.")
+        assert charge is not None
+        # Stripe answers this for PaymentIntents without a successful charge (declined, processing, canceled,
+        # uncaptured), whether the refund names the PaymentIntent or its charge.
+        if charge["status"] != "succeeded" or not charge["captured"]:
+            raise _ApiError(
+                400, f"This PaymentIntent ({charge['payment_intent']}) does not have a successful charge to refund."
+            )
+        if charge["disputed"]:
+            raise _ApiError(
+                400, f"Charge {charge['id']} has been charged back; cannot issue a refund.", code="charge_disputed"
+            )
+        return charge
+
+    def _refund_create(self, ctx: _Ctx, _groups: tuple[str, ...]) -> _Response:
+        p = ctx.params
+        _check_unknown(p, _REFUND_CREATE_PARAMS)
+        requested: int | None = None
+        if p.get("amount") not in (None, ""):
+            requested = _parse_int(p["amount"], "amount")
+            if requested <= 0:
+                raise _ApiError(400, "Invalid positive integer", code="parameter_invalid_integer", param="amount")
+        reason = _opt_str(p, "reason")
+        if reason is not None and reason not in _REFUND_REASONS:
+            raise _ApiError(
+                400, "Invalid reason: must be one of duplicate, fraudulent, or requested_by_customer", param="reason"
+            )
+        metadata = _metadata(p.get("metadata"))
+        charge = self._refundable_charge(p)
+        currency_param = _opt_str(p, "currency")
+        if currency_param is not None and currency_param.lower() != charge["currency"]:
+            raise _ApiError(400, f"Invalid currency: {currency_param}", param="currency")
+        remaining = charge["amount"] - charge["amount_refunded"]
+        if remaining <= 0:
+            raise _ApiError(400, f"Charge {charge['id']} has already been refunded.", code="charge_already_refunded")
+        amount = remaining if requested is None else requested
+        if amount > remaining:
+            currency = charge["currency"]
+            raise _ApiError(
+                400,
+                f"Refund amount ({_format_money(amount, currency)}) is greater than unrefunded amount on charge "
+                f"({_format_money(remaining, currency)})",
+                code="amount_too_large",
+                param="amount",
+            )
+        # ---- validation done: the endpoint commits from here on
+        card = self._payment_methods[charge["payment_method"]].card
+        status = "pending" if card.refunds == "pending" else "succeeded"
+        re_id = _new_id("re")
+        txn = self._new_balance_transaction(
+            ctx.now, -amount, charge["currency"], "refund", "refund", re_id, "REFUND FOR CHARGE", []
+        )
+        refund: JSON = {
+            "amount": amount,
+            "balance_transaction": txn["id"],
+            "charge": charge["id"],
+            "created": ctx.now,
+            "currency": charge["currency"],
+            "customer": None,
+            "customer_account": None,
+            "description": None,
+            "destination_details": {
+                "card": {
+                    "reference_status": "pending",
+                    "reference_type": "acquirer_reference_number",
+                    "type": "refund",
+                },
+                "type": "card",
+            },
+            "id": re_id,
+            "metadata": metadata,
+            "object": "refund",
+            "payment_intent": charge["payment_intent"],
+            "payment_method": charge["payment_method"],
+            "reason": reason,
+            "receipt_number": None,
+            "source_transfer_reversal": None,
+            "status": status,
+            "transfer_reversal": None,
+        }
+        if status == "pending":
+            refund["pending_reason"] = "processing"
+        self._refunds[re_id] = refund
+        self._remember_order(re_id)
+        self._sync_charge_refunds(charge)
+        self._emit("refund.created", refund, ctx)
+        self._emit("charge.refunded", charge, ctx)
+        return _Response(200, self._render(refund, _expand_list(p)))
+
+    def _sync_charge_refunds(self, charge: JSON) -> None:
+        """Recompute ``amount_refunded`` / ``refunded`` / ``refunds`` of ``charge`` from its refunds. Failed or
+        canceled refunds gave the money back to the merchant and no longer count."""
+        refunds = sorted(
+            (r for r in self._refunds.values() if r["charge"] == charge["id"]),
+            key=lambda r: (r["created"], self._seq.get(r["id"], 0)),
+            reverse=True,
+        )
+        refunded = sum(r["amount"] for r in refunds if r["status"] not in ("failed", "canceled"))
+        charge["amount_refunded"] = refunded
+        charge["refunded"] = refunded >= charge["amount"]
+        charge["refunds"]["data"] = copy.deepcopy(refunds)
+
+    def _get_refund(self, ident: str) -> JSON:
+        refund = self._refunds.get(ident)
+        if refund is None:
+            raise _no_such("refund", ident, "id", 404)
+        return refund
+
+    def _refund_retrieve(self, ctx: _Ctx, groups: tuple[str, ...]) -> _Response:
+        return _Response(200, self._render(self._get_refund(groups[0]), _expand_list(ctx.params)))
+
+    def _refund_update(self, ctx: _Ctx, groups: tuple[str, ...]) -> _Response:
+        refund = self._get_refund(groups[0])
+        _check_unknown(ctx.params, {"metadata"})
+        before = copy.deepcopy(refund)
+        refund["metadata"] = _metadata(ctx.params.get("metadata"), refund["metadata"])
+        self._refund_changed(before, refund, ctx)
+        return _Response(200, self._render(refund, _expand_list(ctx.params)))
+
+    def _refund_changed(self, before: JSON, refund: JSON, ctx: _Ctx | None) -> None:
+        """Sync the charge and emit ``charge.refund.updated`` and ``refund.updated`` (Stripe sends the former,
+        deprecated, only for refunds of a charge; every refund here has one)."""
+        charge = self._charges[refund["charge"]]
+        self._sync_charge_refunds(charge)
+        self._emit_updated("charge.refund.updated", before, refund, ctx)
+        self._emit_updated("refund.updated", before, refund, ctx)
+
+    def _refund_list(self, ctx: _Ctx, _groups: tuple[str, ...]) -> _Response:
+        p = ctx.params
+        charge, pi = _opt_str(p, "charge"), _opt_str(p, "payment_intent")
+        created_ok = self._created_filter(p)
+        items = [
+            r
+            for r in self._refunds.values()
+            if (charge is None or r["charge"] == charge) and (pi is None or r["payment_intent"] == pi) and created_ok(r)
+        ]
+        return _Response(200, self._list(items, p, "/v1/refunds", "refund"))
+
+    def refunds(self) -> list[JSON]:
+        """Stored refunds, oldest first."""
+        with self._lock:
+            return copy.deepcopy(list(self._refunds.values()))
+
+    def settle_refund(self, refund_id: str) -> JSON:
+        """Test hook: a ``pending`` refund (``pm_card_pendingRefund``) succeeds, as Stripe's asynchronous
+        refunds do later; emits ``charge.refund.updated`` and ``refund.updated``. Returns the refund."""
+        with self._lock:
+            refund = self._refunds.get(refund_id)
+            if refund is None:
+                raise KeyError(refund_id)
+            if refund["status"] != "pending":
+                raise ValueError(f"refund {refund_id} is {refund['status']}, not pending")
+            before = copy.deepcopy(refund)
+            refund["status"] = "succeeded"
+            refund.pop("pending_reason", None)
+            self._refund_changed(before, refund, None)
+            return copy.deepcopy(refund)
+
+    def fail_refund(self, refund_id: str, failure_reason: str = "expired_or_canceled_card") -> JSON:
+        """Test hook: the card issuer returns a refund (``pm_card_refundFail`` does this on Stripe): its status
+        becomes ``failed`` with ``failure_reason`` and a ``failure_balance_transaction`` giving the money back;
+        emits ``charge.refund.updated``, ``refund.updated`` and ``refund.failed``. Returns the refund."""
+        with self._lock:
+            refund = self._refunds.get(refund_id)
+            if refund is None:
+                raise KeyError(refund_id)
+            if refund["status"] not in ("pending", "succeeded"):
+                raise ValueError(f"refund {refund_id} is {refund['status']}")
+            now = int(self.clock())
+            before = copy.deepcopy(refund)
+            txn = self._new_balance_transaction(
+                now,
+                refund["amount"],
+                refund["currency"],
+                "refund_failure",
+                "refund_failure",
+                refund_id,
+                "REFUND FAILURE",
+                [],
+            )
+            refund.update(status="failed", failure_reason=failure_reason, failure_balance_transaction=txn["id"])
+            refund.pop("pending_reason", None)
+            self._refund_changed(before, refund, None)
+            self._emit("refund.failed", refund)
+            return copy.deepcopy(refund)
+
+    # ----------------------------------------------------------------- disputes
+
+    def _open_dispute(self, charge: JSON, reason: str, now: int) -> JSON:
+        """The cardholder disputes ``charge``. Stripe does this shortly after the charge of a dispute test card;
+        here it happens at once, as part of the confirmation. Emits ``charge.dispute.created`` then
+        ``charge.dispute.funds_withdrawn`` (events Stripe sends on its own: no request id)."""
+        card = charge["payment_method_details"]["card"]
+        dispute: JSON = {
+            "amount": charge["amount"],
+            "balance_transactions": [],
+            "charge": charge["id"],
+            "created": now,
+            "currency": charge["currency"],
+            "enhanced_eligibility_types": [],
+            "evidence": dict.fromkeys(_DISPUTE_EVIDENCE_FIELDS),
+            "evidence_details": {
+                "due_by": now + 7 * 24 * 3600,
+                "enhanced_eligibility": {},
+                "has_evidence": False,
+                "past_due": False,
+                "submission_count": 0,
+            },
+            "id": _new_id("du"),
+            "is_charge_refundable": False,
+            "livemode": False,
+            "metadata": {},
+            "network_reason_code": _NETWORK_REASON_CODES.get(reason),
+            "object": "dispute",
+            "payment_intent": charge["payment_intent"],
+            "payment_method_details": {
+                "card": {
+                    "brand": card["brand"],
+                    "case_type": "chargeback",
+                    "network_reason_code": _NETWORK_REASON_CODES.get(reason),
+                },
+                "type": "card",
+            },
+            "reason": reason,
+            "status": "needs_response",
+        }
+        self._disputes[dispute["id"]] = dispute
+        self._remember_order(dispute["id"])
+        charge["disputed"] = True
+        self._emit("charge.dispute.created", dispute)
+        txn = self._new_balance_transaction(
+            now,
+            -dispute["amount"],
+            dispute["currency"],
+            "adjustment",
+            "dispute",
+            dispute["id"],
+            f"Chargeback withdrawal for {charge['id']}",
+            [
+                {
+                    "amount": _DISPUTE_FEE,
+                    "application": None,
+                    "currency": dispute["currency"],
+                    "description": "Dispute fee",
+                    "type": "stripe_fee",
+                }
+            ],
+        )
+        dispute["balance_transactions"].append(copy.deepcopy(txn))
+        self._emit("charge.dispute.funds_withdrawn", dispute)
+        return dispute
+
+    def _close(self, dispute: JSON, status: Literal["won", "lost"], ctx: _Ctx | None) -> None:
+        now = ctx.now if ctx is not None else int(self.clock())
+        dispute["status"] = status
+        if status == "won":  # the money and the dispute fee come back
+            txn = self._new_balance_transaction(
+                now,
+                dispute["amount"],
+                dispute["currency"],
+                "adjustment",
+                "dispute_reversal",
+                dispute["id"],
+                f"Chargeback reversal for {dispute['charge']}",
+                [
+                    {
+                        "amount": -_DISPUTE_FEE,
+                        "application": None,
+                        "currency": dispute["currency"],
+                        "description": "Dispute fee",
+                        "type": "stripe_fee",
+                    }
+                ],
+            )
+            dispute["balance_transactions"].append(copy.deepcopy(txn))
+            self._emit("charge.dispute.funds_reinstated", dispute, ctx)
+        self._emit("charge.dispute.closed", dispute, ctx)
+
+    def _get_dispute(self, ident: str) -> JSON:
+        dispute = self._disputes.get(ident)
+        if dispute is None:
+            raise _no_such("dispute", ident, "dispute", 404)
+        return dispute
+
+    def _dispute_retrieve(self, ctx: _Ctx, groups: tuple[str, ...]) -> _Response:
+        return _Response(200, self._render(self._get_dispute(groups[0]), _expand_list(ctx.params)))
+
+    def _dispute_list(self, ctx: _Ctx, _groups: tuple[str, ...]) -> _Response:
+        p = ctx.params
+        charge, pi = _opt_str(p, "charge"), _opt_str(p, "payment_intent")
+        created_ok = self._created_filter(p)
+        items = [
+            d
+            for d in self._disputes.values()
+            if (charge is None or d["charge"] == charge) and (pi is None or d["payment_intent"] == pi) and created_ok(d)
+        ]
+        return _Response(200, self._list(items, p, "/v1/disputes", "dispute"))
+
+    def _require_open(self, dispute: JSON) -> None:
+        if dispute["status"] not in _OPEN_DISPUTE:
+            raise _ApiError(
+                400, f"This dispute is already closed with a status of {dispute['status']}.", param="dispute"
+            )
+
+    def _dispute_update(self, ctx: _Ctx, groups: tuple[str, ...]) -> _Response:
+        """Evidence, metadata and submission. As in Stripe's test mode, submitting the evidence
+        ``uncategorized_text=winning_evidence`` wins the dispute and ``losing_evidence`` loses it
+        (docs.stripe.com/testing#disputes)."""
+        dispute = self._get_dispute(groups[0])
+        p = ctx.params
+        _check_unknown(p, _DISPUTE_UPDATE_PARAMS)
+        evidence = p.get("evidence")
+        if evidence not in (None, "") and not isinstance(evidence, dict):
+            raise _ApiError(400, "Invalid object", param="evidence")
+        evidence = evidence or {}
+        for name in evidence:
+            if name not in _DISPUTE_EVIDENCE_FIELDS:
+                raise _ApiError(
+                    400,
+                    f"Received unknown parameter: evidence[{name}]",
+                    code="parameter_unknown",
+                    param=f"evidence[{name}]",
+                )
+        submit = _parse_bool(p, "submit", True)
+        metadata = _metadata(p.get("metadata"), dispute["metadata"])
+        if evidence or submit:
+            self._require_open(dispute)
+        before = copy.deepcopy(dispute)
+        dispute["metadata"] = metadata
+        for name, value in evidence.items():
+            dispute["evidence"][name] = value or None
+        if evidence:
+            dispute["evidence_details"]["has_evidence"] = True
+        text = dispute["evidence"]["uncategorized_text"]
+        if submit and dispute["status"] in _OPEN_DISPUTE:
+            dispute["evidence_details"]["submission_count"] += 1
+            if text in ("winning_evidence", "losing_evidence"):
+                dispute["status"] = "under_review"
+                self._emit_updated("charge.dispute.updated", before, dispute, ctx)
+                self._close(dispute, "won" if text == "winning_evidence" else "lost", ctx)
+                return _Response(200, self._render(dispute, _expand_list(p)))
+            dispute["status"] = "under_review"
+        self._emit_updated("charge.dispute.updated", before, dispute, ctx)
+        return _Response(200, self._render(dispute, _expand_list(p)))
+
+    def _dispute_close(self, ctx: _Ctx, groups: tuple[str, ...]) -> _Response:
+        """Closing a dispute accepts it: Stripe marks it ``lost``."""
+        dispute = self._get_dispute(groups[0])
+        _check_unknown(ctx.params, ())
+        self._require_open(dispute)
+        self._close(dispute, "lost", ctx)
+        return _Response(200, self._render(dispute, _expand_list(ctx.params)))
+
+    def disputes(self) -> list[JSON]:
+        """Stored disputes, oldest first."""
+        with self._lock:
+            return copy.deepcopy(list(self._disputes.values()))
+
+    def close_dispute(self, dispute_id: str, *, won: bool) -> JSON:
+        """Test hook: the card network decides an open dispute. ``won`` reinstates the funds and the dispute fee
+        (``charge.dispute.funds_reinstated``); either way ``charge.dispute.closed`` follows. Returns the dispute."""
+        with self._lock:
+            dispute = self._disputes.get(dispute_id)
+            if dispute is None:
+                raise KeyError(dispute_id)
+            if dispute["status"] not in _OPEN_DISPUTE:
+                raise ValueError(f"dispute {dispute_id} is already {dispute['status']}")
+            self._close(dispute, "won" if won else "lost", None)
+            return copy.deepcopy(dispute)
+
+    # ----------------------------------------------------------------- test hooks for Stripe's own actions
+
+    def settle_processing(self, pi_id: str, *, succeed: bool = True, decline_code: str = "generic_decline") -> JSON:
+        """Test hook: an asynchronous payment (``pm_card_asyncProcessing``, left ``processing`` by its
+        confirmation) completes. It succeeds (``charge.succeeded``, ``payment_intent.succeeded``) or fails as a
+        decline with ``decline_code`` (``charge.failed``, ``payment_intent.payment_failed``; the PaymentIntent
+        returns to ``requires_payment_method`` with ``last_payment_error``). Returns the PaymentIntent."""
+        with self._lock:
+            pi = self._payment_intents.get(pi_id)
+            if pi is None:
+                raise KeyError(pi_id)
+            if pi["status"] != "processing":
+                raise ValueError(f"PaymentIntent {pi_id} is {pi['status']}, not processing")
+            charge = self._charges[pi["latest_charge"]]
+            pm = self._payment_methods[charge["payment_method"]]
+            now = int(self.clock())
+            failure: TestCard | None = None
+            if not succeed:
+                failure = next(
+                    (
+                        c
+                        for c in TEST_PAYMENT_METHODS.values()
+                        if c.outcome == "declined" and c.decline_code == decline_code
+                    ),
+                    None,
+                )
+                if failure is None:
+                    raise ValueError(f"no test card declines with {decline_code!r}")
+            # The same charge, now decided: it keeps its id, creation time and refunds list.
+            decided = self._charge_object(charge["id"], charge["created"], pi, pm, failure)
+            charge.update({k: v for k, v in decided.items() if k not in ("refunds", "receipt_url")})
+            charge["receipt_url"] = decided["receipt_url"]
+            if failure is None:
+                self._charge_balance_transaction(charge, now)
+                self._succeed(None, pi, pm, charge)
+            else:
+                self._decline(None, pi, pm, charge, failure)
+            return copy.deepcopy(pi)
+
+    def update_card(
+        self, pm_id: str, *, exp_month: int | None = None, exp_year: int | None = None, last4: str | None = None
+    ) -> JSON:
+        """Test hook: the card network's updater replaces the card's details (a new expiry, or a new number
+        with ``last4``); emits ``payment_method.automatically_updated`` with the old card in
+        ``previous_attributes``. Returns the payment method."""
+        with self._lock:
+            pm = self._payment_methods.get(pm_id)
+            if pm is None:
+                raise KeyError(pm_id)
+            before = copy.deepcopy(pm.obj)
+            card = pm.obj["card"]
+            if exp_month is not None:
+                if not 1 <= exp_month <= 12:
+                    raise ValueError("exp_month must be 1..12")
+                card["exp_month"] = exp_month
+            if exp_year is not None:
+                card["exp_year"] = exp_year
+            if last4 is not None:
+                if not re.fullmatch(r"\d{4}", last4):
+                    raise ValueError("last4 must be four digits")
+                card["last4"] = last4
+            self._emit("payment_method.automatically_updated", pm.obj, None, {"card": before["card"]})
+            return copy.deepcopy(pm.obj)

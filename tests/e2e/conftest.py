@@ -3,12 +3,20 @@ invariant recharged keeps must still hold in its database afterwards."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from recharged.store.engine import Database
 from recharged.verify import verify
+
+
+@pytest.fixture
+def processor_clock() -> Callable[[], float]:
+    """The commands under test run on the real clock; so does the processor they talk to (its `Date` header tells
+    them how far apart the two clocks are, and they refuse to charge past a tolerance)."""
+    return time.time
 
 
 @pytest.fixture(autouse=True)

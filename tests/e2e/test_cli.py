@@ -182,7 +182,7 @@ BAD_ARGUMENTS = [
 
 @pytest.mark.parametrize(("args", "code", "message"), BAD_ARGUMENTS)
 def test_bad_arguments_get_a_clear_error_and_change_nothing(db, settings, clock, invoke, args, code, message):
-    from tests.conftest import add_account
+    from tests.helpers import add_account
 
     add_account(db, settings, clock, vat_percent="20")
     before = invoke("audit", "--json").output, invoke("plan", "--json", "--at", AT).output

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.conftest import card_on_file
 from tests.e2e.commands import REPO, charging_env, command_runner, ok
+from tests.helpers import card_on_file
 
 AT = "2026-11-16T09:00:00Z"
 
@@ -78,3 +79,38 @@ def test_charging_without_a_key_is_a_config_error(run):
     result = run("cycle", "--once", RECHARGED_STRIPE_API_KEY="")
     assert result.returncode == 78
     assert "no Stripe API key" in result.stderr
+
+
+def test_cycle_at_a_simulated_time_records_the_real_time_so_a_killed_charge_is_recovered_once(
+    run, tmp_path, stripe_client, stripe_server
+):
+    """Issue 12: `cycle --once --at T` decides as of T, but what it records of real processor calls (the attempt's
+    start, the idempotency window) is on the real clock. A cycle at T+2 days, killed after the processor charged,
+    then a cycle at T+4 days: the payment is found by its key and credited once; nothing is charged twice."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    ok(run("db", "upgrade"))
+    created = (now - timedelta(days=60)).isoformat()
+    ok(run("accounts", "create", "skewed", "--email", "a@skewed.example", "--plan", "standard", "--vat-percent", "0",
+           "--created-at", created, "--opening-balance", "1.00"))  # fmt: skip
+    calls = tmp_path / "calls.csv"
+    rows = ["event_id,account_id,kind,started_at,duration_seconds,quantity,text,cost"]
+    rows += [f"c{d},skewed,dialer,{(now - timedelta(days=d)).isoformat()},18000,,," for d in range(1, 40)]
+    calls.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    ok(run("usage", "import", str(calls)))
+    card = card_on_file(stripe_client, "pm_card_visa")
+    ok(run("sources", "add", "skewed", "--customer", card.customer, "--payment-method", card.payment_method))
+    ok(run("auto-recharge", "skewed", "--enable"))
+
+    ahead = (now + timedelta(days=2)).isoformat()
+    killed = run("cycle", "--once", "--at", ahead, RECHARGED_CRASH_AT="after_response")
+    assert killed.returncode == -9, killed.stderr
+    assert len(stripe_server.payment_intents(status="succeeded")) == 1
+
+    later = ok(run("cycle", "--once", "--at", (now + timedelta(days=4)).isoformat()))
+    assert "recovered" in later
+    [paid] = stripe_server.payment_intents(status="succeeded")
+    assert len(stripe_server.payment_intents()) == 1  # never charged twice
+    shown = json.loads(ok(run("accounts", "show", "skewed", "--json")))
+    assert shown["balance"] != "1.00000"  # credited
+    assert "ledger OK" in ok(run("verify"))
+    assert paid["metadata"]["recharged_account"] == "skewed"

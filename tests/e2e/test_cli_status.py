@@ -15,8 +15,8 @@ import pytest
 from recharged.recharge import RechargeService
 from recharged.store.engine import Database
 from recharged.store.runs import finish_job_run, start_job_run
-from tests.conftest import add_account, busy_account
 from tests.e2e.commands import charging_env, command_runner, ok
+from tests.helpers import add_account, busy_account
 
 
 def free_port() -> int:
@@ -92,7 +92,9 @@ def test_status_of_a_quiet_install_exits_0_and_estimates_the_next_cycle(run, db_
     assert datetime.fromisoformat(status["next_cycle"]["at"]) == finished + timedelta(hours=4)
     assert f"no daemon answered at http://127.0.0.1:{run.port}/healthz" in status["next_cycle"]["note"]
     table = ok(run("status"))
-    assert "3 charged" in table and "estimate" in table and "nothing needs attention" in table
+    assert "3 charged" in table
+    assert "estimate" in table
+    assert "nothing needs attention" in table
 
 
 def test_status_reads_the_next_cycle_from_the_running_daemon(run, healthz):
@@ -118,7 +120,8 @@ def test_status_reads_the_next_cycle_from_the_running_daemon(run, healthz):
 def test_status_exits_1_and_lists_what_needs_attention(run, charged):
     result = run("status")
     assert result.returncode == 1, result.stderr
-    assert "2 items need attention" in result.stdout and "lost_card" in result.stdout
+    assert "2 items need attention" in result.stdout
+    assert "lost_card" in result.stdout
     status = json.loads(run("status", "--json").stdout)
     assert status["needs_attention"] is True
     # birch's lost card, and the receipts and notices queued at the test's clock (hours ago) that nothing sent
@@ -133,7 +136,9 @@ def test_status_exits_1_and_lists_what_needs_attention(run, charged):
 def test_history_as_table_json_and_chart(run, charged, tmp_path):
     period = ("--since", "2026-11-20", "--until", "2026-11-22")
     table = ok(run("accounts", "history", "acme", *period))
-    assert "2026-11-22" in table and "finished" in table and "balance at the start of 2026-11-20" in table
+    assert "2026-11-22" in table
+    assert "finished" in table
+    assert "balance at the start of 2026-11-20" in table
     data = json.loads(ok(run("accounts", "history", "acme", *period, "--json")))
     assert [d["usage_total"] for d in data["days"]] == ["6.00000", "6.00000", "0.00000"]
     # 30 days of 6.00 from nothing, then on the 22nd the 181.00 seeded and the 84.00 recharge
@@ -163,7 +168,8 @@ def test_history_refuses_bad_arguments_clearly(run, db_url, settings, clock):
     ]:
         result = run("accounts", "history", *args)
         assert result.returncode == code, result.stderr + result.stdout
-        assert message in result.stderr and "Traceback" not in result.stderr
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_reconcile_exits_0_when_all_match_and_1_on_a_stray_charge(run, charged, stripe_server):
@@ -186,7 +192,9 @@ def test_reconcile_exits_0_when_all_match_and_1_on_a_stray_charge(run, charged, 
     result = run("reconcile", "--since", "2026-11-01")
     assert result.returncode == 1, result.stderr
     assert "2 matched one to one" in result.stdout
-    assert "charge_without_credit" in result.stdout and stray.id in result.stdout and "1 problem found" in result.stdout
+    assert "charge_without_credit" in result.stdout
+    assert stray.id in result.stdout
+    assert "1 problem found" in result.stdout
     bad = run("reconcile", "--since", "last tuesday")
     assert (bad.returncode, "is not a date" in bad.stderr) == (2, True)
     no_key = run("reconcile", RECHARGED_STRIPE_API_KEY="")

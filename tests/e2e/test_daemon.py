@@ -28,7 +28,7 @@ from recharged.store.engine import Database
 from recharged.store.models import Entry, Recharge
 from recharged.testing.stripe_server import StripeTestServer
 from recharged.verify import verify
-from tests.conftest import StripeBackend, add_account, call, card_on_file
+from tests.helpers import StripeBackend, add_account, call, card_on_file
 
 TOKEN = "e2e-token-0123456789abcdef"
 STRIPE_KEY = "sk_test_e2e"

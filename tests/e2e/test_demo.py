@@ -75,7 +75,8 @@ def test_each_account_gets_a_png_chart(demo: Demo) -> None:
     charts = sorted((demo.out / "charts").iterdir())
     assert [c.name for c in charts] == sorted(f"{account_id}.png" for account_id in HABITS)
     for chart in charts:
-        assert chart.read_bytes().startswith(PNG) and chart.stat().st_size > 10_000
+        assert chart.read_bytes().startswith(PNG)
+        assert chart.stat().st_size > 10_000
 
 
 def test_every_successful_charge_has_one_receipt_email(demo: Demo) -> None:
@@ -88,7 +89,8 @@ def test_every_successful_charge_has_one_receipt_email(demo: Demo) -> None:
 
 def test_the_declining_card_is_never_charged_and_the_customer_is_told(demo: Demo) -> None:
     account = demo.account("declining")
-    assert account["charges"] == 0 and account["declines"] >= 1
+    assert account["charges"] == 0
+    assert account["declines"] >= 1
     assert account["state"] in ("suspended", "backing_off")
     sent = [m["X-Recharged-Kind"] for m in demo.emails() if m["To"] == "billing@declining.example"]
     assert "payment_declined" in sent
@@ -97,7 +99,8 @@ def test_the_declining_card_is_never_charged_and_the_customer_is_told(demo: Demo
 
 def test_the_card_needing_authentication_ends_action_required(demo: Demo) -> None:
     account = demo.account("needs-auth")
-    assert account["charges"] == 0 and account["state"] == "action_required"
+    assert account["charges"] == 0
+    assert account["state"] == "action_required"
     sent = [m["X-Recharged-Kind"] for m in demo.emails() if m["To"] == "billing@needs-auth.example"]
     assert sent == ["action_required"]
 
@@ -108,7 +111,9 @@ def test_steady_accounts_are_recharged_again_and_again_and_never_run_out(demo: D
         assert account["charges"] > 1, account
         assert float(account["lowest_balance"]) > 0, account
         low, high = (float(days) for days in account["reserve_days"])
-        assert 5 <= low <= 7.5 and 19 <= high <= 23, account  # between about one and three weeks of usage
+        # between about one and three weeks of usage
+        assert 5 <= low <= 7.5, account
+        assert 19 <= high <= 23, account
 
 
 def test_the_demo_database_verifies_clean(demo: Demo) -> None:
@@ -140,7 +145,8 @@ def test_an_out_that_is_not_a_demo_is_refused_and_left_untouched(tmp_path: Path,
         target.write_text("precious")
     result = recharged("demo", "--out", str(target), cwd=tmp_path)
     assert result.returncode != 0
-    assert "error:" in result.stderr and str(target) in result.stderr
+    assert "error:" in result.stderr
+    assert str(target) in result.stderr
     assert "nothing was changed" in result.stderr or "is not a folder" in result.stderr
     if kind == "folder":
         assert [p.name for p in target.iterdir()] == ["notes.txt"]

@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from recharged.accounts import audit_trail, change_account, create_accounts, new_account, parse_actor
 from recharged.errors import ActorError, ConflictError, InputError, NotFoundError
 from recharged.store.models import Account, AuditRecord
-from tests.conftest import NOW
+from tests.helpers import NOW
 
 
 def fields(account_id="acme", **extra):

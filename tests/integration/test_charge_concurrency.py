@@ -21,11 +21,12 @@ from recharged.config import load_settings
 from recharged.money import to_minor_units
 from recharged.payments import StripeGateway
 from recharged.planning import plan_accounts
-from recharged.recharge import TERMINAL, RechargeService
+from recharged.recharge import RechargeService
+from recharged.states import CLOSED_PHASES
 from recharged.store.engine import Database
 from recharged.store.models import Account, Entry, Recharge
 from recharged.verify import verify
-from tests.conftest import busy_account
+from tests.helpers import busy_account
 
 ACTOR = "Jane Doe"
 WORKERS, ROUNDS, ACCOUNTS = 4, 3, 10
@@ -61,13 +62,14 @@ def accounts_due(db, settings, clock, stripe_client, round_: int) -> list[Due]:
 def _cycle_worker(url: str, at: str, api_base: str, start, results, worker: int) -> None:
     """Worker process: its own engine and clock; waits for the others, runs one cycle, reports what it did."""
     db = Database(url)
+    clock = FixedClock(datetime.fromisoformat(at))
 
     def gateway() -> StripeGateway:
         return StripeGateway(
-            "sk_test_recharged", api_base=api_base, timeout_seconds=30, max_retries=2, wait=wait_none()
+            "sk_test_recharged", api_base=api_base, timeout_seconds=30, max_retries=2, wait=wait_none(), now=clock.now
         )
 
-    service = RechargeService(db, load_settings(None, environ={}), gateway, FixedClock(datetime.fromisoformat(at)))
+    service = RechargeService(db, load_settings(None, environ={}), gateway, clock)
     start.wait(60)
     report = service.run_cycle()
     results.put((worker, [(r.account_id, r.recharge_id, r.phase) for r in report.charged], report.not_claimed))
@@ -136,7 +138,7 @@ def charged_twice_or_lost(db, server, due: list[Due]) -> list[str]:
                 found.append(summary)
         accounts = [d.account for d in due]
         still_open = list(
-            s.scalars(select(Recharge).where(Recharge.account_id.in_(accounts), Recharge.phase.not_in(TERMINAL)))
+            s.scalars(select(Recharge).where(Recharge.account_id.in_(accounts), Recharge.phase.not_in(CLOSED_PHASES)))
         )
     if still_open:
         found.append(f"left open: {[(r.id, r.account_id, r.phase, r.lease_until) for r in still_open]}")

@@ -13,7 +13,7 @@ from recharged.store.engine import Database
 from recharged.store.models import Account
 from recharged.usage import UsageRecorder
 from recharged.verify import verify
-from tests.conftest import NOW, add_account, call
+from tests.helpers import NOW, add_account, call
 
 ACCOUNTS = ["a1", "a2", "a3"]
 

@@ -31,11 +31,12 @@ from recharged.config import load_settings
 from recharged.money import to_minor_units
 from recharged.payments import StripeGateway
 from recharged.planning import plan_accounts
-from recharged.recharge import TERMINAL, RechargeService
+from recharged.recharge import RechargeService
+from recharged.states import CLOSED_PHASES
 from recharged.store.engine import Database
 from recharged.store.models import Account, Entry, Recharge
 from recharged.verify import verify
-from tests.conftest import NOW, busy_account
+from tests.helpers import NOW, busy_account
 
 ACTOR = "Jane Doe"
 CRASH_ENV = "RECHARGED_CRASH_AT"
@@ -108,13 +109,14 @@ def _charge_flow(url: str, at: str, api_base: str, crash_at: str | None) -> None
     if crash_at:
         os.environ[CRASH_ENV] = crash_at
     db = Database(url)  # never an engine inherited across fork
+    clock = FixedClock(datetime.fromisoformat(at))
 
     def gateway() -> StripeGateway:
         return StripeGateway(
-            "sk_test_recharged", api_base=api_base, timeout_seconds=30, max_retries=2, wait=wait_none()
+            "sk_test_recharged", api_base=api_base, timeout_seconds=30, max_retries=2, wait=wait_none(), now=clock.now
         )
 
-    RechargeService(db, load_settings(None, environ={}), gateway, FixedClock(datetime.fromisoformat(at))).run_cycle()
+    RechargeService(db, load_settings(None, environ={}), gateway, clock).run_cycle()
     db.close()
 
 
@@ -158,7 +160,7 @@ def kill_charge_flow(url: str, clock: FixedClock, server, point: str, nth: int, 
 
 def open_recharges(db) -> list[Recharge]:
     with db.transaction() as s:
-        return list(s.scalars(select(Recharge).where(Recharge.phase.not_in(TERMINAL)).order_by(Recharge.id)))
+        return list(s.scalars(select(Recharge).where(Recharge.phase.not_in(CLOSED_PHASES)).order_by(Recharge.id)))
 
 
 def recover_until_settled(db, settings, clock: FixedClock, gateway_factory, timeout: float = 20.0) -> int:
@@ -191,7 +193,7 @@ def exactly_once_violations(db, server, scenario: Scenario) -> list[str]:
             credits = list(s.scalars(select(Entry).where(Entry.account_id == account, Entry.entry_type == "recharge")))
             balance = s.get(Account, account).balance
             finished = [r for r in recharges if r.phase == "finished"]
-            still_open = [f"{r.id}:{r.phase}" for r in recharges if r.phase not in TERMINAL]
+            still_open = [f"{r.id}:{r.phase}" for r in recharges if r.phase not in CLOSED_PHASES]
             if still_open:
                 found.append(f"{tag}: recharges left open {still_open}")
             if len(intents) != 1 or len(finished) != 1:

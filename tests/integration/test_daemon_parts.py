@@ -12,10 +12,11 @@ import pytest
 from recharged.config import DaemonSettings, load_settings
 from recharged.daemon.jobs import JobRecorder, close_interrupted_runs
 from recharged.daemon.metrics import Metrics
-from recharged.daemon.process import Daemon, InstanceError, single_instance
+from recharged.daemon.process import Daemon, single_instance
 from recharged.daemon.scheduler import JobSpec, Scheduler, job_specs
+from recharged.errors import InstanceError
 from recharged.store.runs import finish_job_run, last_job_run, start_job_run
-from tests.conftest import NOW
+from tests.helpers import NOW
 
 HOUR = timedelta(hours=1)
 
@@ -51,7 +52,8 @@ def test_the_scheduler_reports_its_next_runs_reschedules_and_pauses():
         faster = job_specs(DaemonSettings(cycle_interval_hours=0.5, cycle_jitter_seconds=0), far, None)
         scheduler.reschedule(faster, ("cycle",))
         next_run = scheduler.next_run("cycle")
-        assert next_run is not None and next_run <= datetime.now(UTC) + timedelta(minutes=30, seconds=1)
+        assert next_run is not None
+        assert next_run <= datetime.now(UTC) + timedelta(minutes=30, seconds=1)
         scheduler.pause()
         assert not scheduler.running
     finally:
@@ -86,8 +88,11 @@ def test_job_runs_are_recorded_and_a_failing_job_is_recorded_as_failed(db, clock
     with db.transaction() as session:
         last = last_job_run(session, "cycle")
         good = last_job_run(session, "cycle", "succeeded")
-        assert last is not None and last.status == "failed" and last.error == "processor on fire"
-        assert good is not None and good.summary == {"charged": 3}
+        assert last is not None
+        assert last.status == "failed"
+        assert last.error == "processor on fire"
+        assert good is not None
+        assert good.summary == {"charged": 3}
     assert metrics.job_runs.labels("cycle", "failed")._value.get() == 1
 
 

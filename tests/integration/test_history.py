@@ -14,7 +14,7 @@ from recharged.history import account_history, parse_period
 from recharged.money import parse_amount
 from recharged.recharge import RechargeService
 from recharged.usage import UsageRecorder
-from tests.conftest import add_account, call, card_on_file
+from tests.helpers import add_account, call, card_on_file
 
 DAYS = [date(2026, 11, d) for d in range(17, 23)]
 

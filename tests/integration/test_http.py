@@ -31,9 +31,9 @@ from recharged.planning import plan_accounts
 from recharged.rating import longest_call, rate_time
 from recharged.store.models import Account, Entry
 from recharged.store.runs import finish_job_run, start_job_run
-from tests.conftest import API_TOKEN as TOKEN
-from tests.conftest import Api, add_account, busy_account, call
-from tests.conftest import api_auth as auth
+from tests.helpers import API_TOKEN as TOKEN
+from tests.helpers import Api, add_account, busy_account, call
+from tests.helpers import api_auth as auth
 
 # --- helpers ---------------------------------------------------------------------------------------------------
 
@@ -115,7 +115,8 @@ def test_each_event_is_answered_by_index_with_a_reason_when_rejected(acme: Api):
     assert "unknown kind 'fax'" in reasons[2]
     assert "started_at is missing" in reasons[3]
     assert "in the future" in reasons[5]
-    assert reasons[0] is None and reasons[6] is None
+    assert reasons[0] is None
+    assert reasons[6] is None
     assert before - balance(acme) == 2_000 + 2 * 790  # one minute of dialer + two SMS segments
 
 
@@ -225,7 +226,8 @@ def test_malformed_requests_get_a_clear_4xx_and_write_nothing(acme: Api):
         assert response.status_code == status, what
         assert response.headers["content-type"] == "application/json", what
         error = response.json()["error"]
-        assert error["status"] == status and error["message"], what
+        assert error["status"] == status, what
+        assert error["message"], what
     assert ledger(acme) == before
 
 
@@ -552,10 +554,12 @@ def test_healthz_is_health_json_with_every_check(api: Api):
     report = response.json()
     assert {"database:responseTime", "scheduler:running", "cycle:age", "payments:lastCall"} <= set(report["checks"])
     for name, entries in report["checks"].items():
-        assert entries and all(entry["status"] in ("pass", "warn", "fail") for entry in entries), name
+        assert entries, name
+        assert all(entry["status"] in ("pass", "warn", "fail") for entry in entries), name
     [database] = report["checks"]["database:responseTime"]
     assert database["status"] == "pass"
-    assert database["observedUnit"] == "ms" and database["observedValue"] >= 0
+    assert database["observedUnit"] == "ms"
+    assert database["observedValue"] >= 0
     [scheduler] = report["checks"]["scheduler:running"]
     assert (scheduler["status"], scheduler["observedValue"]) == ("fail", False)
     [cycle] = report["checks"]["cycle:age"]
@@ -648,7 +652,8 @@ def test_without_the_database_health_fails_and_the_api_answers_503(acme: Api):
         assert health.status_code == 503
         report = health.json()
         [database] = report["checks"]["database:responseTime"]
-        assert database["status"] == "fail" and database["output"]
+        assert database["status"] == "fail"
+        assert database["output"]
         [cycle] = report["checks"]["cycle:age"]
         assert (cycle["status"], cycle["output"]) == ("warn", "unknown: the database cannot be read")
         assert all(entry["status"] in ("warn", "fail") for entry in report["checks"].get("smtp:lastDelivery", []))
@@ -668,7 +673,8 @@ def test_metrics_are_prometheus_text_with_the_recharged_prefix(api: Api):
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=")
     families = {family.name: family for family in text_string_to_metric_families(response.text)}
-    assert families and all(name.startswith("recharged_") for name in families)
+    assert families
+    assert all(name.startswith("recharged_") for name in families)
     expected = {
         "recharged_cycles": "counter",
         "recharged_cycle_duration_seconds": "histogram",

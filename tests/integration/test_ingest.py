@@ -11,7 +11,7 @@ from recharged.store import ledger as db_module
 from recharged.store.models import Account, DailyUsage, Entry
 from recharged.usage import UsageRecorder
 from recharged.verify import verify
-from tests.conftest import add_account, call
+from tests.helpers import add_account, call
 
 
 def balance(db, account="acme") -> int:

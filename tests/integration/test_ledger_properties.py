@@ -18,7 +18,7 @@ from recharged.store.engine import Database
 from recharged.store.models import Account
 from recharged.usage import UsageRecorder
 from recharged.verify import verify
-from tests.conftest import NOW, add_account
+from tests.helpers import NOW, add_account
 
 SETTINGS = load_settings(None, environ={})
 RATES = SETTINGS.plans["standard"].rate_table()

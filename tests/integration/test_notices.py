@@ -16,8 +16,8 @@ from recharged.mail.templating import render
 from recharged.payments import CardInfo
 from recharged.planning import plan_accounts
 from recharged.recharge import RechargeService
-from recharged.store.models import AuditRecord, OutboxMessage
-from tests.conftest import add_account, busy_account, mail_settings
+from recharged.store.models import Account, AuditRecord, OutboxMessage
+from tests.helpers import add_account, busy_account, mail_settings
 
 ACTOR = "Jane Doe"
 CARD_NOTICES = ("settings_changed",)
@@ -46,9 +46,11 @@ def test_a_lost_card_is_a_generic_decline_and_says_the_backup_is_tried(db, mail,
     RechargeService(db, mail, gateway_factory, clock).run_cycle()
     [declined] = notices(db, "payment_declined")
     text = text_of(mail, declined)
-    assert declined.key.startswith("declined:attempt:") and declined.to_address == "billing@acme.example"
+    assert declined.key.startswith("declined:attempt:")
+    assert declined.to_address == "billing@acme.example"
     assert f"Reason: {GENERIC_DECLINE}" in text
-    assert "lost" not in text.lower() and "stolen" not in text.lower()
+    assert "lost" not in text.lower()
+    assert "stolen" not in text.lower()
     assert "we are trying your Visa card ending in 4242 now" in text
     assert [m.kind for m in notices(db, "receipt")] == ["receipt"]  # the backup paid: the receipt follows
 
@@ -74,18 +76,35 @@ def test_every_card_declined_says_when_we_try_again_then_that_it_is_paused(
 
 
 def test_a_card_that_needs_the_customer_says_what_to_do(db, mail, gateway_factory, clock, stripe_client):
-    busy_account(db, mail, clock, stripe_client, "pm_card_authenticationRequired", "pm_card_visa")
+    busy_account(db, mail, clock, stripe_client, "pm_card_authenticationRequired")
     RechargeService(db, mail, gateway_factory, clock).run_cycle()
     [notice] = notices(db, "action_required")
-    assert "authenticate the card with your bank, or give us another card" in text_of(mail, notice)
+    text = text_of(mail, notice)
+    assert "authenticate the card with your bank, or give us another card" in text
+    assert "What is paused: automatic recharge, until you do" in text
     assert notices(db, "payment_declined") == []
+
+
+def test_a_purchase_that_needs_authentication_pauses_nothing_and_says_so(
+    db, mail, gateway_factory, clock, stripe_client
+):
+    """Issue 11, defect 5: a top-up never pauses automatic recharge, silently or not; its notice says so."""
+    busy_account(db, mail, clock, stripe_client, "pm_card_authenticationRequired")
+    report = RechargeService(db, mail, gateway_factory, clock).topup("acme", 1_000_000, ACTOR)
+    assert report.phase == "failed"
+    assert "needs the customer to authenticate" in report.outcome  # what the caller is told
+    with db.transaction() as s:
+        assert s.get(Account, "acme").recharge_state == "ok"
+    [notice] = notices(db, "action_required")
+    assert "What is paused: nothing. This was a one-time purchase" in text_of(mail, notice)
 
 
 def test_a_declined_purchase_says_nothing_was_charged(db, mail, gateway_factory, clock, stripe_client):
     busy_account(db, mail, clock, stripe_client, "pm_card_chargeDeclined")
     RechargeService(db, mail, gateway_factory, clock).topup("acme", 1_000_000, ACTOR)
     [notice] = notices(db, "payment_declined")
-    assert "nothing was charged" in text_of(mail, notice) and "your purchase" in text_of(mail, notice)
+    assert "nothing was charged" in text_of(mail, notice)
+    assert "your purchase" in text_of(mail, notice)
 
 
 def test_low_balance_with_auto_recharge_off_is_told_once_per_episode(db, mail, clock):

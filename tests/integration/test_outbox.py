@@ -18,10 +18,11 @@ from sqlalchemy import select
 from tenacity import wait_none
 
 from recharged.clock import FixedClock
-from recharged.mail.outbox import OutboxSender, enqueue, outbox_health, outbox_problems, retry_failed
+from recharged.mail.admin import outbox_health, outbox_problems, retry_failed
+from recharged.mail.outbox import OutboxSender, enqueue
 from recharged.store.engine import Database
 from recharged.store.models import OutboxMessage
-from tests.conftest import add_account, mail_settings
+from tests.helpers import add_account, mail_settings
 from tests.smtp_server import SmtpTestServer
 
 FORK = multiprocessing.get_context("fork")  # the child talks SMTP to the server thread living in the parent
@@ -164,10 +165,12 @@ def test_an_unreachable_server_leaves_messages_pending_and_never_fails_them(db, 
     settings = mail_settings(tmp_path, gone)
     ids = queue(db, clock, 3)
     report = sender(db, settings, clock).send_pending()
-    assert report.error is not None and "mail server unreachable" in report.error
+    assert report.error is not None
+    assert "mail server unreachable" in report.error
     assert report.sent == report.failed == []
     assert [r.status for r in rows(db)] == ["pending"] * 3  # the run stopped after the first message
-    assert health(db)["pending"] == 3 and health(db)["last_outcome"].startswith("will retry: 127.0.0.1:")
+    assert health(db)["pending"] == 3
+    assert health(db)["last_outcome"].startswith("will retry: 127.0.0.1:")
     assert rows(db)[0].next_attempt_at == clock.now() + timedelta(minutes=1)
     assert len(ids) == 3
 
@@ -197,7 +200,8 @@ def test_two_senders_at_once_send_each_message_once(db, clock, account, smtp_ser
     for thread in threads:
         thread.join()
     assert sorted(reports[0].sent + reports[1].sent) == ids
-    assert set(smtp_server.message_ids().values()) == {1} and len(smtp_server.received) == 12
+    assert set(smtp_server.message_ids().values()) == {1}
+    assert len(smtp_server.received) == 12
 
 
 # --- TLS and login ----------------------------------------------------------------------------------------------
@@ -235,7 +239,8 @@ def test_login_over_starttls_or_implicit_tls(db, clock, account, tmp_path, certi
         [message_id] = queue(db, clock)
         report = sender(db, settings, clock, ssl_context=client_context).send_pending()
         assert report.sent == [message_id], report.error
-        assert server.logins == ["mailer"] and len(server.received) == 1
+        assert server.logins == ["mailer"]
+        assert len(server.received) == 1
 
 
 def test_a_wrong_password_keeps_the_message_pending(db, clock, account, tmp_path, certificate, monkeypatch):
@@ -246,7 +251,8 @@ def test_a_wrong_password_keeps_the_message_pending(db, clock, account, tmp_path
         queue(db, clock)
         report = sender(db, settings, clock, ssl_context=client_context).send_pending()
         assert "535" in (report.error or "")
-        assert rows(db)[0].status == "pending" and server.received == []
+        assert rows(db)[0].status == "pending"
+        assert server.received == []
 
 
 # --- kill -9 between claiming and recording ---------------------------------------------------------------------

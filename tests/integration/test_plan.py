@@ -9,7 +9,7 @@ from recharged.funding import add_source
 from recharged.payments import CardInfo
 from recharged.planning import plan_accounts
 from recharged.usage import UsageRecorder
-from tests.conftest import add_account, call
+from tests.helpers import add_account, call
 
 AT = datetime.fromisoformat("2026-11-22T12:00:00+00:00")  # window: 2026-10-23 00:00 .. 2026-11-22 00:00
 

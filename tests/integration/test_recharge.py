@@ -14,7 +14,7 @@ from recharged.planning import plan_accounts
 from recharged.recharge import RechargeService
 from recharged.store.models import Account, Entry, FundingSource, Recharge
 from recharged.verify import verify
-from tests.conftest import busy_account, card_on_file
+from tests.helpers import busy_account, card_on_file
 
 ACTOR = "Jane Doe"
 
@@ -116,14 +116,31 @@ def test_all_sources_declining_backs_off_then_suspends(db, settings, service, cl
     assert succeeded(stripe_client) == []
 
 
-def test_authentication_required_is_never_retried(db, settings, service, clock, stripe_client):
+def test_a_card_that_needs_authentication_is_set_aside_and_the_backup_pays(db, settings, service, clock, stripe_client):
+    """Issue 11, defect 5: the card that needs the customer is set aside for this recharge, the backup is tried,
+    and nothing is paused: the account stays ok and the card stays usable."""
     busy_account(db, settings, clock, stripe_client, "pm_card_authenticationRequired", "pm_card_visa")
+    [charged] = service.run_cycle().charged
+    assert charged.phase == "finished"
+    assert charged.source == "visa ...4242"
+    assert account_row(db).recharge_state == "ok"
+    with db.transaction() as s:
+        assert [src.unusable_reason for src in s.scalars(select(FundingSource).order_by(FundingSource.id))] == [
+            None,
+            None,
+        ]
+    assert len(stripe_client.intents()) == 2
+    assert len(succeeded(stripe_client)) == 1
+
+
+def test_authentication_with_no_other_card_pauses_only_automatic_recharge(db, settings, service, clock, stripe_client):
+    busy_account(db, settings, clock, stripe_client, "pm_card_authenticationRequired")
     [charged] = service.run_cycle().charged
     assert charged.phase == "failed"
     assert "authenticate" in charged.outcome
     assert account_row(db).recharge_state == "action_required"
     assert next(plan_accounts(db, settings, clock.now())).decision.reason == "action_required"
-    assert len(stripe_client.intents()) == 1  # the backup was not tried: the customer must act
+    assert len(stripe_client.intents()) == 1  # never retried until the customer acts
     add_source(
         db, "acme", card_on_file(stripe_client, "pm_card_mastercard"), actor=ACTOR, clock=clock, make_default=True
     )

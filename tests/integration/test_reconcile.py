@@ -12,7 +12,7 @@ from recharged.recharge import RechargeService
 from recharged.reconcile import reconcile
 from recharged.store.ledger import post_entry
 from recharged.store.models import Entry, FundingSource, Recharge
-from tests.conftest import busy_account
+from tests.helpers import busy_account
 
 MONTH = timedelta(days=30)
 
@@ -69,7 +69,8 @@ def test_a_charge_made_outside_recharged_is_a_charge_without_credit(charged, db,
     report = run(db, gateway_factory, clock)
     [problem] = report.problems
     assert (problem.kind, problem.payment_intent, problem.account) == ("charge_without_credit", stray.id, "birch")
-    assert "5000 USD minor units" in problem.detail and "recharge 999" in problem.detail
+    assert "5000 USD minor units" in problem.detail
+    assert "recharge 999" in problem.detail
     assert report.matched == 2
 
 
@@ -105,7 +106,8 @@ def test_tampered_amounts_currencies_and_accounts_are_reported(charged, db, gate
         (True, "currency_mismatch"),  # charged in USD, the recharge says EUR
     ]
     details = " | ".join(p.detail for p in report.problems)
-    assert "charged 10080 USD minor units, but recharge" in details and "100.81000 EUR" in details
+    assert "charged 10080 USD minor units, but recharge" in details
+    assert "100.81000 EUR" in details
     assert "credited 83.00000, but recharge" in details
     assert "names account birch, but account acme was credited" in details
     assert report.matched == 0

@@ -20,7 +20,7 @@ from recharged.mail.templating import render
 from recharged.recharge import RechargeService
 from recharged.store.models import Entry, OutboxMessage, Statement
 from recharged.usage import UsageRecorder
-from tests.conftest import add_account, busy_account, call, mail_settings
+from tests.helpers import add_account, busy_account, call, mail_settings
 
 DEC_1 = datetime(2026, 12, 1, 6, 0, tzinfo=UTC)
 NOVEMBER = date(2026, 11, 1)

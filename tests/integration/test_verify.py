@@ -9,7 +9,7 @@ from sqlalchemy import select, text, update
 from recharged.recharge import RechargeService
 from recharged.store.models import Account, ChargeAttempt, Recharge
 from recharged.verify import verify
-from tests.conftest import busy_account
+from tests.helpers import busy_account
 
 
 @pytest.fixture

@@ -1,6 +1,11 @@
 """POST /v1/webhooks/stripe through FastAPI's TestClient, on SQLite and PostgreSQL, with the real Stripe SDK
 against the local Stripe-compatible server.
 
+A signed event is stored in the inbox and answered `stored` at once; the daemon handles it off the request path
+(`Api.settle_events` waits for that), and the event's row says what became of it. The answers and metrics below
+were the outcome of the handling itself before the inbox existed: those are now read from the event's row and
+from `recharged_events_total`.
+
 Events are signed the way Stripe signs them: `Stripe-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of
 "<t>.<body>" with the endpoint secret>`. Stripe's SDK checks the timestamp against the system clock, not the
 daemon's, so the signing times here are real ones. A recharge "left half-way by a crash" is made by dropping the
@@ -24,8 +29,8 @@ from sqlalchemy import func, select
 
 from recharged.daemon.webhooks import PAYMENT_INTENT_EVENTS
 from recharged.recharge import RechargeService
-from recharged.store.models import Account, Entry, Recharge, WebhookEvent
-from tests.conftest import WEBHOOK_SECRET, Api, busy_account, card_on_file
+from recharged.store.models import Account, Entry, ProcessorEvent, Recharge
+from tests.helpers import WEBHOOK_SECRET, Api, busy_account, card_on_file
 
 # --- helpers ---------------------------------------------------------------------------------------------------
 
@@ -62,7 +67,7 @@ def balance(api: Api, account: str = "acme") -> int:
 
 def events_recorded(api: Api) -> int:
     with api.db.transaction() as s:
-        return s.scalar(select(func.count()).select_from(WebhookEvent))
+        return s.scalar(select(func.count()).select_from(ProcessorEvent))
 
 
 def phase(api: Api, recharge_id: int) -> str:
@@ -190,7 +195,9 @@ def test_an_event_finishes_a_recharge_left_charging_and_a_redelivery_changes_not
 
     first = deliver(api, stripe_event("evt_paid", intent))
     assert first.status_code == 200
-    assert first.json() == {"received": True, "event": "evt_paid", "outcome": "finished"}
+    assert first.json() == {"received": True, "event": "evt_paid", "outcome": "stored"}  # was: "finished"
+    api.settle_events()
+    assert api.event_row("evt_paid").outcome == f"recharge {recharge_id} finished (payment succeeded)"
     assert phase(api, recharge_id) == "finished"
     assert credits(api) == [(intent["id"], NET)]
     assert balance(api) == BEFORE + NET
@@ -198,12 +205,15 @@ def test_an_event_finishes_a_recharge_left_charging_and_a_redelivery_changes_not
     again = deliver(api, stripe_event("evt_paid", intent))
     assert again.json()["outcome"] == "duplicate"
     late = deliver(api, stripe_event("evt_processing", intent, "payment_intent.processing"))  # out of order
-    assert late.json()["outcome"] == "finished"
+    assert late.json()["outcome"] == "stored"  # was: "finished"
+    api.settle_events()
+    assert api.event_row("evt_processing").outcome == f"recharge {recharge_id} finished (payment succeeded)"
     assert api.daemon.runtime().recharges.recover() == []  # the completer finds nothing left to do
     assert credits(api) == [(intent["id"], NET)]
     assert balance(api) == BEFORE + NET
     assert len(stripe_client.intents(status="succeeded")) == 1
-    assert api.metric("recharged_webhooks_total", outcome="handled") == 2
+    assert api.metric("recharged_events_total", outcome="handled") == 2  # was: recharged_webhooks_total "handled"
+    assert api.metric("recharged_webhooks_total", outcome="stored") == 2
     assert api.metric("recharged_webhooks_total", outcome="duplicate") == 1
     assert api.metric("recharged_credited_amount_total", currency="USD", kind="auto") == 84.0
     assert api.metric("recharged_charges_total", outcome="succeeded") == 1
@@ -216,7 +226,9 @@ def test_an_event_after_the_completer_finished_the_recharge_credits_nothing_more
     [recovered] = api.daemon.runtime().recharges.recover()
     assert recovered.phase == "finished"
     response = deliver(api, stripe_event("evt_paid", intent))
-    assert (response.status_code, response.json()["outcome"]) == (200, "finished")
+    assert (response.status_code, response.json()["outcome"]) == (200, "stored")  # was: "finished"
+    api.settle_events()
+    assert api.event_row("evt_paid").outcome.endswith("finished (payment succeeded)")
     assert credits(api) == [(intent["id"], NET)]
     assert balance(api) == BEFORE + NET
 
@@ -235,10 +247,12 @@ def test_the_webhook_and_the_completer_at_the_same_time_credit_once(api: Api, st
     thread.start()
     start.wait()
     response = deliver(api, stripe_event("evt_paid", intent))
-    thread.join()
     assert response.status_code == 200
+    api.settle_events()
+    thread.join()
     # Whichever got the recharge's lease finished it; the other saw it somewhere on the way.
-    assert response.json()["outcome"] in ("charging", "waiting", "paid", "credited", "finished")
+    outcome = api.event_row("evt_paid").outcome  # was: the answer's outcome
+    assert outcome.split()[2] in ("claimed", "charging", "paid", "credited", "finished"), outcome
     assert phase(api, recharge_id) == "finished"
     assert credits(api) == [(intent["id"], NET)]
     assert balance(api) == BEFORE + NET
@@ -250,7 +264,9 @@ def test_an_event_that_says_succeeded_for_a_declined_payment_credits_nothing(api
     lie = {**intent, "status": "succeeded", "amount_received": intent["amount"]}
     response = deliver(api, stripe_event("evt_lie", lie))
     assert response.status_code == 200
-    assert response.json()["outcome"] == "failed"  # re-fetched: declined, and no other card to try
+    api.settle_events()
+    # re-fetched: declined, and no other card to try (was: the answer's outcome "failed")
+    assert api.event_row("evt_lie").outcome.startswith(f"recharge {recharge_id} failed")
     assert phase(api, recharge_id) == "failed"
     assert credits(api) == []
     assert balance(api) == BEFORE
@@ -273,9 +289,11 @@ def test_events_about_payments_that_are_not_ours_are_acknowledged_as_not_ours(ap
     )
     response = deliver(api, stripe_event("evt_theirs", theirs.to_dict()))
     assert response.status_code == 200
-    assert response.json() == {"received": True, "event": "evt_theirs", "outcome": "not_ours"}
+    assert response.json() == {"received": True, "event": "evt_theirs", "outcome": "stored"}  # was: "not_ours"
+    api.settle_events()
+    assert api.event_row("evt_theirs").outcome == f"payment {theirs.id} is not one of our recharges"
     assert deliver(api, stripe_event("evt_theirs", theirs.to_dict())).json()["outcome"] == "duplicate"
-    assert api.metric("recharged_webhooks_total", outcome="not_ours") == 1
+    assert api.metric("recharged_events_total", outcome="not_ours") == 1  # was: recharged_webhooks_total
 
 
 def test_odd_but_signed_payment_intent_events_are_never_a_500(api: Api, stripe_client, gateway_factory):
@@ -297,7 +315,13 @@ def test_odd_but_signed_payment_intent_events_are_never_a_500(api: Api, stripe_c
         event["data"] = obj if what == "data a list" else {"object": obj}
         response = deliver(api, event)
         assert response.status_code == 200, what
-        assert response.json()["outcome"] in ("ignored", "not_ours"), what
+        assert response.json()["outcome"] in ("ignored", "stored"), what  # was: ("ignored", "not_ours")
+    api.settle_events()
+    with api.db.reading() as s:
+        rows = list(s.scalars(select(ProcessorEvent)))
+    assert len(rows) == len(odd)
+    assert all(r.status == "ignored" or r.outcome.startswith(("payment ", "pi_")) for r in rows), rows
+    assert api.metric("recharged_events_total", outcome="failed") == 0
     assert credits(api) == []
     assert phase(api, recharge_id) == "charging"  # none of them was about this recharge
 

@@ -107,11 +107,14 @@ def test_not_toml_is_reported_with_the_file(tmp_path):
 def test_secret_comes_from_environment_before_credentials(tmp_path):
     (tmp_path / "stripe_api_key").write_text("sk_test_from_file\n")
     from_file = read_secret("stripe_api_key", {"CREDENTIALS_DIRECTORY": str(tmp_path)})
-    assert from_file is not None and from_file.value == "sk_test_from_file"
+    assert from_file is not None
+    assert from_file.value == "sk_test_from_file"
     both = {"CREDENTIALS_DIRECTORY": str(tmp_path), "RECHARGED_STRIPE_API_KEY": "sk_test_env"}
     secret = read_secret("stripe_api_key", both)
-    assert secret is not None and secret.value == "sk_test_env"
-    assert "sk_test" not in repr(secret) and "sk_test" not in str(secret)
+    assert secret is not None
+    assert secret.value == "sk_test_env"
+    assert "sk_test" not in repr(secret)
+    assert "sk_test" not in str(secret)
     assert read_secret("stripe_api_key", {}) is None
 
 

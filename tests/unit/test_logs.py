@@ -143,7 +143,8 @@ def test_redaction_by_key_and_in_nested_values() -> None:
         "cards": ["[card ****4242]", {"number": "[card ****4444]", "cvc": "[redacted]"}],
         "notes": ["key sk_live_[redacted]"],
     }
-    assert "hunter2" not in stream.getvalue() and "abc.def" not in stream.getvalue()
+    assert "hunter2" not in stream.getvalue()
+    assert "abc.def" not in stream.getvalue()
 
 
 def test_redaction_in_exception_text() -> None:
@@ -157,7 +158,8 @@ def test_redaction_in_exception_text() -> None:
     expected = "Stripe said no to sk_live_[redacted] for card [card ****4242], owner a***@example.com"
     assert line["error"] == f"ValueError: {expected}"
     assert line["exception"].splitlines()[-1] == f"ValueError: {expected}"
-    assert "abcdefgh" not in stream.getvalue() and "ann@" not in stream.getvalue()
+    assert "abcdefgh" not in stream.getvalue()
+    assert "ann@" not in stream.getvalue()
 
 
 def test_other_values_are_rendered_as_text_and_redacted() -> None:
@@ -224,7 +226,9 @@ def test_console_format_is_readable_and_redacted() -> None:
     configure(LoggingSettings(format="console"), stream=stream)
     structlog.get_logger("recharged.cli").info("account created", email="erin@example.com")
     rendered = stream.getvalue()
-    assert rendered.startswith("20") and "[info" in rendered and "account created" in rendered
+    assert rendered.startswith("20")
+    assert "[info" in rendered
+    assert "account created" in rendered
     assert "email=e***@example.com" in rendered
     with pytest.raises(json.JSONDecodeError):
         json.loads(rendered)

@@ -98,7 +98,7 @@ def test_cost_below_half_a_unit_rounds_down() -> None:
 
 
 def test_negative_duration_is_an_error() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="duration_seconds must not be negative"):
         billable_seconds(-1, PER_MINUTE)
 
 
@@ -112,7 +112,7 @@ def test_count_cost_is_exact_price_times_quantity() -> None:
 
 
 def test_negative_quantity_is_an_error() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="quantity must not be negative"):
         rate_count(-1, CountRate(price_per_unit=750))
 
 

@@ -107,9 +107,9 @@ def test_unreachable_socket_is_logged_once_and_never_raises(tmp_path: Path, monk
 
 
 def test_a_field_must_be_one_key_value_line() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not a KEY=VALUE notification field on one line"):
         notify("READY=1\nSTATUS=x")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not a KEY=VALUE notification field on one line"):
         notify("READY")
 
 

@@ -10,9 +10,10 @@ from email.policy import default
 import pytest
 
 from recharged.config import load_settings
+from recharged.errors import TemplateRenderError
+from recharged.mail.mime import build_message, message_id_for
 from recharged.mail.notices import GENERIC_DECLINE, customer_reason
-from recharged.mail.outbox import build_message, message_id_for
-from recharged.mail.templating import TEMPLATES, TemplateRenderError, environment, render, unit_price
+from recharged.mail.templating import TEMPLATES, environment, render, unit_price
 from recharged.store.models import OutboxMessage
 
 AT = "2026-11-22T12:00:00+00:00"
@@ -120,12 +121,17 @@ def test_every_template_renders_with_edge_values(name, currency):
     settings = settings_with(RECHARGED_BUSINESS__NAME=LONG)
     context = contexts(currency, account=HOSTILE.replace(" ", ""), email_="zoë@exämple.example")[name]
     rendered = render(settings, name, context)
-    assert rendered.subject and "\n" not in rendered.subject and len(rendered.subject) <= 250
-    assert "<script>" not in rendered.html and "&lt;script&gt;" in rendered.html  # autoescaped
+    assert rendered.subject
+    assert "\n" not in rendered.subject
+    assert len(rendered.subject) <= 250
+    assert "<script>" not in rendered.html
+    assert "&lt;script&gt;" in rendered.html
     assert "<script>" in rendered.text  # the text part is not HTML: shown as given
-    assert "Ünïcødé Téléphonie" in rendered.text and "Ünïcødé Téléphonie" in rendered.html
+    assert "Ünïcødé Téléphonie" in rendered.text
+    assert "Ünïcødé Téléphonie" in rendered.html
     if currency == "JPY" and name != "settings_changed":  # the one notice without an amount
-        assert "¥" in rendered.text and "¥1,000.00" not in rendered.text
+        assert "¥" in rendered.text
+        assert "¥1,000.00" not in rendered.text
 
 
 def test_receipt_shows_every_figure_rounded_to_the_minor_unit():
@@ -153,7 +159,8 @@ def test_receipt_shows_every_figure_rounded_to_the_minor_unit():
 def test_zero_vat_reads_none_and_a_topup_has_no_reason():
     rendered = render(settings_with(), "receipt", receipt_context(vat=0, vat_percent="0", kind="topup"))
     assert "VAT 0%                       none" in rendered.text
-    assert "One-time purchase" in rendered.text and "Why we charged you" not in rendered.text
+    assert "One-time purchase" in rendered.text
+    assert "Why we charged you" not in rendered.text
     assert "Total charged                $10.00" in rendered.text
 
 
@@ -175,7 +182,8 @@ def test_prices_per_minute_keep_their_precision():
 def test_a_copy_says_so_in_the_subject_and_body():
     rendered = render(settings_with(), "receipt", receipt_context() | {"copy": True})
     assert rendered.subject.startswith("[Copy] Receipt R-000042")
-    assert "COPY" in rendered.text and "Nothing was charged again" in rendered.html
+    assert "COPY" in rendered.text
+    assert "Nothing was charged again" in rendered.html
 
 
 def test_lost_stolen_and_fraud_declines_read_as_a_generic_decline():
@@ -217,7 +225,8 @@ def test_message_is_multipart_with_stable_message_id_and_encoded_headers():
     message_id, subject, raw = build_message(settings, row)
     assert message_id == "<recharged.receipt.R-000042@telephonie.example>"
     assert message_id == message_id_for("receipt:R-000042", "facturation@telephonie.example")
-    assert raw.isascii() and "\r\n" in raw  # 7-bit clean: headers RFC 2047, bodies quoted-printable
+    assert raw.isascii()
+    assert "\r\n" in raw
     parsed = email.message_from_string(raw, policy=default)
     assert parsed["Message-ID"] == message_id
     assert parsed["From"].addresses[0].display_name == "Société Générale de Téléphonie"
