@@ -70,7 +70,7 @@ def serve(conn: Any) -> None:
     """Run a StripeTestServer (no latency, no limit while seeding) and answer the parent's commands."""
     import logging
 
-    from recharged.testing.stripe_server import StripeTestServer
+    from recharged.testing import StripeTestServer
 
     logging.getLogger("recharged.testing.stripe_server").setLevel(logging.WARNING)
     server = StripeTestServer().start()

@@ -8,7 +8,8 @@ time, oldest first, each in its own error boundary: a worker claims the event (a
 handles it, and records the outcome (`handled`); when handling fails, the error and the next try's time are
 recorded on the row and the event stays pending (30 s, doubling up to 6 h), so one bad event never blocks the
 others. `recharged status` and /healthz show events that keep failing. The daemon runs this as a job and right
-after storing an event; `recharged events process` does it without the daemon.
+after storing an event; `recharged events process` does it without the daemon. `recharged events fetch` stores
+the processor's events of a period that the inbox lacks (after a restore from a backup).
 
 Never trusting the event. What an event says about amounts or states is never used: the object it names is read
 again from the processor, and the database is brought to what the processor says now. So events that arrive
@@ -107,7 +108,7 @@ _STRIPE_ID = re.compile(r"[\x21-\x7e]+")
 LEASE = timedelta(minutes=5)  # how long a worker holds an event while it is handled
 RETRY_FIRST = timedelta(seconds=30)  # after a failed attempt, doubling each time
 RETRY_MAX = timedelta(hours=6)
-ALERT_AFTER = 5  # failures in a row from which an event makes /healthz fail and is logged as an error
+ALERT_AFTER = 8  # failures in a row (about two hours of them) from which an event fails /healthz, logged as error
 WAITING_TOO_LONG = timedelta(minutes=10)  # pending and never tried for this long: nobody drains the inbox
 BATCH = 100
 
@@ -228,6 +229,17 @@ class EventService:
             return Stored(event_id, "duplicate")
         log.info("event.stored", event_id=event_id, type=event_type, object=object_id, pending=acted_on)
         return Stored(event_id, "stored" if acted_on else "ignored")
+
+    def fetch(self, since: datetime) -> list[Stored]:
+        """Ask the processor for its events since `since` and store those the inbox does not have (after a restore
+        from a backup, the events answered after it are not in the inbox, and the processor never sends them
+        again). They are then handled like any other."""
+        stored = []
+        for event in self.gateway.events_since(since):
+            if _stripe_id(event.get("id"), MAX_OBJECT_ID) is None or not isinstance(event.get("type"), str):
+                continue
+            stored.append(self.store(event))
+        return stored
 
     def process_pending(self, *, limit: int = 10_000, stop: threading.Event | None = None) -> DrainReport:
         """Handle the pending events that are due, oldest first, one at a time, until none is left (or `limit`

@@ -255,6 +255,11 @@ class PaymentGateway(Protocol):
         `recharged reconcile`: a refund of an older charge is found too)."""
         ...
 
+    def events_since(self, created_after: datetime) -> list[dict[str, Any]]:
+        """The processor's events created at or after `created_after`, oldest first, as plain dicts shaped as the
+        webhooks deliver them (Stripe keeps them 30 days): what a restored database's inbox may be missing."""
+        ...
+
 
 def classify(code: str | None, decline_code: str | None, advice_code: str | None) -> DeclineClass | Literal["action"]:
     """What a decline means: replace the card (hard), try later or elsewhere (soft), or the customer must act."""
@@ -680,6 +685,22 @@ class StripeGateway:
 
         found: tuple[list[RefundRecord], list[DisputeRecord]] = self._call("recent_reversals", page_through)
         return found
+
+    def events_since(self, created_after: datetime) -> list[dict[str, Any]]:
+        since = int(created_after.timestamp())
+
+        def page_through() -> list[dict[str, Any]]:
+            params: dict[str, Any] = {"created": {"gte": since}, "limit": 100}
+            found: list[dict[str, Any]] = []
+            while True:
+                page = self._client.v1.events.list(params=params)  # type: ignore[arg-type]
+                found += [event.to_dict() for event in page.data]
+                if not page.has_more or not page.data:
+                    return sorted(found, key=lambda e: (int(e.get("created") or 0), str(e.get("id"))))
+                params["starting_after"] = page.data[-1].id
+
+        events: list[dict[str, Any]] = self._call("events_since", page_through)
+        return events
 
     def _charge_record(self, charge: dict[str, Any]) -> ChargeRecord:
         """A charge (as a plain dict, its `refunds` list expanded or not) with every refund and dispute: the

@@ -47,6 +47,8 @@ from recharged.payments import ChargeRequest, PaymentGateway, PaymentResult, car
 from recharged.planning import plan_accounts, plans_in
 from recharged.states import AttemptStatus, DeclineClass, EntryType, Phase, RechargeKind, RechargeState
 from recharged.store.charging import (
+    abandoned_attempts,
+    accounts_with_open_recharge,
     attempts_of,
     candidate_sources,
     insert_recharge,
@@ -233,8 +235,8 @@ class RechargeService:
             plans_seen(plans)
         due = [p.account_id for p in plans if p.decision.action == "charge"]
         random.shuffle(due)
-        skewed = self.clock_skew_problem()
-        if skewed is not None and due:
+        skewed = self.clock_skew_problem() if due else None
+        if skewed is not None:
             log.error("cycle.clock_skew", problem=skewed)
             report.halted, report.left_for_next = skewed, due
             return report
@@ -342,6 +344,45 @@ class RechargeService:
             recharge = session.get(Recharge, recharge_id)
             if recharge is not None and recharge.recovery_failures:
                 recharge.recovery_failures, recharge.recover_after = 0, None
+
+    def reclaim(self, recharge_id: int) -> RechargeReport:
+        """A recharge that failed after its attempt was abandoned ("no payment found") while the processor does hold
+        a payment under that attempt's key (`reconcile` names it): mark it paid by that payment and credit it. The
+        same recharge, so the credit stays unique per PaymentIntent; nothing is charged."""
+        with self._db.reading() as session:
+            recharge = session.get(Recharge, recharge_id)
+            if recharge is None:
+                raise NotFoundError(f"no recharge {recharge_id}")
+            if recharge.phase != Phase.FAILED:
+                raise ConflictError(
+                    f"recharge {recharge_id} is {recharge.phase}, not failed: `recharged recover` finishes it"
+                )
+            abandoned = [
+                (a.id, a.idempotency_key, a.created_at, source.customer)
+                for a, source in abandoned_attempts(session, recharge_id)
+            ]
+        for attempt_id, key, started, customer in abandoned:
+            found = self.gateway.find(customer, key, started)
+            if found is None or found.outcome != AttemptStatus.SUCCEEDED:
+                continue
+            with self._db.transaction() as session:
+                recharge = self._lock(session, recharge_id)
+                if recharge.phase != Phase.FAILED:
+                    break  # another worker got there first
+                if recharge.account_id in accounts_with_open_recharge(session, [recharge.account_id]):
+                    raise ConflictError(
+                        f"account {recharge.account_id} has another recharge in progress; "
+                        f"reclaim {recharge_id} after it"
+                    )
+                attempt = session.get(ChargeAttempt, attempt_id)
+                assert attempt is not None
+                attempt.status, attempt.payment_intent = AttemptStatus.SUCCEEDED, found.payment_intent
+                recharge.phase, recharge.payment_intent = Phase.PAID, found.payment_intent
+                recharge.outcome = f"paid by {found.payment_intent}, found after the attempt was abandoned"
+                recharge.updated_at = self._clock.now()
+            log.warning("recharge.reclaimed", recharge=recharge_id, payment_intent=found.payment_intent)
+            return self.process(recharge_id, Phase.PAID)
+        return self.report(recharge_id)
 
     def clock_skew_problem(self) -> str | None:
         """Why no charge may start now because our clock is too far from the processor's, or None. Recovery looks
@@ -556,6 +597,12 @@ class RechargeService:
             self._release(recharge_id, f"processor refused the request: {exc}")
             raise
         crashpoint("after_response")
+        if result is None and (skewed := self.clock_skew_problem()) is not None:
+            # "No payment" is concluded only when the processor positively has none for the key; with our clock
+            # this far off its own, the lookup's window cannot be trusted: keep the recharge open and alert.
+            log.error("charge.lookup_untrusted", recharge=recharge_id, problem=skewed)
+            self._release(recharge_id, f"no payment found, but not concluded: {skewed}")
+            return None
         return self._settle(recharge_id, attempt_id, result)
 
     def _ask(

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from recharged.errors import PaymentError
+from recharged.errors import PaymentError, TransientPaymentError
 from recharged.money import MINOR_EXPONENT, Units, credit_reversed, format_ledger, from_minor_units, to_minor_units
-from recharged.payments import DisputeRecord, PaymentGateway, PaymentRecord, RefundRecord
+from recharged.payments import CustomerRecord, DisputeRecord, PaymentGateway, PaymentRecord, RefundRecord
 from recharged.states import REVERSAL_TYPES, EntryType, Phase
 from recharged.store.engine import Database
 from recharged.store.reads import (
@@ -41,6 +41,7 @@ from recharged.store.reads import (
     recharges_by_id,
     recharges_paid_by,
     reversals_for,
+    source_customers,
 )
 
 # Charges created this long before `since` are listed too, to match credits posted after `since` (a charge
@@ -67,6 +68,7 @@ class RechargeFacts:
     amount: Units  # to credit (net)
     total: Units  # to charge
     payment_intent: str | None = None  # recorded once paid
+    customer: str | None = None  # the processor's customer of the card it was charged on
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,12 +170,14 @@ def match(
     disputes: Iterable[DisputeRecord] = (),
     reversals: Sequence[Reversal] = (),
     customer_problems: Sequence[Problem] = (),
+    unlisted: Iterable[str] = (),
 ) -> ReconcileReport:
     """Match the processor's charges with the ledger's credits and our recharges, and the refunds and disputes
     with the ledger's reversals (pure). `recharges` are by PaymentIntent, `named` by id (those a payment's
     metadata names); `currencies` maps the credited accounts to their currency; charges created before `since`
     only serve to match credits. `customer_problems`: customers whose payments could not be listed or that the
-    processor deleted, found while listing."""
+    processor deleted, found while listing; the credits of payments of the `unlisted` customers are not
+    reported one by one (their customer's problem says they could not be checked)."""
     report = ReconcileReport(since, customers)
     report.problems += customer_problems
     by_intent: dict[str, list[Credit]] = {}
@@ -197,7 +201,11 @@ def match(
         report.matched += succeeded and bool(found) and not problems
         report.problems += problems
 
+    unchecked = set(unlisted)
     for pi, left in sorted(by_intent.items()):
+        paid = recharges.get(pi)
+        if paid is not None and paid.customer in unchecked:
+            continue
         for credit in left:
             if credit.occurred_at >= since:
                 report.problems.append(
@@ -420,25 +428,29 @@ def reconcile(db: Database, gateway: PaymentGateway, since: datetime) -> Reconci
         in_use = customers_in_use(session, since - SLACK)
     charges: dict[str, PaymentRecord] = {}
     customer_problems: list[Problem] = []
+    unlisted: set[str] = set()
+    window = f"{since - SLACK:%Y-%m-%d}"
     for customer in customers:
-        found = gateway.customer(customer)
-        if (found is None or found.deleted) and customer in in_use:
-            gone = "was deleted at the processor" if found else "is unknown to the processor"
-            customer_problems.append(
-                Problem(
-                    "customer_deleted",
-                    None,
-                    None,
-                    f"customer {customer} {gone}, but we hold a usable card of it or charged it since "
-                    f"{since - SLACK:%Y-%m-%d}: its cards cannot be charged and its payments may not be listed",
-                )
-            )
+        why = None
         try:
             charges.update((c.id, c) for c in gateway.list_payments(customer, since - SLACK))
-        except PaymentError as exc:  # not "no payments": they cannot be checked, and the admin must know
+        except (PaymentError, TransientPaymentError) as exc:  # not "no payments": the admin must know
+            unlisted.add(customer)
+            why = f"its payments cannot be listed ({exc}), so they are not checked"
+        if customer not in in_use:
+            continue  # no usable card of it, and not charged since: nothing of it to check
+        try:
+            found = gateway.customer(customer)
+        except (PaymentError, TransientPaymentError):
+            found = CustomerRecord(customer, deleted=False)  # cannot tell now; a listing failure is still reported
+        if found is None or found.deleted:
+            gone = "was deleted at the processor" if found else "is unknown to the processor"
+            detail = f"customer {customer} {gone}, but we hold a usable card of it or charged it since {window}"
             customer_problems.append(
-                Problem("customer_unlistable", None, None, f"customer {customer}: its payments cannot be listed: {exc}")
+                Problem("customer_deleted", None, None, f"{detail}; {why or 'its cards cannot be charged'}")
             )
+        elif why is not None:
+            customer_problems.append(Problem("customer_unlistable", None, None, f"customer {customer}: {why}"))
 
     refunds: dict[str, RefundRecord] = {}
     disputes: dict[str, DisputeRecord] = {}
@@ -480,10 +492,11 @@ def reconcile(db: Database, gateway: PaymentGateway, since: datetime) -> Reconci
         intents += [r.payment_intent for r in refunds.values() if r.payment_intent]
         intents += [d.payment_intent for d in disputes.values() if d.payment_intent]
         paid = recharges_paid_by(session, intents)
-        recharges = {pi: _facts(r) for pi, r in paid.items()}
+        customer_of = source_customers(session, [r.source_id for r in paid.values() if r.source_id is not None])
+        recharges = {pi: _facts(r, customer_of) for pi, r in paid.items()}
         hints = [c.metadata.get("recharged_recharge", "") for c in charges.values()]
         ids = [int(h) for h in hints if h.isascii() and h.isdigit() and len(h) <= 18]
-        named = {i: _facts(r) for i, r in recharges_by_id(session, ids).items()}
+        named = {i: _facts(r, {}) for i, r in recharges_by_id(session, ids).items()}
         currencies = account_currencies(session, sorted({c.account_id for c in credited}))
     return match(
         list(charges.values()),
@@ -497,8 +510,10 @@ def reconcile(db: Database, gateway: PaymentGateway, since: datetime) -> Reconci
         disputes=disputes.values(),
         reversals=entries,
         customer_problems=customer_problems,
+        unlisted=unlisted,
     )
 
 
-def _facts(r: Any) -> RechargeFacts:
-    return RechargeFacts(r.id, r.account_id, r.phase, r.currency, r.amount, r.total, r.payment_intent)
+def _facts(r: Any, customer_of: Mapping[int, str]) -> RechargeFacts:
+    customer = customer_of.get(r.source_id) if r.source_id is not None else None
+    return RechargeFacts(r.id, r.account_id, r.phase, r.currency, r.amount, r.total, r.payment_intent, customer)

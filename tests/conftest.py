@@ -27,7 +27,7 @@ from recharged.daemon.http import create_app
 from recharged.daemon.process import Daemon
 from recharged.payments import StripeGateway
 from recharged.store.engine import Database
-from recharged.testing.stripe_server import StripeTestServer
+from recharged.testing import StripeTestServer
 from tests.helpers import API_TOKEN, NOW, STRIPE_KEY_ENV, WEBHOOK_SECRET, Api, StripeBackend
 from tests.smtp_server import SmtpTestServer
 

@@ -3,7 +3,6 @@ these; tests import from here, never from a conftest."""
 
 from __future__ import annotations
 
-import copy
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -184,15 +183,8 @@ class AsleepDaemon(Daemon):
 
 
 def open_dispute(server, charge_id: str, reason: str = "fraudulent") -> dict:
-    """The cardholder disputes an existing charge now, with its funds withdrawn (`charge.dispute.created`, then
-    `charge.dispute.funds_withdrawn`). The Stripe-compatible server disputes a charge only as it is confirmed (the
-    dispute test cards) and has no public hook for a dispute that comes later, as a real one does: its own
-    internal step is used until it has one."""
-    hook = getattr(server, "open_dispute", None)
-    if hook is not None:
-        return hook(charge_id, reason=reason)
-    with server._lock:
-        return copy.deepcopy(server._open_dispute(server._charges[charge_id], reason, int(server.clock())))
+    """The cardholder disputes an existing charge now, with its funds withdrawn."""
+    return server.open_dispute(charge_id, reason=reason)
 
 
 # --- email (receipts, notices, statements) --------------------------------------------------------------------

@@ -127,9 +127,22 @@ def cycle(app: App, once: bool, at: datetime | None) -> None:
 
 
 @main.command("recover")
+@click.option(
+    "--recharge",
+    "recharge_id",
+    type=click.IntRange(1),
+    help="Credit this failed recharge whose abandoned attempt has a payment at the processor (`reconcile` names it).",
+)
 @pass_app
-def recover(app: App) -> None:
+def recover(app: App, recharge_id: int | None) -> None:
     """Finish every recharge left half-way (after a crash, a timeout or a lost connection), charging nothing twice."""
+    if recharge_id is not None:
+        report = app.recharges().reclaim(recharge_id)
+        _print_reports([report], "reclaimed")
+        if report.phase != "finished":
+            err.print(f"recharge {recharge_id}: no payment at the processor under its attempts; nothing credited")
+            sys.exit(1)
+        return
     reports = app.recharges().recover()
     _print_reports(reports, "recovered")
     if any(r.phase not in ("finished", "failed") for r in reports):
@@ -156,7 +169,7 @@ def _print_reports(reports: list[RechargeReport], title: str) -> None:
     out.print(table)
 
 
-def _parse_since(value: str) -> datetime:
+def parse_since(value: str) -> datetime:
     try:
         day = date.fromisoformat(value.strip())
     except ValueError:
@@ -185,7 +198,7 @@ def reconcile_command(app: App, since: str | None, as_json: bool) -> None:
     Exit status: 0 when everything matches, 1 when a problem is found (each is listed), 78 when the Stripe key
     or the configuration is missing or invalid.
     """
-    start = _parse_since(since) if since is not None else app.clock.now() - timedelta(days=30)
+    start = parse_since(since) if since is not None else app.clock.now() - timedelta(days=30)
     gateway = app.gateway()  # fail before reading anything when the key is missing
     report = reconcile(app.database(), gateway, start)
     if as_json:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 
 import click
 from rich.markup import escape
@@ -11,6 +12,7 @@ from rich.table import Table
 
 from recharged import events as events_service
 from recharged.cli.app import App, main, out, pass_app
+from recharged.cli.charging import parse_since
 from recharged.cli.render import utc
 from recharged.events import EventService
 from recharged.states import EventStatus
@@ -79,3 +81,21 @@ def events_process(app: App, event_ids: tuple[str, ...]) -> None:
     out.print(table)
     if any(p.outcome == "failed" for p in processed):
         sys.exit(1)
+
+
+@events_group.command("fetch")
+@click.option("--since", metavar="DATE", required=True, help="Events created from this UTC day (or ISO instant) on.")
+@pass_app
+def events_fetch(app: App, since: str) -> None:
+    """Ask Stripe for its events since DATE and keep those the inbox does not have: after a restore from a backup,
+    the events answered after the backup are not in the restored inbox and Stripe never sends them again (it
+    keeps events for 30 days). `recharged events process` (or the daemon) then handles them."""
+    start = parse_since(since)
+    service = EventService(app.database(), app.recharges(), app.clock)
+    counts = Counter(s.outcome for s in service.fetch(start))
+    out.print(
+        f"since {utc(start)}: {counts['stored']} new events stored, {counts['ignored']} of types recharged does not "
+        f"act on, {counts['duplicate']} already in the inbox"
+    )
+    if counts["stored"]:
+        out.print("`recharged events process` handles them (the daemon does on its own)")

@@ -96,9 +96,10 @@ def run(app: App) -> None:
 @pass_app
 def status_command(app: App, as_json: bool) -> None:
     """The daemon's last and next cycle, what it charged in the last 24 hours, and what needs attention:
-    accounts waiting on the customer (action_required), suspended or backing off, unusable cards, email not
-    delivered, recharges open longer than a lease. The next cycle is asked of the running daemon (/healthz at
-    [http] host:port); when none answers it is estimated from the last successful cycle.
+    accounts waiting on the customer (action_required), suspended, paused by a dispute or backing off, unusable
+    cards, email not delivered, recharges open longer than a lease, processor events that fail or wait. The
+    next cycle is asked of the running daemon (/healthz at [http] host:port); when none answers it is estimated
+    from the last successful cycle.
 
     \b
     Exit status: 0 when nothing needs attention, 1 when something does (it is listed), 69 when the database

@@ -41,7 +41,7 @@ from recharged.recharge import RechargeService
 from recharged.sms import count_segments
 from recharged.store.engine import Database
 from recharged.store.reads import account_activity, balances
-from recharged.testing.stripe_server import StripeTestServer
+from recharged.testing import StripeTestServer
 from recharged.usage import UsageRecorder
 from recharged.verify import Report, verify
 

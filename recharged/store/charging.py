@@ -188,3 +188,14 @@ def last_attempt_with(session: Session, recharge_id: int, status: AttemptStatus)
         .limit(1)
     )
     return session.scalars(query).one_or_none()
+
+
+def abandoned_attempts(session: Session, recharge_id: int) -> list[tuple[ChargeAttempt, FundingSource]]:
+    """The recharge's abandoned attempts with their cards, newest first."""
+    query = (
+        select(ChargeAttempt, FundingSource)
+        .join(FundingSource, FundingSource.id == ChargeAttempt.source_id)
+        .where(ChargeAttempt.recharge_id == recharge_id, ChargeAttempt.status == AttemptStatus.ABANDONED)
+        .order_by(ChargeAttempt.id.desc())
+    )
+    return [(attempt, source) for attempt, source in session.execute(query)]

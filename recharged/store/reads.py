@@ -181,6 +181,16 @@ def customers_in_use(session: Session, since: datetime) -> set[str]:
     return set(session.scalars(usable.union(charged)))
 
 
+def source_customers(session: Session, source_ids: Sequence[int]) -> dict[int, str]:
+    """The processor's customer of each of the given funding sources."""
+    wanted = sorted(set(source_ids))
+    found: dict[int, str] = {}
+    for i in range(0, len(wanted), _IN_CHUNK):
+        query = select(FundingSource.id, FundingSource.customer).where(FundingSource.id.in_(wanted[i : i + _IN_CHUNK]))
+        found.update((int(source), customer) for source, customer in session.execute(query))
+    return found
+
+
 def credits_for(session: Session, since: datetime, payment_intents: Sequence[str]) -> list[Entry]:
     """Ledger credits of charges (recharge and top-up entries) that occurred at or after `since`, and those of
     the given PaymentIntents whenever they occurred."""

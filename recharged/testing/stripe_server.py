@@ -221,7 +221,11 @@ _CURRENCIES = frozenset(
     "pyg qar ron rsd rub rwf sar sbd scr sek sgd shp sle sos srd std szl thb tjs tnd top try ttd twd tzs "
     "uah ugx uyu uzs vnd vuv wst xaf xcd xof xpf yer zar zmw".split()
 )
-_ZERO_DECIMAL = frozenset("bif clp djf gnf jpy kmf krw mga pyg rwf ugx vnd vuv xaf xof xpf".split())
+_ZERO_DECIMAL = frozenset("bif clp djf gnf jpy kmf krw mga pyg rwf vnd vuv xaf xof xpf".split())
+# docs.stripe.com/currencies: ISK and UGX "transitioned to zero-decimal currencies, but backward compatibility requires
+# you to represent [them] as a two-decimal value, where the decimal amount is always 00"; the three-decimal BHD, JOD,
+# KWD, OMR and TND "require the least-significant (last) digit to be 0". The amount must be a multiple of these.
+_AMOUNT_STEP = {"isk": 100, "ugx": 100, **dict.fromkeys("bhd jod kwd omr tnd".split(), 10)}
 # Stripe's minimum charge amounts, in minor units (https://docs.stripe.com/currencies#minimum-and-maximum-charge-amounts).
 _MINIMUM_AMOUNT = {
     "usd": 50, "aed": 200, "aud": 50, "bgn": 100, "brl": 50, "cad": 50, "chf": 50, "czk": 1500,
@@ -1872,6 +1876,13 @@ class StripeTestServer:
                 + ", ".join(sorted(_CURRENCIES)),
                 param="currency",
             )
+        step = _AMOUNT_STEP.get(currency, 1)
+        if amount % step:
+            raise _ApiError(
+                400,
+                f"Invalid amount: {currency.upper()} amounts must be a multiple of {step} (you sent {amount})",
+                param="amount",
+            )
         minimum = _MINIMUM_AMOUNT.get(currency, 1)
         if amount < minimum:
             raise _ApiError(
@@ -2920,6 +2931,16 @@ class StripeTestServer:
         """Stored disputes, oldest first."""
         with self._lock:
             return copy.deepcopy(list(self._disputes.values()))
+
+    def open_dispute(self, charge_id: str, *, reason: str = "fraudulent") -> JSON:
+        """The cardholder disputes an existing charge now, for its whole amount, and its funds are withdrawn
+        (``charge.dispute.created`` then ``charge.dispute.funds_withdrawn``), as a dispute that comes days after the
+        charge does. Returns the Dispute."""
+        with self._lock:
+            charge = self._charges.get(charge_id)
+            if charge is None:
+                raise KeyError(f"no charge {charge_id}")
+            return copy.deepcopy(self._open_dispute(charge, reason, int(self.clock())))
 
     def close_dispute(self, dispute_id: str, *, won: bool) -> JSON:
         """Test hook: the card network decides an open dispute. ``won`` reinstates the funds and the dispute fee

@@ -26,7 +26,7 @@ from recharged.clock import FixedClock
 from recharged.config import load_settings
 from recharged.store.engine import Database
 from recharged.store.models import Entry, Recharge
-from recharged.testing.stripe_server import StripeTestServer
+from recharged.testing import StripeTestServer
 from recharged.verify import verify
 from tests.helpers import StripeBackend, add_account, call, card_on_file
 

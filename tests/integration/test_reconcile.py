@@ -1,5 +1,6 @@
 """`reconcile`: the processor's PaymentIntents against the ledger's credits and our recharges, with real
-mismatches made at the Stripe-compatible server and in the database; on SQLite and PostgreSQL."""
+mismatches made at the Stripe-compatible server and in the database; on SQLite and PostgreSQL. Refunds and
+disputes against the ledger's reversals are in test_reversals.py."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
+from recharged.accounts import adjust_balance
 from recharged.recharge import RechargeService
 from recharged.reconcile import reconcile
 from recharged.store.ledger import post_entry
 from recharged.store.models import Entry, FundingSource, Recharge
+from recharged.verify import verify
 from tests.helpers import busy_account
 
 MONTH = timedelta(days=30)
@@ -141,3 +144,93 @@ def test_list_payments_pages_through_every_page(stripe_server, stripe_client, ga
     assert {(r.currency, r.status) for r in records} == {("USD", "succeeded")}
     assert records[0].metadata.keys() == {"n"}
     assert records[0].created.tzinfo is not None
+
+
+# --- after a restore (issue 11, defect 8) ------------------------------------------------------------------------
+
+
+def left_charging(db, settings, clock, stripe_client, gateway_factory) -> tuple[int, str]:
+    """acme's recharge was paid at the processor, but the database does not know it: the answer was lost, as in
+    a database restored from a backup taken while the payment was in flight. Returns the recharge and the
+    PaymentIntent."""
+    server = stripe_client.local()
+    busy_account(db, settings, clock, stripe_client, "pm_card_visa")
+    server.inject("drop_after_commit")
+    [report] = RechargeService(db, settings, lambda: gateway_factory(max_retries=0), clock).run_cycle().charged
+    assert report.phase == "charging"
+    [intent] = stripe_client.intents(status="succeeded")
+    return report.recharge_id, intent["id"]
+
+
+def test_after_a_restore_reconcile_names_the_recharge_recover_will_credit_and_recover_credits_it_once(
+    stripe_client, gateway_factory, db, settings, clock
+):
+    recharge_id, pi = left_charging(db, settings, clock, stripe_client, gateway_factory)
+    report = run(db, gateway_factory, clock)
+    [problem] = report.problems
+    assert (problem.kind, problem.payment_intent, problem.account) == ("recoverable", pi, "acme")
+    assert f"recharge {recharge_id} is still charging: `recharged recover` will credit it" in problem.detail
+    assert "adjust" not in problem.detail
+
+    [recovered] = RechargeService(db, settings, gateway_factory, clock).recover()
+    assert recovered.phase == "finished"
+    report = run(db, gateway_factory, clock)
+    assert report.ok, report.problems
+    assert report.credited == {"USD": 8_400_000}
+    assert verify(db).ok
+
+
+def test_an_adjustment_naming_a_payment_counts_as_its_credit_and_a_recovery_after_it_is_reported(
+    stripe_client, gateway_factory, db, settings, clock
+):
+    _, pi = left_charging(db, settings, clock, stripe_client, gateway_factory)
+    # What the old restore procedure had the admin do: credit the payment by hand, before recovering.
+    adjust_balance(db, "acme", 8_400_000, reason="paid before the restore", actor="Jane Doe", clock=clock, reference=pi)
+    [problem] = run(db, gateway_factory, clock).problems
+    assert (problem.kind, problem.account) == ("recoverable_and_adjusted", "acme")
+    assert "would credit it again" in problem.detail
+
+    RechargeService(db, settings, gateway_factory, clock).recover()  # the double credit, now visible
+    kinds = sorted(p.kind for p in run(db, gateway_factory, clock).problems)
+    assert kinds == ["credited_twice"]
+
+
+def test_an_adjustment_naming_a_payment_no_recharge_made_matches_it(charged, db, gateway_factory, clock):
+    with db.transaction() as s:
+        source = s.scalars(select(FundingSource).where(FundingSource.account_id == "birch")).one()
+    stray = charged.client.v1.payment_intents.create(
+        params={
+            "amount": 5000,
+            "currency": "usd",
+            "customer": source.customer,
+            "payment_method": source.payment_method,
+            "confirm": True,
+            "off_session": True,
+            "automatic_payment_methods": {"enabled": True, "allow_redirects": "never"},
+            "metadata": {"recharged_account": "birch"},
+        }
+    )
+    assert [p.kind for p in run(db, gateway_factory, clock).problems] == ["charge_without_credit"]
+    adjust_balance(db, "birch", 5_000_000, reason="paid by hand", actor="Jane Doe", clock=clock, reference=stray.id)
+    report = run(db, gateway_factory, clock)
+    assert report.ok, report.problems
+    assert report.matched == 3
+
+
+def test_a_customer_the_processor_deleted_or_cannot_list_is_a_problem_not_a_customer_that_paid_nothing(
+    charged, stripe_server, db, gateway_factory, clock
+):
+    with db.transaction() as s:
+        birch = s.scalars(select(FundingSource.customer).where(FundingSource.account_id == "birch")).one()
+    charged.client.v1.customers.delete(birch)
+    report = run(db, gateway_factory, clock)
+    [problem] = report.problems  # and not a credit without a charge: its payments could not be checked
+    assert (problem.kind, problem.payment_intent) == ("customer_deleted", None)
+    assert birch in problem.detail
+    assert "its payments cannot be listed" in problem.detail
+    assert report.as_json()["problems"][0]["payment_intent"] is None
+
+    stripe_server.inject("http_500", path_prefix="/v1/payment_intents", method="GET", times=None)
+    report = run(db, gateway_factory, clock)
+    assert sorted(p.kind for p in report.problems) == ["customer_deleted", "customer_unlistable"]
+    assert report.succeeded == 0  # neither customer is taken as one that paid nothing

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import CheckConstraint, inspect, text
 from sqlalchemy.exc import IntegrityError, StatementError
 
-from recharged.states import AttemptStatus, JobStatus, Phase, RechargeKind, RechargeState
+from recharged.states import AttemptStatus, EventStatus, JobStatus, Phase, RechargeKind, RechargeState
 from recharged.store.charging import insert_recharge
 from recharged.store.models import Account, Base, JobRun, StateText
 from recharged.store.runs import start_job_run
@@ -88,4 +88,5 @@ def test_the_models_state_columns_use_the_vocabulary():
     assert typed["recharges.phase"] is Phase
     assert typed["charge_attempts.status"] is AttemptStatus
     assert typed["accounts.recharge_state"] is RechargeState
-    assert len(typed) == 10
+    assert typed["processor_events.status"] is EventStatus
+    assert len(typed) == 11

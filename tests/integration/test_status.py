@@ -80,6 +80,7 @@ def daemon(db, clock) -> Iterator[tuple[FakeDaemon, dict]]:
         started_at=NOW - HOUR,
         cycle_interval=lambda: 4 * HOUR,
         cycle_grace=lambda: timedelta(minutes=35),
+        max_clock_skew=lambda: HOUR,
         scheduler_running=lambda: state["running"],
         next_cycle=lambda: NOW + 2 * HOUR,
         processor=LastCall(clock),

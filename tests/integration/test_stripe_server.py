@@ -17,7 +17,7 @@ import pytest
 import requests
 import stripe
 
-from recharged.testing.stripe_server import SANDBOX_RATE_LIMIT, StripeTestServer, decode_form
+from recharged.testing import SANDBOX_RATE_LIMIT, StripeTestServer, decode_form
 
 API_KEY = "sk_test_recharged"
 # Card-only PaymentIntents: on API version 2026-10-28.endive (pinned by stripe-python 16) `payment_method_types`
@@ -1550,3 +1550,22 @@ def test_rate_limit_counts_reads_and_writes_apart(server: StripeTestServer, clie
     server.rate_limit = None
     with StripeTestServer(rate_limit=SANDBOX_RATE_LIMIT) as sandbox:
         assert sandbox.rate_limit == 25
+
+
+@pytest.mark.parametrize(
+    ("currency", "refused", "accepted"), [("isk", 550, 500), ("ugx", 1050, 1000), ("kwd", 5125, 5130)]
+)
+def test_amounts_off_the_currency_step_are_refused_as_stripe_documents(
+    client: stripe.StripeClient, currency: str, refused: int, accepted: int
+) -> None:
+    """ISK and UGX are sent as two-decimal amounts whose decimals are always 00; three-decimal currencies need the
+    last digit 0 (docs.stripe.com/currencies, "Special cases" and three-decimal currencies)."""
+    customer = new_customer(client)
+    pm = client.v1.payment_methods.attach("pm_card_visa", params={"customer": customer.id})
+    params = {"currency": currency, "customer": customer.id, "payment_method": pm.id, "confirm": True}
+    with pytest.raises(stripe.InvalidRequestError, match="must be a multiple of"):
+        client.v1.payment_intents.create(params={**params, "amount": refused})
+    ok = client.v1.payment_intents.create(
+        params={**params, "amount": accepted, "allowed_payment_method_types": ["card"], "off_session": True}
+    )
+    assert ok.status == "succeeded"

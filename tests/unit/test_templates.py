@@ -69,6 +69,15 @@ def contexts(currency: str, account: str, email_: str) -> dict[str, dict]:
     """A context for every template."""
     base = {"account": {"id": account, "email": email_}, "currency": currency, "at": AT, "balance": 123_456}
     card = {"brand": "visa", "last4": "4242"}
+    payment = {
+        "reference": "pi_3Nabc",
+        "receipt": "R-000042",
+        "kind": "auto",
+        "total": 1_200_000,
+        "vat": 200_000,
+        "date": AT,
+        "card": card,
+    }
     return {
         "receipt": receipt_context(currency, account=account, email_=email_),
         "payment_declined": base
@@ -109,8 +118,30 @@ def contexts(currency: str, account: str, email_: str) -> dict[str, dict]:
             "usage_total": 2_491_700,
             "credits": [{"date": AT, "description": "Purchase, receipt R-000042", "amount": 1_000_000}],
             "credits_total": 1_000_000,
-            "closing": 3_508_300,
+            "reversals": [
+                {"date": AT, "description": "Refund to your card, receipt R-000042", "amount": -500_000},
+                {"date": AT, "description": LONG, "amount": -1},
+            ],
+            "reversals_total": -500_001,
+            "closing": 3_008_299,
             "rounding_note": "Amounts are shown rounded.",
+        },
+        "refund": base
+        | {
+            "payment": payment,
+            "refund": {"id": "re_1", "amount": 600_000, "balance_change": -500_000, "failed": False},
+        },
+        "dispute": base
+        | {
+            "payment": payment,
+            "dispute": {
+                "id": "du_1",
+                "movement": "withdrawn",
+                "amount": 1_200_000,
+                "balance_change": -1_000_000,
+                "reason": "the cardholder told the bank they did not make this payment",
+            },
+            "auto_recharge_paused": True,
         },
     }
 
@@ -238,3 +269,34 @@ def test_message_is_multipart_with_stable_message_id_and_encoded_headers():
     assert build_message(settings, row)[2].split("\r\n\r\n", 1)[1].count("R-000042") == raw.split("\r\n\r\n", 1)[
         1
     ].count("R-000042")
+
+
+def test_refund_and_dispute_notices_say_what_was_given_back_and_what_left_the_balance():
+    refund = contexts("USD", "acme", "a@b.example")["refund"]
+    rendered = render(settings_with(), "refund", refund)
+    assert rendered.subject == "Refund of $6.00 to your card"
+    assert "We refunded $6.00 of the payment pi_3Nabc (receipt R-000042), $12.00 charged" in rendered.text
+    assert "taken off the balance of account acme: $5.00 (the refund gives back the VAT" in rendered.text
+    returned = refund | {"refund": refund["refund"] | {"failed": True, "balance_change": 500_000}, "balance": -1}
+    rendered = render(settings_with(), "refund", returned)
+    assert rendered.subject == "Your refund of $6.00 was returned: $5.00 is back on your balance"
+    assert "It is below zero: top it up" in rendered.text
+
+    dispute = contexts("USD", "acme", "a@b.example")["dispute"]
+    rendered = render(settings_with(), "dispute", dispute)
+    assert rendered.subject == "Disputed payment of $12.00: automatic recharge paused"
+    assert "What is paused: automatic recharge" in rendered.text
+    won = dispute | {"dispute": dispute["dispute"] | {"movement": "reinstated", "balance_change": 1_000_000}}
+    rendered = render(settings_with(), "dispute", won)
+    assert rendered.subject == "Disputed payment of $12.00: $10.00 back on your balance"
+    assert "decided in our favour" in rendered.text
+    assert "stays paused until we turn it back on" in rendered.html
+
+
+def test_a_statement_lists_refunds_and_disputes_on_their_own_lines():
+    statement = contexts("USD", "acme", "a@b.example")["statement"]
+    text = render(settings_with(), "statement", statement).text
+    assert "Refunds and disputes" in text
+    assert "Refund to your card, receipt R-000042" in text
+    issued_before = {k: v for k, v in statement.items() if k not in ("reversals", "reversals_total")}
+    assert "Refunds and disputes" not in render(settings_with(), "statement", issued_before).text
