@@ -310,13 +310,14 @@ class RechargeService:
         with self._db.transaction() as session:
             ids = open_recharge_ids(session, now, idle_since=None if idle_for is None else now - idle_for)
         reports = []
-        for recharge_id in ids:  # each on its own: one broken recharge never stops the others, nor the cycle
+        for recharge_id, failures in ids:  # each on its own: one broken recharge never stops the others, nor the cycle
             try:
                 report = self.process(recharge_id)
             except Exception as exc:
                 reports.append(self._recovery_failed(recharge_id, exc))
                 continue
-            self._recovery_succeeded(recharge_id)
+            if failures:  # a write only for a recharge that had failed before
+                self._recovery_succeeded(recharge_id)
             reports.append(report)
         return reports
 

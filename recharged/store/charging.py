@@ -114,11 +114,12 @@ def candidate_sources(
     return list(session.scalars(query))
 
 
-def open_recharge_ids(session: Session, now: datetime, idle_since: datetime | None = None) -> list[int]:
+def open_recharge_ids(session: Session, now: datetime, idle_since: datetime | None = None) -> list[tuple[int, int]]:
     """Recharges left in an intermediate phase whose lease (if any) has run out and whose recovery is not backing
-    off after failures, oldest first; with `idle_since`, only those not changed since then."""
+    off after failures, oldest first, with how many times their recovery failed in a row; with `idle_since`, only
+    those not changed since then."""
     query = (
-        select(Recharge.id)
+        select(Recharge.id, Recharge.recovery_failures)
         .where(Recharge.phase.not_in(CLOSED_PHASES))
         .where((Recharge.lease_until.is_(None)) | (Recharge.lease_until < now))
         .where((Recharge.recover_after.is_(None)) | (Recharge.recover_after <= now))
@@ -126,7 +127,7 @@ def open_recharge_ids(session: Session, now: datetime, idle_since: datetime | No
     )
     if idle_since is not None:
         query = query.where(Recharge.updated_at < idle_since)
-    return list(session.scalars(query))
+    return [(recharge_id, int(failures)) for recharge_id, failures in session.execute(query)]
 
 
 def recharge_of_payment(session: Session, payment_intent: str, recharge_hint: str | None) -> int | None:
