@@ -8,7 +8,7 @@ DEMO_DIR := recharged-demo
 EXAMPLE_AT := 2026-11-16T09:00:00Z
 RUN := RECHARGED_DATABASE__URL=sqlite:///$(EXAMPLE_DIR)/recharged.db $(BIN)/recharged --config config.toml
 
-.PHONY: demo plan test test-stripe lint install clean
+.PHONY: demo plan test test-stripe soak lint install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ plan: $(BIN)/.installed
 	rm -rf $(EXAMPLE_DIR) && mkdir -p $(EXAMPLE_DIR)
 	$(RUN) db upgrade
 	$(RUN) accounts import examples/accounts.csv --actor "Example Admin"
-	$(RUN) usage import examples/usage.csv --rejects $(EXAMPLE_DIR)/usage.rejected.csv
+	$(RUN) usage import examples/usage.csv --rejects $(EXAMPLE_DIR)/usage.rejected.csv --accept-rejects
 	$(RUN) plan --at $(EXAMPLE_AT)
 	@echo "The database is $(EXAMPLE_DIR)/recharged.db; try: $(RUN) accounts show delta-startup --at $(EXAMPLE_AT)"
 
@@ -45,6 +45,15 @@ test: lint
 test-stripe: $(BIN)/.installed
 	@case "$$RECHARGED_TEST_STRIPE_KEY" in sk_test_*) ;; *) echo "set RECHARGED_TEST_STRIPE_KEY=sk_test_..." >&2; exit 2;; esac
 	$(BIN)/pytest -n 2 -q -m stripe
+
+# The model of the whole system (tests/model) on random examples, in batches of SOAK_EXAMPLES until SOAK_SECONDS have
+# passed, on SQLite and then on PostgreSQL when RECHARGED_TEST_POSTGRES_URL is set; `make test` runs a fixed seed.
+SOAK_SECONDS ?= 600
+SOAK_EXAMPLES ?= 20
+SOAK_STEPS ?= 50
+soak: $(BIN)/.installed
+	RECHARGED_MODEL_SOAK=1 RECHARGED_MODEL_SECONDS=$(SOAK_SECONDS) RECHARGED_MODEL_EXAMPLES=$(SOAK_EXAMPLES) \
+		RECHARGED_MODEL_STEPS=$(SOAK_STEPS) $(BIN)/pytest tests/model -p no:cacheprovider -q -s
 
 clean:
 	rm -rf $(EXAMPLE_DIR) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache

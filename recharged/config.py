@@ -23,10 +23,12 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
+    model_validator,
 )
 
-from recharged.balance import Policy
+from recharged.balance import AMOUNT_FIELDS, POLICY_FIELDS, Policy, contradictions
 from recharged.credentials import SECRET_NAMES, env_name
 from recharged.errors import ConfigError
 from recharged.money import PLACES, check_currency, parse_amount
@@ -69,35 +71,113 @@ class DatabaseSettings(_Section):
 
 class UsageSettings(_Section):
     future_tolerance_seconds: int = Field(300, ge=0, le=86_400)
+    # Older events are refused: a mistyped year would otherwise move the account's first usage back, and with it
+    # the days its average is divided by. The default covers the longest averaging window (366 days).
+    max_age_days: int = Field(400, ge=1, le=3_660)
     batch_size: int = Field(50_000, ge=1, le=100_000)
+
+
+class CurrencyPolicySettings(_Section):
+    """The recharge amounts of one currency: the floors, and the caps on what a card is charged (the amount plus
+    VAT). "off" lifts a cap."""
+
+    min_threshold: Money
+    min_recharge: Money
+    max_recharge: OptionalMoney
+    max_charged_per_day: OptionalMoney
+    max_charged_per_30_days: OptionalMoney
+
+
+class PlanPolicySettings(_Section):
+    """A plan's own recharge settings, in the plan's currency; each one left out comes from [recharge]."""
+
+    window_days: int | None = Field(None, ge=1, le=366)
+    threshold_days: int | None = Field(None, ge=1, le=366)
+    recharge_days: int | None = Field(None, ge=1, le=366)
+    min_threshold: Money | None = None
+    min_recharge: Money | None = None
+    max_recharge: Money | None = None
+    max_charged_per_day: Money | None = None
+    max_charged_per_30_days: Money | None = None
+
+    def overrides(self) -> dict[str, int | None]:
+        return {
+            name: _units(getattr(self, name)) if name in AMOUNT_FIELDS else getattr(self, name)
+            for name in POLICY_FIELDS
+        }
+
+
+def _dollars(
+    min_threshold: str, min_recharge: str, max_recharge: str, per_day: str, per_30_days: str
+) -> dict[str, Decimal]:
+    values = (min_threshold, min_recharge, max_recharge, per_day, per_30_days)
+    return dict(zip(AMOUNT_FIELDS, map(Decimal, values), strict=True))
+
+
+# The built-in amounts of the currencies most used; any other currency needs its own [recharge.currencies.XXX].
+# A table in config.toml replaces these key by key.
+STANDARD_CURRENCY_POLICIES: Mapping[str, Mapping[str, Decimal]] = {
+    **{code: _dollars("5", "10", "1000", "2000", "10000") for code in ("USD", "EUR", "GBP", "CAD", "AUD", "CHF")},
+    "JPY": _dollars("500", "1000", "100000", "200000", "1000000"),
+}
 
 
 class RechargeSettings(_Section):
     window_days: int = Field(30, ge=1, le=366)
-    threshold_days: int = Field(7, ge=0, le=366)
+    threshold_days: int = Field(7, ge=1, le=366)
     recharge_days: int = Field(14, ge=1, le=366)
-    min_threshold: Money = Decimal("5.00")
-    min_recharge: Money = Decimal("10.00")
-    max_recharge: OptionalMoney = Decimal("1000.00")
-    max_charged_per_day: OptionalMoney = Decimal("2000.00")
-    max_charged_per_30_days: OptionalMoney = Decimal("10000.00")
+    # Amounts per currency (see STANDARD_CURRENCY_POLICIES for the built-in ones).
+    currencies: dict[Currency, CurrencyPolicySettings] = Field(default_factory=dict)
 
-    def policy(self) -> Policy:
-        """The default recharge policy in Units."""
+    @model_validator(mode="before")
+    @classmethod
+    def _per_currency(cls, data: Any) -> Any:
+        """Amounts are per currency: bare ones are refused with where they go now; the built-in tables are merged
+        under the configured ones, key by key."""
+        if not isinstance(data, Mapping):
+            return data
+        bare = [name for name in AMOUNT_FIELDS if name in data]
+        if bare:
+            raise ValueError(
+                f"{', '.join(bare)}: recharge amounts are set per currency now; move them to a "
+                "[recharge.currencies.USD] table (one per currency you bill in)"
+            )
+        configured = data.get("currencies", {})
+        if not isinstance(configured, Mapping):
+            return data
+        merged: dict[str, Any] = {code: dict(values) for code, values in STANDARD_CURRENCY_POLICIES.items()}
+        for code, values in configured.items():
+            key = code.strip().upper() if isinstance(code, str) else code
+            base = merged.get(key, {})
+            merged[key] = {**base, **values} if isinstance(values, Mapping) else values
+        return {**data, "currencies": merged}
 
-        def units(value: Decimal | None) -> int | None:
-            return None if value is None else parse_amount(value)
-
-        return Policy(
+    def policy(self, currency: str, plan: PlanSettings | None = None) -> Policy:
+        """The recharge policy of `currency` in Units, with `plan`'s own settings over it; ConfigError when the
+        currency has no amounts configured."""
+        amounts = self.currencies.get(currency)
+        if amounts is None:
+            raise ConfigError(
+                f"no recharge amounts for {currency}: add a [recharge.currencies.{currency}] table "
+                f"({', '.join(AMOUNT_FIELDS)})"
+            )
+        policy = Policy(
             window_days=self.window_days,
             threshold_days=self.threshold_days,
             recharge_days=self.recharge_days,
-            min_threshold=parse_amount(self.min_threshold),
-            min_recharge=parse_amount(self.min_recharge),
-            max_recharge=units(self.max_recharge),
-            max_charged_per_day=units(self.max_charged_per_day),
-            max_charged_per_30_days=units(self.max_charged_per_30_days),
+            min_threshold=parse_amount(amounts.min_threshold),
+            min_recharge=parse_amount(amounts.min_recharge),
+            max_recharge=_units(amounts.max_recharge),
+            max_charged_per_day=_units(amounts.max_charged_per_day),
+            max_charged_per_30_days=_units(amounts.max_charged_per_30_days),
         )
+        if plan is not None and plan.recharge is not None:
+            policy = policy.overridden(plan.recharge.overrides())
+        return policy
+
+
+def _units(value: Decimal | None) -> int | None:
+    return None if value is None else parse_amount(value)
 
 
 class PaymentsSettings(_Section):
@@ -163,6 +243,8 @@ RateSettings = Annotated[TimeRateSettings | CountRateSettings, Field(discriminat
 class PlanSettings(_Section):
     currency: Currency
     rates: dict[KindName, RateSettings] = Field(min_length=1)
+    # The plan's own recharge settings over [recharge] and [recharge.currencies.<its currency>].
+    recharge: PlanPolicySettings | None = None
 
     def rate_table(self) -> dict[str, Rate]:
         return {kind: settings.rate() for kind, settings in self.rates.items()}
@@ -265,6 +347,10 @@ class SmtpSettings(_Section):
     timeout_seconds: float = Field(30.0, gt=0, le=300)
 
 
+ADMIN_NOTICE_DELAY_MINUTES = 10
+ADMIN_NOTICE_DELAY = timedelta(minutes=ADMIN_NOTICE_DELAY_MINUTES)  # the default, for services called without settings
+
+
 class OutboxSettings(_Section):
     """The transactional outbox: how receipts and notices are delivered, retried and given up on."""
 
@@ -286,6 +372,13 @@ class OutboxSettings(_Section):
     lease_seconds: int = Field(300, ge=30, le=3600)
     # How often the daemon delivers what is pending.
     send_interval_seconds: int = Field(60, ge=1, le=3600)
+    # A notice of an admin's change to an account is sent this long after the change; the account's further
+    # changes until then join that one message (0: each change is told on its own, at once).
+    admin_notice_delay_minutes: int = Field(ADMIN_NOTICE_DELAY_MINUTES, ge=0, le=24 * 60)
+
+    @property
+    def admin_notice_delay(self) -> timedelta:
+        return timedelta(minutes=self.admin_notice_delay_minutes)
 
 
 class LoggingSettings(_Section):
@@ -308,6 +401,43 @@ class Settings(_Section):
     smtp: SmtpSettings = SmtpSettings()
     outbox: OutboxSettings = OutboxSettings()
     logging: LoggingSettings = LoggingSettings()
+    _path: Path | None = PrivateAttr(default=None)  # the file these were read from (load_settings), not a setting
+
+    @property
+    def source(self) -> str:
+        """The configuration in use, as messages name it: its file (`--config other.toml`), else "the
+        configuration"."""
+        return "the configuration" if self._path is None else str(self._path)
+
+    def __eq__(self, other: object) -> bool:
+        """The same settings, whichever file they were read from."""
+        if not isinstance(other, Settings):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    def policy_of(self, plan: str) -> Policy:
+        """The recharge policy of a plan: [recharge], its currency's amounts, then the plan's own settings."""
+        settings = self.plans[plan]
+        return self.recharge.policy(settings.currency, settings)
+
+    def policy_problems(self) -> list[str]:
+        """Every plan whose currency has no recharge amounts, and every contradiction in the amounts in force
+        (each currency's, each plan's), as `key: problem`."""
+        problems = []
+        for code in sorted(self.recharge.currencies):
+            policy = self.recharge.policy(code)
+            problems += [f"recharge.currencies.{code}: {problem}" for problem in contradictions(policy, code)]
+        for name, plan in sorted(self.plans.items()):
+            if plan.currency not in self.recharge.currencies:
+                problems.append(
+                    f"plans.{name}: priced in {plan.currency}, which has no recharge amounts: add a "
+                    f"[recharge.currencies.{plan.currency}] table ({', '.join(AMOUNT_FIELDS)})"
+                )
+            elif plan.recharge is not None:
+                policy = self.policy_of(name)
+                own = f"plans.{name}.recharge (over recharge.currencies.{plan.currency})"
+                problems += [f"{own}: {problem}" for problem in contradictions(policy, plan.currency)]
+        return problems
 
 
 def default_config_path(environ: Mapping[str, str]) -> Path | None:
@@ -337,10 +467,52 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
 
     env_paths = _apply_environment(data, env)
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as exc:
         lines = [_describe_error(error, source, env_paths) for error in exc.errors()]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    problems = [f"{source}: {p}" for p in settings.policy_problems()]
+    url_source = env_paths.get(("database", "url"))
+    problems += [
+        f"{'environment ' + url_source if url_source else source}: database.url: {p}"
+        for p in database_url_problems(settings.database.url, from_environment=url_source is not None)
+    ]
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    settings._path = path
+    return settings
+
+
+SQLITE_FORMS = "sqlite:///relative/path.db or sqlite:////absolute/path.db"
+
+
+def database_url_problems(url: str, *, from_environment: bool) -> list[str]:
+    """What is wrong with a database URL, without connecting: only SQLite files and PostgreSQL are supported, and
+    a password may be written into the URL only in the environment (config.toml is not a place for secrets)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        if url.startswith("sqlite:"):
+            return [f"{url!r} is not a SQLite URL: write {SQLITE_FORMS}"]
+        return [f"{url!r} is not a URL: write {SQLITE_FORMS}, or postgresql://user@host/database"]
+    kind = scheme.split("+", 1)[0].lower()
+    if kind == "sqlite":
+        if not rest.startswith("/") or rest.strip("/") == "":
+            return [f"{url!r} names no database file: write {SQLITE_FORMS}"]
+        return []
+    if kind not in ("postgresql", "postgres"):
+        return [f"{scheme}:// is not supported: recharged runs on SQLite ({SQLITE_FORMS}) or PostgreSQL"]
+    authority = rest.split("/", 1)[0]
+    database = rest.split("/", 1)[1].split("?", 1)[0] if "/" in rest else ""
+    problems = []
+    if not database:
+        problems.append("the PostgreSQL URL names no database: write postgresql://user@host/database")
+    user_info = authority.rpartition("@")[0] if "@" in authority else ""
+    if ":" in user_info and not from_environment:
+        problems.append(
+            "a password in the URL in a config file: remove it, and give it in the environment "
+            "(RECHARGED_DATABASE__URL, PGPASSWORD) or a pgpass file (PGPASSFILE)"
+        )
+    return problems
 
 
 def _refuse_secrets(data: Mapping[str, Any], path: Path, prefix: str = "") -> None:
@@ -380,9 +552,9 @@ def _describe_error(error: Any, source: str, env_paths: Mapping[tuple[str, ...],
     loc = tuple(str(part) for part in error["loc"])
     # Drop the discriminator tag pydantic inserts for rate tables (rates.dialer.time.price -> rates.dialer.price).
     loc = tuple(p for i, p in enumerate(loc) if not (i >= 3 and loc[i - 2] == "rates" and p in ("time", "count")))
-    where = env_paths.get(loc, f"environment {env_paths[loc[:-1]]}" if loc[:-1] in env_paths else source)
-    if loc in env_paths:
-        where = f"environment {env_paths[loc]}"
+    # The variable that set this key, or the one key under it that a variable set (a misspelt section).
+    setters = [variable for path, variable in env_paths.items() if path[: len(loc)] == loc or loc[: len(path)] == path]
+    where = f"environment {', '.join(sorted(setters))}" if setters else source
     key = ".".join(loc) or "(top level)"
     message = error["msg"]
     if error["type"] == "extra_forbidden":
@@ -393,6 +565,10 @@ def _describe_error(error: Any, source: str, env_paths: Mapping[tuple[str, ...],
         return f"{where}: {key}: required setting is missing"
     if error["type"] == "union_tag_invalid":
         message = "measure must be 'time' (price per minute) or 'count' (price per unit)"
+    if loc and loc[-1] in AMOUNT_FIELDS[2:] and error["type"] == "decimal_parsing":
+        message = 'must be an amount such as 1000.00, or "off" for no cap'
+    elif loc and loc[-1] in AMOUNT_FIELDS and error["type"] == "decimal_parsing":
+        message = "must be an amount such as 10.00"
     value = error.get("input")
     shown = f"{value!r}" if not isinstance(value, dict) else "{...}"
     if isinstance(value, Decimal):

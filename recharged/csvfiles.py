@@ -4,24 +4,43 @@ rows numbered by their line in the file, ragged rows reported rather than guesse
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 from recharged.errors import InputError
+from recharged.words import plural
 
 Row = tuple[int, dict[str, str]]  # (line number, row)
 
 EXTRA = "\x00extra"
 
 
+class _CountingLines:
+    """A text file's lines, counting the bytes they took: `tell()` is disabled while the csv module iterates the
+    file, so progress is counted here instead (ASCII lines take one byte a character; others are encoded)."""
+
+    def __init__(self, handle: IO[str]) -> None:
+        self._lines = iter(handle)
+        self.bytes_read = 0
+
+    def __iter__(self) -> _CountingLines:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._lines)
+        self.bytes_read += len(line) if line.isascii() else len(line.encode("utf-8"))
+        return line
+
+
 @contextmanager
-def open_csv(path: Path) -> Iterator[tuple[csv.DictReader[str], Iterator[Row], IO[str]]]:
-    """Open a UTF-8 CSV (BOM allowed): its reader, its (line number, row) pairs, and the file (for progress).
-    See `shape_problem` for ragged rows."""
+def open_csv(path: Path) -> Iterator[tuple[csv.DictReader[str], Iterator[Row], Callable[[], int]]]:
+    """Open a UTF-8 CSV (BOM allowed): its reader, its (line number, row) pairs, and a function telling how many
+    bytes of the file the rows read so far took (for progress). See `shape_problem` for ragged rows."""
     with path.open("r", newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle, restkey=EXTRA)
+        lines = _CountingLines(handle)
+        reader = csv.DictReader(lines, restkey=EXTRA)
 
         def rows() -> Iterator[Row]:
             try:
@@ -35,13 +54,13 @@ def open_csv(path: Path) -> Iterator[tuple[csv.DictReader[str], Iterator[Row], I
             except csv.Error as exc:
                 raise InputError(f"{path}:{reader.line_num}: malformed CSV: {exc}") from None
 
-        yield reader, rows(), handle
+        yield reader, rows(), lambda: lines.bytes_read
 
 
 def shape_problem(row: dict[str, Any]) -> str | None:
     """Why a CSV row does not fit its header, if it does not."""
     if EXTRA in row:
-        return f"row has {len(row[EXTRA])} more fields than the header (quote fields that contain commas)"
+        return f"row has {plural(len(row[EXTRA]), 'more field')} than the header (quote fields that contain commas)"
     if None in row.values():
         return "row has fewer fields than the header"
     return None

@@ -8,9 +8,11 @@ RechargedError                 1  the base: something recharged refuses or canno
 │   └── SignatureError         2  a webhook body is not signed with our secret, or was signed too long ago
 ├── NotFoundError              3  an account (or other record) that was named does not exist
 ├── ConflictError              4  the request contradicts what is recorded (same id, different content)
+├── RejectedRowsError         65  an import recorded its good rows but rejected some (EX_DATAERR; --accept-rejects: 0)
 ├── DatabaseError             69  the database is missing, not migrated, or unreachable (EX_UNAVAILABLE)
 ├── InstanceError             75  another daemon already works on this SQLite database (EX_TEMPFAIL)
 ├── PaymentError               1  the processor refused a request, and not because of the card (key, bad request)
+│   └── NoSuchCardError        1  the processor holds no such card for that customer (a card we were given wrong)
 ├── TransientPaymentError      1  the processor could not be reached or asked us to slow down; outcome unknown
 │   └── ProcessorFault         1  a charge got a 5xx the processor may have stored against its key: look it up
 ├── RetryLater                 1  an event cannot be acted on yet (its payment is not credited yet): tried again later
@@ -64,6 +66,12 @@ class ConflictError(RechargedError):
     exit_code = 4
 
 
+class RejectedRowsError(RechargedError):
+    """An import recorded its good rows and rejected others: a cron job must notice the unbilled ones."""
+
+    exit_code = 65
+
+
 class DatabaseError(RechargedError):
     """The database cannot be used as it is (missing, not migrated, unreachable)."""
 
@@ -78,6 +86,11 @@ class InstanceError(RechargedError):
 
 class PaymentError(RechargedError):
     """A permanent processor problem that is not the card's: a missing or wrong key, a bad request."""
+
+
+class NoSuchCardError(PaymentError):
+    """The processor holds no card with that id for that customer (no such payment method, one attached to
+    another customer, or not a card): the id we were given is wrong, which is no fault of the card."""
 
 
 class TransientPaymentError(RechargedError):

@@ -554,8 +554,13 @@ def _make_unusable(session: Session, source: FundingSource, why: str, event_id: 
         before,
         {**describe(source), "event": event_id},
     )
-    notices.cards_changed(
-        session, record, "Card removed", notices.card_words(source), "can no longer be charged: please add a card"
+    notices.cards_changed(  # told at once, on its own: the customer must add a card
+        session,
+        record,
+        "Card removed",
+        notices.card_words(source),
+        "can no longer be charged: please add a card",
+        delay=None,
     )
     log.warning("source.removed_at_processor", account=source.account_id, source=source.id, why=why)
     return True

@@ -3,16 +3,18 @@ added. Every change is signed by an admin and audited like the other billing set
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from recharged.accounts import audit_change, load_account, parse_actor
+from recharged.cards import CardInfo, card_label
 from recharged.clock import Clock
+from recharged.config import ADMIN_NOTICE_DELAY
 from recharged.errors import ConflictError, InputError, NotFoundError
 from recharged.mail import notices
-from recharged.payments import CardInfo, card_label
 from recharged.states import RechargeState
 from recharged.store.engine import Database
 from recharged.store.models import Account, FundingSource
@@ -53,9 +55,18 @@ def _clear_action_required(account: Account) -> None:
 
 
 def add_source(
-    db: Database, account_id: str, card: CardInfo, *, actor: str, clock: Clock, make_default: bool = False
+    db: Database,
+    account_id: str,
+    card: CardInfo,
+    *,
+    actor: str,
+    clock: Clock,
+    make_default: bool = False,
+    notice_delay: timedelta = ADMIN_NOTICE_DELAY,
 ) -> FundingSource:
-    """Add a card (re-adding a removed or unusable one restores it). The first card becomes the default."""
+    """Add a card (re-adding a removed or unusable one restores it). The first card becomes the default. The
+    customer's notice waits `notice_delay` ([outbox] admin_notice_delay_minutes) for the account's next changes;
+    so do those of the functions below."""
     actor = parse_actor(actor)
     if not (1 <= card.exp_month <= 12) or len(card.last4) != 4 or not card.last4.isdigit():
         raise InputError(f"card details look wrong: {card_label(card)}")
@@ -83,11 +94,19 @@ def add_source(
         _clear_action_required(account)
         record = audit_change(session, account_id, actor, now, "source.added", before, describe(source))
         role = " (your default card)" if source.is_default else ""
-        notices.cards_changed(session, record, "Card added", "-", notices.card_words(source) + role)
+        notices.cards_changed(session, record, "Card added", "-", notices.card_words(source) + role, delay=notice_delay)
         return source
 
 
-def make_default(db: Database, account_id: str, source_id: int, *, actor: str, clock: Clock) -> None:
+def make_default(
+    db: Database,
+    account_id: str,
+    source_id: int,
+    *,
+    actor: str,
+    clock: Clock,
+    notice_delay: timedelta = ADMIN_NOTICE_DELAY,
+) -> None:
     actor = parse_actor(actor)
     now = clock.now()
     with db.transaction() as session:
@@ -109,10 +128,25 @@ def make_default(db: Database, account_id: str, source_id: int, *, actor: str, c
             {"default": previous.id if previous else None},
             {"default": source.id},
         )
-        notices.cards_changed(session, record, "Default card", notices.card_words(previous), notices.card_words(source))
+        notices.cards_changed(
+            session,
+            record,
+            "Default card",
+            notices.card_words(previous),
+            notices.card_words(source),
+            delay=notice_delay,
+        )
 
 
-def remove_source(db: Database, account_id: str, source_id: int, *, actor: str, clock: Clock) -> FundingSource | None:
+def remove_source(
+    db: Database,
+    account_id: str,
+    source_id: int,
+    *,
+    actor: str,
+    clock: Clock,
+    notice_delay: timedelta = ADMIN_NOTICE_DELAY,
+) -> FundingSource | None:
     """Remove a card; if it was the default, the first backup takes its place (returned)."""
     actor = parse_actor(actor)
     now = clock.now()
@@ -131,11 +165,21 @@ def remove_source(db: Database, account_id: str, source_id: int, *, actor: str, 
             session, account_id, actor, now, "source.removed", before, {"default": promoted.id if promoted else None}
         )
         now_default = f"; your default card is now {notices.card_words(promoted)}" if promoted else ""
-        notices.cards_changed(session, record, "Card removed", notices.card_words(source), "removed" + now_default)
+        notices.cards_changed(
+            session, record, "Card removed", notices.card_words(source), "removed" + now_default, delay=notice_delay
+        )
         return promoted
 
 
-def reactivate_source(db: Database, account_id: str, source_id: int, *, actor: str, clock: Clock) -> None:
+def reactivate_source(
+    db: Database,
+    account_id: str,
+    source_id: int,
+    *,
+    actor: str,
+    clock: Clock,
+    notice_delay: timedelta = ADMIN_NOTICE_DELAY,
+) -> None:
     """An admin says a card that was declined for good has been fixed (e.g. the bank lifted a block)."""
     actor = parse_actor(actor)
     now = clock.now()
@@ -149,7 +193,12 @@ def reactivate_source(db: Database, account_id: str, source_id: int, *, actor: s
         _clear_action_required(account)
         record = audit_change(session, account_id, actor, now, "source.reactivated", before, describe(source))
         notices.cards_changed(
-            session, record, "Card can be charged again", "paused after a decline", notices.card_words(source)
+            session,
+            record,
+            "Card can be charged again",
+            "paused after a decline",
+            notices.card_words(source),
+            delay=notice_delay,
         )
 
 

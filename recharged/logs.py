@@ -31,6 +31,12 @@ _SECRET_KEY = re.compile(
 _STRIPE_KEY = re.compile(r"(?<![A-Za-z0-9])((?:sk|rk)_(?:live|test)_|whsec_)[A-Za-z0-9*]{4,}")
 _CARD_CANDIDATE = re.compile(r"(?<!\d)(?:\d{13,19}|\d{4}(?:[ -]\d{3,6}){2,4})(?!\d)")
 _EMAIL = re.compile(r"(?<![\w.%+-])([\w%+-])[\w.%+-]*@((?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,})")
+# Identifiers shaped like addresses stay readable, so that ops can follow a message through the logs: the values
+# of keys naming a Message-ID, a Message-ID labelled as one in text ("Message-ID: <...>"), and the .eml files
+# named after Message-IDs. An address in angle brackets anywhere else (a mail server's "<ann@example.com>:
+# Recipient address rejected") is still an address.
+_IDENTIFIER_KEY = re.compile(r"message[_-]?id|msg[_-]?id", re.IGNORECASE)
+_MESSAGE_ID_LABEL = re.compile(r"message[-_ ]?id[\"']?\s*[:=]\s*[\"']?<$", re.IGNORECASE)
 
 
 def configure(settings: LoggingSettings, *, stream: TextIO | None = None) -> None:
@@ -103,18 +109,28 @@ def redact(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> Event
     return {key: _redact_value(key, value) for key, value in event_dict.items()}
 
 
-def redact_text(text: str) -> str:
-    """`text` with Stripe keys, card numbers (Luhn-valid runs of 13-19 digits) and email addresses masked."""
+def redact_text(text: str, *, addresses: bool = True) -> str:
+    """`text` with Stripe keys, card numbers (Luhn-valid runs of 13-19 digits) and email addresses masked, but not
+    Message-IDs or .eml file names; `addresses=False` masks no address (for a value that is an identifier)."""
     text = _STRIPE_KEY.sub(lambda m: m.group(1) + REDACTED, text)
     text = _CARD_CANDIDATE.sub(_mask_card, text)
-    return _EMAIL.sub(r"\1***@\2", text)
+    return _EMAIL.sub(_mask_address, text) if addresses else text
+
+
+def _mask_address(match: re.Match[str]) -> str:
+    domain = match.group(2)
+    if domain.lower().endswith(".eml"):  # a file named after a Message-ID: no address is at a domain .eml
+        return match.group(0)
+    if _MESSAGE_ID_LABEL.search(match.string, max(0, match.start() - 20), match.start()):
+        return match.group(0)
+    return f"{match.group(1)}***@{domain}"
 
 
 def _redact_value(key: object, value: Any) -> Any:
     if isinstance(key, str) and _SECRET_KEY.search(key) and value is not None:
         return REDACTED
     if isinstance(value, str):
-        return redact_text(value)
+        return redact_text(value, addresses=not (isinstance(key, str) and _IDENTIFIER_KEY.fullmatch(key)))
     if value is None or isinstance(value, bool | int | float):
         return value
     if isinstance(value, Mapping):
@@ -171,11 +187,15 @@ def _json_default(value: object) -> str:
 
 
 def _quiet_stripe() -> None:
-    """The stripe SDK logs request details at info and debug, and prints them when STRIPE_LOG is set: never."""
+    """The stripe SDK logs request details at info and debug, and prints them when STRIPE_LOG is set: never.
+    It reads STRIPE_LOG when it is imported; without it, a later import is quiet already and is not made now
+    (it takes a while, and most commands never talk to the processor)."""
+    logging.getLogger("stripe").setLevel(logging.WARNING)
+    if "stripe" not in sys.modules and not os.environ.get("STRIPE_LOG"):
+        return
     import stripe
     from stripe import _util
 
-    logging.getLogger("stripe").setLevel(logging.WARNING)
     stripe.log = None
     _util.STRIPE_LOG = None
 

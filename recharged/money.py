@@ -38,6 +38,17 @@ PLACES = 5
 _QUANTUM = Decimal(1).scaleb(-PLACES)
 MAX_UNITS = 2**63 - 1  # what a BIGINT column holds
 
+# The bounds of the ledger. Balances and amounts are BIGINT columns (signed 64-bit: about 92 trillion currency
+# units). Past that, SQLite silently turns the sum into a REAL (and later fails with "integer overflow") while
+# PostgreSQL refuses it, so recharged keeps far inside: one amount entering the ledger (an opening balance, an
+# adjustment, a top-up or recharge, a usage event's cost) is at most MAX_AMOUNT either way, and no balance is
+# ever allowed past MAX_BALANCE either way. 10 billion and 100 billion units of any currency are far beyond any
+# real prepaid account (even in VND or IDR, where a dollar is some 16,000-25,000 units), and beyond Stripe's
+# largest charge (99,999,999 in its integer amount) in every currency, while sums over many entries and many
+# balances (verify, status, the daily totals) still fit 64 bits: some 900 accounts at the limit do.
+MAX_AMOUNT: Units = 10**10 * SCALE  # 10,000,000,000.00000
+MAX_BALANCE: Units = 10**11 * SCALE  # 100,000,000,000.00000
+
 STRIPE_MAXIMUM = 99_999_999  # the largest amount Stripe charges, in its integer amount (8 digits), any currency
 
 
@@ -360,6 +371,27 @@ def check_charge(net: Units, vat: Units, currency: str, *, what: str = "charge")
         raise ValueError(f"{charged} is below Stripe's minimum charge of {format_amount(minimum, currency)}")
     if total > info.maximum_units:
         raise ValueError(f"{charged} is above Stripe's maximum charge of {format_amount(info.maximum_units, currency)}")
+
+
+def check_amount(amount: Units, currency: str, *, what: str = "amount") -> None:
+    """ValueError, naming the amount and the limit, unless `amount` is within MAX_AMOUNT either way."""
+    if abs(amount) > MAX_AMOUNT:
+        raise ValueError(
+            f"{what} of {format_amount(amount, currency)} is over the limit of {format_amount(MAX_AMOUNT, currency)} "
+            "for one amount in the ledger"
+        )
+
+
+def check_balance(balance: Units, amount: Units, currency: str, *, what: str = "amount") -> None:
+    """ValueError, naming the amount, the balance it would make and the limit, unless adding `amount` keeps the
+    balance within MAX_BALANCE either way."""
+    after = balance + amount
+    if abs(after) > MAX_BALANCE:
+        raise ValueError(
+            f"{what} of {format_amount(amount, currency)} would take the balance from "
+            f"{format_amount(balance, currency)} to {format_amount(after, currency)}, past the limit of "
+            f"{'-' if after < 0 else ''}{format_amount(MAX_BALANCE, currency)} for a balance"
+        )
 
 
 def to_decimal(units: Units) -> Decimal:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -20,11 +22,15 @@ from urllib.parse import urlsplit
 
 import requests
 import stripe
+import urllib3.exceptions
 from requests.adapters import HTTPAdapter
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 from tenacity.wait import wait_base
 
-from recharged.errors import PaymentError, ProcessorFault, RechargedError, TransientPaymentError
+from recharged.cards import CardDetails as CardDetails  # the card values, kept importable from here too
+from recharged.cards import CardInfo as CardInfo
+from recharged.cards import card_label as card_label
+from recharged.errors import NoSuchCardError, PaymentError, ProcessorFault, RechargedError, TransientPaymentError
 from recharged.states import AttemptStatus, DeclineClass
 
 # Card problems that will not go away by trying again: the card must be replaced or updated.
@@ -173,35 +179,6 @@ class CustomerRecord:
     deleted: bool
 
 
-@dataclass(frozen=True, slots=True)
-class CardInfo:
-    customer: str
-    payment_method: str
-    brand: str
-    last4: str
-    exp_month: int
-    exp_year: int
-
-
-class CardDetails(Protocol):
-    """What is known of a card for display: a CardInfo from the processor or a stored FundingSource."""
-
-    @property
-    def brand(self) -> str: ...
-    @property
-    def last4(self) -> str: ...
-    @property
-    def exp_month(self) -> int: ...
-    @property
-    def exp_year(self) -> int: ...
-
-
-def card_label(card: CardDetails, *, expiry: bool = True) -> str:
-    """How a card is named to admins and in logs: 'visa ...4242 exp 12/2030' (never more of the number)."""
-    label = f"{card.brand} ...{card.last4}"
-    return f"{label} exp {card.exp_month:02d}/{card.exp_year}" if expiry else label
-
-
 class PaymentGateway(Protocol):
     # Our clock minus the processor's, as its last answer showed (None before any answer).
     skew: timedelta | None
@@ -280,6 +257,11 @@ def declined(payment_intent: str | None, code: str | None, decline_code: str | N
     return PaymentResult(AttemptStatus.DECLINED, payment_intent, verdict, code, decline_code, advice_code, message)
 
 
+# What the processor says of a card whose ids we hold wrong (an import brought them, or a mistake): it has no such
+# payment method or customer, or the payment method is another customer's. Never the customer's card: an
+# integration error (AttemptStatus.ERROR) with this code, and recharge.py sets the card aside without blame.
+NOT_HELD = frozenset({"payment_method_missing", "customer_missing", "payment_method_of_another_customer"})
+
 # PaymentIntent states that only a request of ours can cause (we always confirm, and capture automatically).
 OUR_STATES = frozenset({"requires_confirmation", "requires_capture"})
 
@@ -348,6 +330,68 @@ LOOKUP_MARGIN = timedelta(days=2)
 MAX_CONNECTIONS = 300  # kept open to the processor: charges in flight (daemon.charge_concurrency <= 256) and more
 CallObserver = Callable[[str, "str | None"], None]  # (what, None when it succeeded or else the error)
 
+# An admin at a terminal waits for these (`sources add` verifying a card, `reconcile`, `events fetch`). When the
+# processor cannot be connected to at all, nothing was sent and back-off will not help within seconds: they get a
+# short connect timeout and at most one quick retry, then say what to check. Charges keep their keyed retries.
+ADMIN_CONNECT_TIMEOUT_SECONDS = 5.0
+UNREACHABLE_RETRY_SECONDS = 0.2
+_connect_timeout: ContextVar[float | None] = ContextVar("recharged_connect_timeout", default=None)
+
+
+def _unreachable(exc: BaseException) -> str | None:
+    """Why the processor could not be connected to (refused, a name that does not resolve, no route, no answer
+    within the connect timeout), when that is what `exc` (a stripe APIConnectionError) was: the request was never
+    sent. None for anything else, e.g. a connection lost after the request went out."""
+    cause = exc.__cause__
+    if not isinstance(cause, requests.ConnectionError) or isinstance(cause, requests.exceptions.SSLError):
+        return None
+    reason = getattr(cause.args[0], "reason", None) if cause.args else None
+    if isinstance(reason, urllib3.exceptions.NameResolutionError):
+        return "its host name does not resolve"
+    if isinstance(reason, urllib3.exceptions.NewConnectionError):  # a subclass of ConnectTimeoutError: first
+        error = reason.__cause__
+        if isinstance(error, ConnectionRefusedError):
+            return "connection refused"
+        return error.strerror.lower() if isinstance(error, OSError) and error.strerror else "no connection"
+    if isinstance(reason, urllib3.exceptions.ConnectTimeoutError):
+        return "no answer to connect"
+    return None
+
+
+def _nothing_sent(state: RetryCallState) -> bool:
+    """The last attempt could not connect to the processor at all."""
+    error = state.outcome.exception() if state.outcome is not None else None
+    cause = error.__cause__ if isinstance(error, TransientPaymentError) else None
+    return isinstance(cause, stripe.APIConnectionError) and _unreachable(cause) is not None
+
+
+class _Adapter(HTTPAdapter):
+    """requests' adapter, with the short connect timeout of an admin call while one runs (the read timeout stays)."""
+
+    def send(
+        self,
+        request: requests.PreparedRequest,
+        stream: bool = False,
+        timeout: float | tuple[float, float] | tuple[float, None] | None = None,
+        verify: bool | str = True,
+        cert: bytes | str | tuple[bytes | str, bytes | str] | None = None,
+        proxies: Mapping[str, str] | None = None,
+    ) -> requests.Response:
+        connect = _connect_timeout.get()
+        if connect is not None:
+            read = timeout[1] if isinstance(timeout, tuple) else timeout
+            timeout = (connect if read is None else min(connect, read), read)  # type: ignore[assignment]
+        return super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=proxies)
+
+
+@contextmanager
+def _short_connect_timeout(seconds: float) -> Iterator[None]:
+    token = _connect_timeout.set(seconds)
+    try:
+        yield
+    finally:
+        _connect_timeout.reset(token)
+
 
 class StripeGateway:
     """PaymentGateway on Stripe, through `StripeClient` (never the global `stripe.api_key`).
@@ -375,7 +419,7 @@ class StripeGateway:
         session = requests.Session()
         # requests keeps 10 connections per host: with more charges in flight, every request beyond those
         # would open (and, against Stripe, TLS-handshake) a connection of its own and log that it dropped it.
-        adapter = HTTPAdapter(pool_maxsize=MAX_CONNECTIONS)
+        adapter = _Adapter(pool_maxsize=MAX_CONNECTIONS)
         session.mount("https://", adapter)
         session.mount("http://", adapter)
         if urlsplit(api_base).hostname in ("127.0.0.1", "localhost", "::1"):
@@ -384,19 +428,32 @@ class StripeGateway:
         self.skew: timedelta | None = None  # our clock minus the processor's, from its last answer
         self._on_skew = on_skew
         self._now = now or (lambda: datetime.now(UTC))  # our clock: the injected Clock's `now`
+        self._api_base = api_base.rstrip("/")
         self._client = stripe.StripeClient(
             api_key,
             base_addresses={"api": api_base.rstrip("/")},
             max_network_retries=0,  # retries are ours: same key, same parameters, counted and logged
             http_client=stripe.RequestsClient(timeout=timeout_seconds, session=session),
         )
+        backoff = wait or wait_exponential_jitter(initial=retry_initial_seconds, max=retry_max_seconds)
         self._retry = Retrying(
             # A ProcessorFault is not retried with the same key: the processor may replay what it stored.
             retry=retry_if_exception(
                 lambda e: isinstance(e, TransientPaymentError) and not isinstance(e, ProcessorFault)
             ),
             stop=stop_after_attempt(max_retries + 1),
-            wait=wait or wait_exponential_jitter(initial=retry_initial_seconds, max=retry_max_seconds),
+            wait=backoff,
+            reraise=True,
+        )
+        # Admin calls: the same, except that when nothing could be sent they try once more, quickly, at most.
+        quick = wait or (lambda _state: UNREACHABLE_RETRY_SECONDS)
+        unreachable_attempts = min(max_retries, 1) + 1
+        self._admin_retry = Retrying(
+            retry=retry_if_exception(_retried_inline),
+            stop=lambda state: (
+                state.attempt_number >= (unreachable_attempts if _nothing_sent(state) else max_retries + 1)
+            ),
+            wait=lambda state: quick(state) if _nothing_sent(state) else backoff(state),
             reraise=True,
         )
         self.retries = 0  # transient failures retried so far, for metrics
@@ -417,11 +474,16 @@ class StripeGateway:
         if self._on_skew is not None:
             self._on_skew(self.skew)
 
-    def _call(self, what: str, fn: Any, *, keyed: bool = False) -> Any:
+    def _call(self, what: str, fn: Any, *, keyed: bool = False, admin: bool = False) -> Any:
         """`fn` with inline retries of what is transient; `keyed`: a POST under an idempotency key, where a 5xx
-        the processor does not ask us to retry raises ProcessorFault instead of being sent again."""
+        the processor does not ask us to retry raises ProcessorFault instead of being sent again; `admin`: an
+        admin waits for it (see ADMIN_CONNECT_TIMEOUT_SECONDS)."""
         try:
-            result = self._call_with_retries(what, fn, keyed)
+            if admin:
+                with _short_connect_timeout(ADMIN_CONNECT_TIMEOUT_SECONDS):
+                    result = self._call_with_retries(what, fn, keyed, self._admin_retry)
+            else:
+                result = self._call_with_retries(what, fn, keyed, self._retry)
         except RechargedError as exc:
             if self._on_call is not None:
                 self._on_call(what, str(exc))
@@ -430,8 +492,8 @@ class StripeGateway:
             self._on_call(what, None)
         return result
 
-    def _call_with_retries(self, what: str, fn: Any, keyed: bool) -> Any:
-        for attempt in self._retry:
+    def _call_with_retries(self, what: str, fn: Any, keyed: bool, retrying: Retrying) -> Any:
+        for attempt in retrying:
             with attempt:
                 if attempt.retry_state.attempt_number > 1:
                     self.retries += 1
@@ -441,7 +503,15 @@ class StripeGateway:
                     self._limiter.acquire()
                 try:
                     return fn()
-                except (stripe.APIConnectionError, stripe.RateLimitError) as exc:
+                except stripe.APIConnectionError as exc:
+                    why = _unreachable(exc)
+                    if why is not None:
+                        raise TransientPaymentError(
+                            f"cannot reach the payment processor at {self._api_base}: {why}; "
+                            "check [payments] stripe_api_base and the network"
+                        ) from exc
+                    raise TransientPaymentError(f"{what}: {type(exc).__name__}: {exc.user_message or exc}") from exc
+                except stripe.RateLimitError as exc:
                     raise TransientPaymentError(f"{what}: {type(exc).__name__}: {exc.user_message or exc}") from exc
                 except stripe.APIError as exc:  # 409 (idempotent request in progress) and 5xx
                     should_retry = (exc.headers or {}).get("Stripe-Should-Retry")
@@ -494,6 +564,9 @@ class StripeGateway:
                 # Only an answer about the card or the customer counts against the card; any other refusal is
                 # a fault of our request (an integration error), which leaves the card and the customer alone.
                 gone = self._card_gone(request.customer, request.payment_method)
+                if gone in NOT_HELD:  # the ids we hold are wrong: our error, never the customer's decline
+                    message = f"{exc.http_status} {gone}: {exc.user_message or exc}"[:500]
+                    return PaymentResult(AttemptStatus.ERROR, None, None, gone, None, None, message)
                 if gone is not None:
                     return PaymentResult(
                         AttemptStatus.DECLINED, None, DeclineClass.HARD, gone, None, None, exc.user_message
@@ -505,16 +578,19 @@ class StripeGateway:
         return result
 
     def _card_gone(self, customer: str, payment_method: str) -> str | None:
-        """Why the card can no longer be charged, asked of the processor itself ("payment_method_missing",
-        "payment_method_detached", "customer_deleted"), or None when the card is fine, or when that cannot be
-        told now (then the refusal is treated as ours, and the card is left alone)."""
+        """Why the card can no longer be charged, asked of the processor itself: it went away
+        ("payment_method_detached", "customer_deleted"), or it never was what we hold (NOT_HELD:
+        "payment_method_missing", "customer_missing", "payment_method_of_another_customer"); None when the card is
+        fine, or when that cannot be told now (then the refusal is treated as ours, and the card is left alone)."""
         try:
             try:
                 method = self._client.v1.payment_methods.retrieve(payment_method)
             except stripe.InvalidRequestError as exc:
                 return "payment_method_missing" if exc.code == "resource_missing" else None
-            if method.customer != customer:
+            if method.customer is None:
                 return "payment_method_detached"
+            if method.customer != customer:
+                return "payment_method_of_another_customer"
             try:
                 found = self._client.v1.customers.retrieve(customer)
             except stripe.InvalidRequestError as exc:
@@ -567,15 +643,18 @@ class StripeGateway:
             try:
                 method = self._client.v1.payment_methods.retrieve(payment_method)
             except stripe.InvalidRequestError as exc:
-                raise PaymentError(f"payment method {payment_method}: {exc.user_message or exc}") from None
+                missing = exc.code == "resource_missing" or exc.http_status == 404
+                raise (NoSuchCardError if missing else PaymentError)(
+                    f"payment method {payment_method}: {exc.user_message or exc}"
+                ) from None
             if method.customer != customer:
-                raise PaymentError(f"payment method {payment_method} is not attached to customer {customer}")
+                raise NoSuchCardError(f"payment method {payment_method} is not attached to customer {customer}")
             card = method.card
             if card is None:
-                raise PaymentError(f"payment method {payment_method} is not a card")
+                raise NoSuchCardError(f"payment method {payment_method} is not a card")
             return CardInfo(customer, payment_method, card.brand, card.last4, card.exp_month, card.exp_year)
 
-        info: CardInfo = self._call("card", look)
+        info: CardInfo = self._call("card", look, admin=True)
         return info
 
     def list_payments(self, customer: str, created_after: datetime) -> list[PaymentRecord]:
@@ -616,7 +695,7 @@ class StripeGateway:
                     return found
                 params["starting_after"] = page.data[-1].id
 
-        records: list[PaymentRecord] = self._call("list_payments", page_through)
+        records: list[PaymentRecord] = self._call("list_payments", page_through, admin=True)
         return records
 
     # --- after the charge ----------------------------------------------------------------------------------
@@ -683,7 +762,7 @@ class StripeGateway:
                 self._all("disputes", {"created": {"gte": since}}, _dispute_record),
             )
 
-        found: tuple[list[RefundRecord], list[DisputeRecord]] = self._call("recent_reversals", page_through)
+        found: tuple[list[RefundRecord], list[DisputeRecord]] = self._call("recent_reversals", page_through, admin=True)
         return found
 
     def events_since(self, created_after: datetime) -> list[dict[str, Any]]:
@@ -699,7 +778,7 @@ class StripeGateway:
                     return sorted(found, key=lambda e: (int(e.get("created") or 0), str(e.get("id"))))
                 params["starting_after"] = page.data[-1].id
 
-        events: list[dict[str, Any]] = self._call("events_since", page_through)
+        events: list[dict[str, Any]] = self._call("events_since", page_through, admin=True)
         return events
 
     def _charge_record(self, charge: dict[str, Any]) -> ChargeRecord:

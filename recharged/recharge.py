@@ -26,9 +26,10 @@ from decimal import Decimal
 from typing import Protocol
 
 import structlog
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from recharged.balance import AccountPlan, runs_out_within
+from recharged.balance import AccountPlan, Decision, runs_out_within, stored_decision
 from recharged.clock import Clock
 from recharged.config import Settings
 from recharged.errors import (
@@ -42,10 +43,10 @@ from recharged.errors import (
 from recharged.faults import crashpoint
 from recharged.mail import notices
 from recharged.mail.receipts import issue_receipt
-from recharged.money import Units, check_charge, format_ledger, percent_of, to_minor_units
-from recharged.payments import ChargeRequest, PaymentGateway, PaymentResult, card_label
+from recharged.money import Units, check_amount, check_balance, check_charge, format_ledger, percent_of, to_minor_units
+from recharged.payments import NOT_HELD, ChargeRequest, PaymentGateway, PaymentResult, card_label
 from recharged.planning import plan_accounts, plans_in
-from recharged.states import AttemptStatus, DeclineClass, EntryType, Phase, RechargeKind, RechargeState
+from recharged.states import AttemptStatus, DeclineClass, EntryType, JobStatus, Phase, RechargeKind, RechargeState
 from recharged.store.charging import (
     abandoned_attempts,
     accounts_with_open_recharge,
@@ -62,7 +63,9 @@ from recharged.store.charging import (
 )
 from recharged.store.engine import Database
 from recharged.store.ledger import lock_account, mark_due, post_entry
-from recharged.store.models import Account, ChargeAttempt, FundingSource, Recharge
+from recharged.store.models import Account, AuditRecord, ChargeAttempt, FundingSource, Receipt, Recharge
+from recharged.store.runs import finish_job_run, instance_name, start_job_run
+from recharged.words import plural
 
 log = structlog.get_logger("recharged.recharge")
 
@@ -96,6 +99,8 @@ class RechargeReport:
     outcome: str
     source: str | None
     integration_error: bool = False  # failed because the processor refused our request (never the card's fault)
+    receipt: str | None = None  # the receipt's number, once credited
+    balance_after: Units | None = None  # the balance the credit left, as the receipt shows it
 
 
 class Breaker:
@@ -274,6 +279,27 @@ class RechargeService:
         report.halted = breaker.opened_by
         return report
 
+    def run_recorded_cycle(
+        self,
+        at: datetime | None = None,
+        *,
+        concurrency: int = 1,
+        plans_seen: Callable[[Sequence[AccountPlan]], object] | None = None,
+    ) -> CycleReport:
+        """`run_cycle` recorded as a run of the job "cycle" by this process (`recharged cycle`), as the daemon
+        records its own: `status` and /healthz see it as the last cycle."""
+        with self._db.transaction() as session:
+            run_id = start_job_run(session, "cycle", f"cli:{instance_name()}", self._clock.now())
+        try:
+            report = self.run_cycle(at, concurrency=concurrency, plans_seen=plans_seen)
+        except Exception as exc:
+            with self._db.transaction() as session:
+                finish_job_run(session, run_id, JobStatus.FAILED, self._clock.now(), None, str(exc)[:500])
+            raise
+        with self._db.transaction() as session:
+            finish_job_run(session, run_id, JobStatus.SUCCEEDED, self._clock.now(), report.summary(), None)
+        return report
+
     def charge_now(self, account_id: str) -> RechargeReport | None:
         """Charge one account at once if it is due (usage made its runway too short to wait for the cycle)."""
         if self.clock_skew_problem() is not None:
@@ -401,6 +427,11 @@ class RechargeService:
             account = session.get(Account, account_id)
             if account is None:
                 raise NotFoundError(f"no account {account_id!r}")
+            try:  # the ledger's bounds (money.MAX_AMOUNT, MAX_BALANCE): nothing is charged that could not be credited
+                check_amount(amount, account.currency, what="top-up")
+                check_balance(account.balance, amount, account.currency, what="top-up")
+            except ValueError as exc:
+                raise InputError(f"account {account_id}: {exc}; nothing was charged") from None
             # Refused before any request: off the charge step, or outside the processor's limits on one charge
             # (which apply to the amount plus VAT, computed as the claim will).
             vat = percent_of(amount, Decimal(account.vat_percent), account.currency)
@@ -431,12 +462,7 @@ class RechargeService:
             if decision.action != "charge":
                 return Claim(None)
             recharge_id = self._insert_claim(
-                session,
-                account,
-                decision.charge_amount,
-                kind=RechargeKind.AUTO,
-                average_daily=decision.average_daily,
-                threshold=decision.threshold,
+                session, account, decision.charge_amount, kind=RechargeKind.AUTO, decision=(decision, at)
             )
             crashpoint("before_claim_commit")
         if recharge_id is not None:
@@ -449,7 +475,26 @@ class RechargeService:
             account = lock_account(session, account_id)
             if account is None:
                 raise NotFoundError(f"no account {account_id!r}")
+            if account.closed_at is not None:  # a closed account is never charged (`accounts close`)
+                raise ConflictError(f"account {account_id} is closed; nothing was charged (reopen it first)")
             recharge_id = self._insert_claim(session, account, amount, kind=kind, actor=actor)
+            if recharge_id is not None and actor is not None:  # an admin's top-up is in the audit trail
+                vat = percent_of(amount, Decimal(account.vat_percent), account.currency)
+                session.add(
+                    AuditRecord(
+                        account_id=account_id,
+                        actor=actor,
+                        at=self._clock.now(),
+                        action=f"{kind}.requested",
+                        before=None,
+                        after={
+                            "recharge": recharge_id,
+                            "amount": format_ledger(amount),
+                            "vat": format_ledger(vat),
+                            "total": format_ledger(amount + vat),
+                        },
+                    )
+                )
             crashpoint("before_claim_commit")
         if recharge_id is not None:
             crashpoint("after_claim")
@@ -462,11 +507,12 @@ class RechargeService:
         amount: Units,
         *,
         kind: RechargeKind,
-        average_daily: Units | None = None,
-        threshold: Units | None = None,
+        decision: tuple[Decision, datetime] | None = None,
         actor: str | None = None,
     ) -> int | None:
+        """Insert the claim; an automatic one keeps the decision it was made on (and when it was decided)."""
         now = self._clock.now()
+        taken = None if decision is None else decision[0]
         vat = percent_of(amount, Decimal(account.vat_percent), account.currency)
         return insert_recharge(
             session,
@@ -480,8 +526,10 @@ class RechargeService:
                 "total": amount + vat,
                 "vat_percent": account.vat_percent,
                 "balance_before": account.balance,
-                "average_daily": average_daily,
-                "threshold": threshold,
+                "average_daily": None if taken is None else taken.average_daily,
+                "threshold": None if taken is None else taken.threshold,
+                "decision": None if decision is None else stored_decision(*decision),
+                "limited_by": None if taken is None else taken.limited_by,
                 "actor": actor,
                 "created_at": now,
                 "updated_at": now,
@@ -660,6 +708,11 @@ class RechargeService:
             elif result.outcome == AttemptStatus.ERROR:
                 # Our request was refused: the recharge ends, and neither the card nor the customer hears of it.
                 recharge.phase, recharge.outcome = Phase.FAILED, f"integration error: {result.message}"[:200]
+                if result.code in NOT_HELD:  # ids we hold wrong: set the card aside (the next cycle tries the next)
+                    source.unusable_reason = (
+                        f"{result.code} on {now:%Y-%m-%d}: the processor does not hold this card for this customer; "
+                        "our record of the card is wrong, not the customer's card: check its ids and add it again"
+                    )[:200]
                 log.error(
                     "charge.integration_error",
                     recharge=recharge_id,
@@ -772,7 +825,8 @@ class RechargeService:
             account.recharge_state = RechargeState.BACKING_OFF
             account.retry_at = now + timedelta(hours=schedule[account.failed_cycles - 1])
             account.state_reason = (
-                f"{account.failed_cycles} failed recharge cycle(s); next try {account.retry_at:%Y-%m-%d %H:%M} UTC"
+                f"{plural(account.failed_cycles, 'failed recharge cycle')}; "
+                f"next try {account.retry_at:%Y-%m-%d %H:%M} UTC"
             )
         notices.recharge_failed(session, recharge, now)
 
@@ -787,6 +841,7 @@ class RechargeService:
             assert r is not None
             source = session.get(FundingSource, r.source_id) if r.source_id is not None else None
             refused = r.phase == Phase.FAILED and last_attempt_with(session, r.id, AttemptStatus.ERROR) is not None
+            receipt = session.scalars(select(Receipt).where(Receipt.recharge_id == r.id)).one_or_none()
             return RechargeReport(
                 r.id,
                 r.account_id,
@@ -798,4 +853,6 @@ class RechargeService:
                 r.outcome or "",
                 card_label(source, expiry=False) if source else None,
                 refused,
+                None if receipt is None else receipt.number,
+                None if receipt is None else receipt.balance_after,
             )

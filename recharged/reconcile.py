@@ -7,7 +7,7 @@ ledger credit whose external id is its id (a recharge or top-up entry, or a manu
 payment's metadata). Reported: a succeeded charge without a credit (and when its recharge is still open, that
 `recharged recover` will credit it: it must not be credited by hand), a credit without a succeeded charge, a
 charge credited twice (a recharge's credit and an adjustment, say), a credit with no recharge, amounts that
-differ (the amount charged against the recharge's total in minor units; the amount credited against the
+differ (the amount charged against the recharge's total; the amount credited against the
 recharge's amount), currencies that differ, and a charge whose metadata names another account than the one
 credited. A customer whose payments cannot be listed (deleted at the processor) is reported, not taken as one
 that paid nothing.
@@ -28,7 +28,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from recharged.errors import PaymentError, TransientPaymentError
-from recharged.money import MINOR_EXPONENT, Units, credit_reversed, format_ledger, from_minor_units, to_minor_units
+from recharged.money import (
+    MINOR_EXPONENT,
+    Units,
+    credit_reversed,
+    format_amount,
+    format_ledger,
+    from_minor_units,
+    to_minor_units,
+)
 from recharged.payments import CustomerRecord, DisputeRecord, PaymentGateway, PaymentRecord, RefundRecord
 from recharged.states import REVERSAL_TYPES, EntryType, Phase
 from recharged.store.engine import Database
@@ -149,8 +157,18 @@ def _units(amount_minor: int, currency: str) -> Units | None:
         return None
 
 
-def _money(units: Units, currency: str) -> str:
-    return f"{format_ledger(units)} {currency}"
+def _money(units: Units, currency: str | None) -> str:
+    """An amount of the ledger as the currency writes it ('84.00 USD', '1.234 KWD'); 5 decimals when the currency
+    is not known."""
+    if currency is None or currency not in MINOR_EXPONENT:
+        return format_ledger(units)
+    return format_amount(units, currency)
+
+
+def _minor(amount_minor: int, currency: str) -> str:
+    """The processor's integer amount as the currency writes it: 10080 USD -> '100.80 USD'."""
+    units = _units(amount_minor, currency)
+    return f"{amount_minor} {currency} minor units" if units is None else format_amount(units, currency)
 
 
 def _add(totals: dict[str, Units], currency: str, units: Units) -> None:
@@ -194,7 +212,7 @@ def match(
             units = _units(charge.amount, charge.currency)
             if units is not None:
                 _add(report.charged, charge.currency, units)
-        if succeeded and found and found[0].account_id in currencies:
+        if succeeded and recent and found and found[0].account_id in currencies:  # the credits of `charged`
             _add(report.credited, currencies[found[0].account_id], found[0].amount)
         recharge = recharges.get(charge.id) or _named_recharge(charge, named or {})
         problems = _problems(charge, found, recharge, currencies, recent)
@@ -213,11 +231,11 @@ def match(
                         "credit_without_charge",
                         pi,
                         credit.account_id,
-                        f"{credit.entry_type} credit of {format_ledger(credit.amount)} on "
-                        f"{credit.occurred_at:%Y-%m-%d %H:%M} UTC, but our customers have no such payment",
+                        f"{credit.entry_type} credit of {_money(credit.amount, currencies.get(credit.account_id))} "
+                        f"on {credit.occurred_at:%Y-%m-%d %H:%M} UTC, but our customers have no such payment",
                     )
                 )
-    report.problems += _reversal_problems(report, refunds, disputes, reversals, recharges)
+    report.problems += _reversal_problems(report, refunds, disputes, reversals, recharges, currencies)
     return report
 
 
@@ -242,18 +260,21 @@ def _problems(
     def problem(kind: str, detail: str, account: str | None) -> None:
         problems.append(Problem(kind, charge.id, account, detail))
 
+    def credited(c: Credit) -> str:  # in the credited account's currency
+        return _money(c.amount, currencies.get(c.account_id, charge.currency))
+
     if charge.status != "succeeded":
         for credit in found:
             problem(
                 "credit_without_charge",
-                f"{credit.entry_type} credit of {format_ledger(credit.amount)} on "
+                f"{credit.entry_type} credit of {credited(credit)} on "
                 f"{credit.occurred_at:%Y-%m-%d %H:%M} UTC, but the PaymentIntent is {charge.status}",
                 credit.account_id,
             )
         return problems
     named = charge.metadata.get("recharged_account")
     recoverable = recharge is not None and Phase(recharge.phase).is_open
-    charged = f"{charge.amount} {charge.currency} minor units charged on {charge.created:%Y-%m-%d %H:%M} UTC"
+    charged = f"{_minor(charge.amount, charge.currency)} charged on {charge.created:%Y-%m-%d %H:%M} UTC"
     if not found:
         if not recent:
             return problems
@@ -276,13 +297,13 @@ def _problems(
 
     credit = found[0]
     if len(found) > 1:
-        credited = ", ".join(f"{format_ledger(c.amount)} to {c.account_id} ({c.entry_type})" for c in found)
-        problem("credited_twice", f"credited {credited}", credit.account_id)
+        twice = ", ".join(f"{credited(c)} to {c.account_id} ({c.entry_type})" for c in found)
+        problem("credited_twice", f"credited {twice}", credit.account_id)
     by_hand = [c for c in found if c.entry_type == EntryType.ADJUSTMENT]
     if by_hand and recharge is not None and recoverable:
         problem(
             "recoverable_and_adjusted",
-            f"credited by hand ({format_ledger(by_hand[0].amount)}), but recharge {recharge.id} is still "
+            f"credited by hand ({credited(by_hand[0])}), but recharge {recharge.id} is still "
             f"{recharge.phase}: `recharged recover` would credit it again; debit the adjustment first",
             credit.account_id,
         )
@@ -290,7 +311,7 @@ def _problems(
         if not by_hand:
             problem(
                 "no_recharge",
-                f"credited {format_ledger(credit.amount)}, but no recharge records this charge",
+                f"credited {credited(credit)}, but no recharge records this charge",
                 credit.account_id,
             )
     else:
@@ -301,14 +322,14 @@ def _problems(
         if charge.amount != expected:
             problem(
                 "amount_mismatch",
-                f"charged {charge.amount} {charge.currency} minor units, but recharge {recharge.id}'s total is "
+                f"charged {_minor(charge.amount, charge.currency)}, but recharge {recharge.id}'s total is "
                 f"{_money(recharge.total, recharge.currency)}",
                 credit.account_id,
             )
         if credit.amount != recharge.amount:
             problem(
                 "amount_mismatch",
-                f"credited {format_ledger(credit.amount)}, but recharge {recharge.id} credits "
+                f"credited {credited(credit)}, but recharge {recharge.id} credits "
                 f"{_money(recharge.amount, recharge.currency)}",
                 credit.account_id,
             )
@@ -335,9 +356,11 @@ def _reversal_problems(
     disputes: Iterable[DisputeRecord],
     reversals: Sequence[Reversal],
     recharges: Mapping[str, RechargeFacts],
+    currencies: Mapping[str, str],
 ) -> list[Problem]:
     """Each refund and dispute of a payment of ours against its ledger reversals, and every reversal against the
-    refund or dispute it names. Adds the amounts given back and reversed to the report."""
+    refund or dispute it names (`currencies`: the reversed accounts'). Adds the amounts given back and reversed to
+    the report."""
     entries: dict[tuple[str, str], list[Reversal]] = {}
     for entry in reversals:
         entries.setdefault((entry.entry_type, entry.object_id), []).append(entry)
@@ -348,8 +371,9 @@ def _reversal_problems(
     ) -> None:
         mine = entries.pop((entry_type, obj.id), [])
         actual = sum(e.amount for e in mine)
+        currency = recharge.currency if recharge else obj.currency
         if mine:
-            _add(report.reversed, recharge.currency if recharge else obj.currency, -actual)
+            _add(report.reversed, currency, -actual)
         if actual == expected:
             return
         account = mine[0].account_id if mine else (recharge.account_id if recharge else None)
@@ -357,10 +381,10 @@ def _reversal_problems(
             detail = f"{what}, but the ledger has no {entry_type} entry for it (`recharged events list --failing`)"
             problems.append(Problem(f"{kind}_without_reversal", obj.payment_intent, account, detail))
         elif expected == 0:
-            detail = f"the ledger reverses {format_ledger(actual)} for {obj.id}, but {what}"
+            detail = f"the ledger reverses {_money(actual, currency)} for {obj.id}, but {what}"
             problems.append(Problem(f"reversal_without_{kind}", obj.payment_intent, account, detail))
         else:
-            detail = f"{what}: {format_ledger(expected)} to reverse, but the ledger has {format_ledger(actual)}"
+            detail = f"{what}: {_money(expected, currency)} to reverse, but the ledger has {_money(actual, currency)}"
             problems.append(Problem("reversal_mismatch", obj.payment_intent, account, detail))
 
     def share(recharge: RechargeFacts | None, amount_minor: int, currency: str) -> Units | None:
@@ -377,7 +401,7 @@ def _reversal_problems(
         given_back = refund.status == "succeeded"
         if given_back:
             _add(report.refunded, refund.currency, _units(refund.amount, refund.currency) or 0)
-        what = f"refund {refund.id} of {refund.amount} {refund.currency} minor units is {refund.status}"
+        what = f"refund {refund.id} of {_minor(refund.amount, refund.currency)} is {refund.status}"
         check("refund", EntryType.REFUND, refund, -(part or 0) if given_back else 0, what, recharge)
 
     for dispute in {d.id: d for d in disputes}.values():
@@ -390,7 +414,7 @@ def _reversal_problems(
         held = dispute.funds_withdrawn and not dispute.funds_reinstated
         if held:
             _add(report.disputed, dispute.currency, amount)
-        state = f"dispute {dispute.id} of {dispute.amount} {dispute.currency} minor units ({dispute.status})"
+        state = f"dispute {dispute.id} of {_minor(dispute.amount, dispute.currency)} ({dispute.status})"
         withdrawn = f"{state} {'withdrew' if dispute.funds_withdrawn else 'has not withdrawn'} its funds"
         check(
             "dispute", EntryType.DISPUTE, dispute, -(part or 0) if dispute.funds_withdrawn else 0, withdrawn, recharge
@@ -413,7 +437,8 @@ def _reversal_problems(
                 f"reversal_without_{kind}",
                 left[0].payment_intent,
                 left[0].account_id,
-                f"the ledger reverses {format_ledger(total)} for {entry_type} {object_id}, but the processor has no "
+                f"the ledger reverses {_money(total, currencies.get(left[0].account_id))} for {entry_type} "
+                f"{object_id}, but the processor has no "
                 f"such {kind}",
             )
         )
@@ -464,7 +489,7 @@ def reconcile(db: Database, gateway: PaymentGateway, since: datetime) -> Reconci
 
     with db.reading() as session:
         credited = [
-            Credit(e.entry_type, e.account_id, e.external_id, e.amount, e.occurred_at)
+            Credit(e.entry_type, e.account_id, e.reference or e.external_id, e.amount, e.occurred_at)
             for e in [
                 *credits_for(session, since, list(charges)),
                 *adjustments_referencing(session, since, list(charges)),
@@ -497,7 +522,8 @@ def reconcile(db: Database, gateway: PaymentGateway, since: datetime) -> Reconci
         hints = [c.metadata.get("recharged_recharge", "") for c in charges.values()]
         ids = [int(h) for h in hints if h.isascii() and h.isdigit() and len(h) <= 18]
         named = {i: _facts(r, {}) for i, r in recharges_by_id(session, ids).items()}
-        currencies = account_currencies(session, sorted({c.account_id for c in credited}))
+        reversed_or_credited = {c.account_id for c in credited} | {e.account_id for e in entries}
+        currencies = account_currencies(session, sorted(reversed_or_credited))
     return match(
         list(charges.values()),
         credited,

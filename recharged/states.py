@@ -91,12 +91,14 @@ class Measure(StrEnum):
 
 
 class OutboxStatus(StrEnum):
-    """pending -> sending (claimed, leased) -> sent | pending (retry later) | failed (permanent, or gave up)."""
+    """pending -> sending (claimed, leased) -> sent | pending (retry later) | failed (permanent, or gave up);
+    pending or failed -> cancelled (an admin stopped it: never sent)."""
 
     PENDING = "pending"
     SENDING = "sending"
     SENT = "sent"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 class EventStatus(StrEnum):

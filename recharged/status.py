@@ -1,13 +1,16 @@
 """`recharged status`: the daemon's last and next cycle, what it charged, and what needs a person's attention.
 
-Everything comes from the database (job runs, recharges, accounts, cards, the outbox) except the next cycle,
-which only the running daemon knows: its /healthz is asked with a short timeout. When no daemon answers, the
-next cycle is estimated as the last successful one plus the cycle interval, and marked as an estimate.
+Everything comes from the database (job runs, recharges, accounts, cards, the outbox) except the next cycle and
+the daemon's health checks, which only the running daemon knows: its /healthz is asked with a short timeout, with
+the API token when this command has one (only then does it show the next cycle and the checks' details). When no
+daemon answers, the next cycle is estimated as the last successful one plus the cycle interval, and marked as an
+estimate.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -16,22 +19,26 @@ import requests
 
 from recharged.clock import parse_instant
 from recharged.config import Settings
+from recharged.credentials import read_secret
 from recharged.events import WAITING_TOO_LONG
 from recharged.money import Units, format_ledger
 from recharged.payments import card_label
-from recharged.states import JobStatus, RechargeState
+from recharged.states import JobStatus, OutboxStatus, RechargeState
 from recharged.store.engine import Database
 from recharged.store.models import JobRun
 from recharged.store.reads import (
+    accounts_needing_attention,
     accounts_not_ok,
     failing_recoveries,
     integration_errors_since,
     open_recharges_claimed_before,
+    outbox_backlog,
     recharges_finished_since,
     undelivered_mail,
     unusable_sources,
 )
 from recharged.store.runs import failing_events, last_job_run, pending_events_received_before
+from recharged.words import plural
 
 HEALTH_TIMEOUT_SECONDS = 1.0
 MAIL_LATE = timedelta(hours=1)  # a pending email older than this needs a look (the mail server may be down)
@@ -69,6 +76,15 @@ class CycleRun:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """One of the daemon's health checks; `output` (its details) only when the daemon showed them to our token."""
+
+    name: str
+    status: str  # pass | warn | fail
+    output: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DaemonAnswer:
     """What the daemon's /healthz said, or why nothing did."""
 
@@ -78,6 +94,17 @@ class DaemonAnswer:
     scheduler_running: bool | None = None
     next_cycle: datetime | None = None
     error: str | None = None
+    checks: tuple[HealthCheck, ...] = ()
+    detailed: bool = False  # the daemon showed the checks' details (we sent it an API token it accepted)
+
+
+def api_token(environ: Mapping[str, str] | None = None) -> str | None:
+    """The first of the API tokens (RECHARGED_API_TOKENS or the credential api_tokens), when this command has them:
+    /healthz shows its checks' details only to a token holder."""
+    secret = read_secret("api_tokens", environ)
+    if secret is None:
+        return None
+    return next((t.strip() for t in secret.value.replace("\n", ",").split(",") if t.strip()), None)
 
 
 def ask_daemon(settings: Settings, timeout: float = HEALTH_TIMEOUT_SECONDS) -> DaemonAnswer:
@@ -88,10 +115,13 @@ def ask_daemon(settings: Settings, timeout: float = HEALTH_TIMEOUT_SECONDS) -> D
     # A daemon listening on every interface is asked on loopback.
     host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(http.host, http.host)  # noqa: S104
     url = f"http://{f'[{host}]' if ':' in host else host}:{http.port}/healthz"
+    token = api_token()
     try:
         with requests.Session() as session:
             session.trust_env = False  # the daemon is asked directly, never through a proxy
-            body = session.get(url, timeout=timeout).json()
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            response = session.get(url, timeout=timeout, headers=headers)
+            body = response.json()
     except requests.Timeout:
         return DaemonAnswer(url, False, error=f"no answer within {timeout:g} s")
     except requests.ConnectionError:
@@ -100,17 +130,23 @@ def ask_daemon(settings: Settings, timeout: float = HEALTH_TIMEOUT_SECONDS) -> D
         return DaemonAnswer(url, False, error=type(exc).__name__)
     except ValueError:
         return DaemonAnswer(url, False, error="the answer was not recharged's health JSON")
-    return read_health(url, body)
+    refused = body.get("error") if isinstance(body, dict) else None
+    if isinstance(refused, dict):  # our token refused (401), or the daemon has none configured (503)
+        return DaemonAnswer(url, False, error=f"the daemon answered {response.status_code}: {refused.get('message')}")
+    return read_health(url, body, detailed=token is not None)
 
 
-def read_health(url: str, body: Any) -> DaemonAnswer:
-    """The daemon's health report (application/health+json, as recharged.health writes it), read."""
+def read_health(url: str, body: Any, *, detailed: bool = False) -> DaemonAnswer:
+    """The daemon's health report (application/health+json, as recharged.health writes it), read: in full when
+    `detailed` (asked with a token), else its public form (each check's status only, no next cycle)."""
     checks = body.get("checks") if isinstance(body, dict) else None
     scheduler = (checks or {}).get("scheduler:running") if isinstance(checks, dict) else None
-    if not isinstance(scheduler, list) or not scheduler or not isinstance(scheduler[0], dict):
+    if not isinstance(checks, dict) or not isinstance(scheduler, list) or not scheduler:
+        return DaemonAnswer(url, False, error="the answer was not recharged's health JSON")
+    if not all(isinstance(e, list) and all(isinstance(c, dict) for c in e) for e in checks.values()):
         return DaemonAnswer(url, False, error="the answer was not recharged's health JSON")
     check = scheduler[0]
-    running = bool(check.get("observedValue"))
+    running = bool(check.get("observedValue", check.get("status") == "pass"))
     found = _NEXT_CYCLE.search(str(check.get("output") or ""))
     next_cycle = None
     if running and found:
@@ -118,7 +154,16 @@ def read_health(url: str, body: Any) -> DaemonAnswer:
             next_cycle = parse_instant(found.group(1))
         except ValueError:
             next_cycle = None
-    return DaemonAnswer(url, True, str(body.get("status")), running, next_cycle)
+    listed = tuple(
+        HealthCheck(
+            str(name),
+            str(entry.get("status")),
+            None if entry.get("output") is None else str(entry["output"]),
+        )
+        for name, entries in checks.items()
+        for entry in entries
+    )
+    return DaemonAnswer(url, True, str(body.get("status")), running, next_cycle, checks=listed, detailed=detailed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +254,8 @@ class StatusReport:
                 "health": self.daemon.health,
                 "scheduler_running": self.daemon.scheduler_running,
                 "error": self.daemon.error,
+                "details_shown": self.daemon.detailed,
+                "checks": {c.name: {"status": c.status, "output": c.output} for c in self.daemon.checks},
             },
             "charged_last_24h": {
                 "recharges": sum(c.count for c in self.charged),
@@ -229,9 +276,12 @@ def next_cycle(daemon: DaemonAnswer, last_success: CycleRun | None, interval: ti
     """The next cycle as the daemon says, else estimated from the last successful one."""
     if daemon.answered and daemon.next_cycle is not None:
         return NextCycle(daemon.next_cycle, "daemon", f"as the daemon at {daemon.url} says")
-    if daemon.answered:
+    if daemon.answered and (daemon.detailed or not daemon.scheduler_running):
         return NextCycle(None, "unknown", f"the daemon at {daemon.url} answered but has no cycle scheduled")
-    why = f"no daemon answered at {daemon.url} ({daemon.error})" if daemon.url else str(daemon.error)
+    if daemon.answered:  # its public /healthz: statuses only
+        why = f"the daemon at {daemon.url} tells its next cycle only to an API token (set RECHARGED_API_TOKENS)"
+    else:
+        why = f"no daemon answered at {daemon.url} ({daemon.error})" if daemon.url else str(daemon.error)
     if last_success is None or last_success.finished_at is None:
         return NextCycle(None, "unknown", f"{why}, and no cycle has succeeded yet")
     at = last_success.finished_at + interval
@@ -271,7 +321,7 @@ def status_report(db: Database, settings: Settings, now: datetime, daemon: Daemo
         for status, count, oldest, error in undelivered_mail(session, now - MAIL_LATE):
             what = "failed for good" if status == "failed" else "pending for over an hour"
             hint = "`recharged outbox --status failed`" if status == "failed" else "`recharged outbox`"
-            detail = f"{count} emails {what}, the oldest queued {oldest:%Y-%m-%d %H:%M} UTC; see {hint}"
+            detail = f"{plural(count, 'email')} {what}, the oldest queued {oldest:%Y-%m-%d %H:%M} UTC; see {hint}"
             if error:
                 detail += f"; last error: {error}"
             attention.append(
@@ -283,7 +333,7 @@ def status_report(db: Database, settings: Settings, now: datetime, daemon: Daemo
                 Attention(
                     "integration_error",
                     "payments",
-                    f"the processor refused {len(refused)} charge request(s) of ours in 24 h (never the cards' "
+                    f"the processor refused {plural(len(refused), 'charge request')} of ours in 24 h (never the cards' "
                     f"fault; no customer was told), the last: {refused[0].message or refused[0].code}",
                     None,
                     refused[0].created_at,
@@ -306,7 +356,8 @@ def status_report(db: Database, settings: Settings, now: datetime, daemon: Daemo
                 Attention(
                     "event_failing",
                     f"event {event.id}",
-                    f"{event.type} {event.object_id}: {event.attempts} attempt(s), the last: {event.last_error}; "
+                    f"{event.type} {event.object_id}: {plural(event.attempts, 'attempt')}, "
+                    f"the last: {event.last_error}; "
                     "tried again at the time shown, or now with `recharged events process`",
                     event.account_id,
                     event.next_attempt_at,
@@ -318,7 +369,8 @@ def status_report(db: Database, settings: Settings, now: datetime, daemon: Daemo
                 Attention(
                     "events_waiting",
                     "processor events",
-                    f"{waiting} event(s) stored but not handled for over {WAITING_TOO_LONG.seconds // 60} minutes; "
+                    f"{plural(waiting, 'event')} stored but not handled for over "
+                    f"{WAITING_TOO_LONG.seconds // 60} minutes; "
                     "the daemon handles them, or run `recharged events process`",
                     None,
                     waiting_since,
@@ -367,4 +419,43 @@ def status_report(db: Database, settings: Settings, now: datetime, daemon: Daemo
         daemon=daemon,
         charged=charged,
         attention=cycle_problems + attention,
+    )
+
+
+# --- what /metrics shows of it ---------------------------------------------------------------------------------
+
+NO_USABLE_CARD = "no_usable_card"  # automatic recharge is on, and no card on file can be charged
+ATTENTION_REASONS = (
+    RechargeState.BACKING_OFF,
+    RechargeState.SUSPENDED,
+    RechargeState.ACTION_REQUIRED,
+    RechargeState.DISPUTED,
+    NO_USABLE_CARD,
+)
+UNSENT = (OutboxStatus.PENDING, OutboxStatus.SENDING, OutboxStatus.FAILED)
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """What waits for a person or for the mail server, as gauges: every reason and status is present (0 when none)."""
+
+    attention: dict[str, int]  # open accounts by reason (ATTENTION_REASONS): one reason each
+    outbox: dict[str, int]  # messages not sent yet, by status (UNSENT)
+    oldest_pending_seconds: float  # how long the oldest pending message has waited; 0 when none waits
+
+
+def backlog(db: Database, now: datetime) -> Backlog:
+    """The accounts needing attention and the outbox's backlog as of `now`, in two GROUP BY queries (a scrape of
+    /metrics runs it, so it never reads account by account)."""
+    with db.reading() as session:
+        states = accounts_needing_attention(session)
+        unsent = outbox_backlog(session)
+    attention = {str(reason): 0 for reason in ATTENTION_REASONS}
+    for state, count in states.items():
+        attention[NO_USABLE_CARD if state == RechargeState.OK else str(state)] = count
+    oldest = unsent.get(OutboxStatus.PENDING, (0, None))[1]
+    return Backlog(
+        attention=attention,
+        outbox={str(status): unsent.get(status, (0, None))[0] for status in UNSENT},
+        oldest_pending_seconds=0.0 if oldest is None else max(0.0, (now - oldest).total_seconds()),
     )

@@ -20,12 +20,14 @@ from typing import IO, Any, Literal
 from recharged.clock import Clock, parse_instant
 from recharged.config import Settings
 from recharged.csvfiles import batches, check_header, open_csv, shape_problem
-from recharged.money import SCALE, Units, parse_amount
+from recharged.money import SCALE, Units, check_amount, parse_amount
 from recharged.rating import Rate, TimeRate, rate_event, rate_snapshot
 from recharged.sms import count_segments
 from recharged.store.engine import Database
 from recharged.store.ledger import AccountRef, UsageRow, existing_entries, lock_accounts, rate_id, record_usage
 from recharged.store.models import Entry
+from recharged.store.reads import closings
+from recharged.words import plural
 
 FIELDS = ("event_id", "account_id", "kind", "started_at", "duration_seconds", "quantity", "text", "cost")
 REQUIRED = ("event_id", "account_id", "kind", "started_at")
@@ -99,8 +101,11 @@ def _whole(raw: Mapping[str, Any], name: str, *, minimum: int, maximum: int) -> 
     return number
 
 
-def parse_event(raw: Mapping[str, Any], *, now: datetime, future_tolerance: timedelta) -> UsageEvent:
-    """Check the shape of one event; raise ValueError with the reason when it is malformed."""
+def parse_event(
+    raw: Mapping[str, Any], *, now: datetime, future_tolerance: timedelta, max_age: timedelta | None = None
+) -> UsageEvent:
+    """Check the shape of one event; raise ValueError with the reason when it is malformed. An event that started
+    more than `max_age` before `now` is refused (usage.max_age_days)."""
     event_id = _text(raw, "event_id")
     account_id = _text(raw, "account_id")
     kind_raw = _text(raw, "kind")
@@ -110,7 +115,9 @@ def parse_event(raw: Mapping[str, Any], *, now: datetime, future_tolerance: time
         raise ValueError(f"{missing[0]} is missing")
     if not _ID.match(event_id):
         raise ValueError("event_id must be 1-128 printable characters without spaces")
-    if not _ACCOUNT.match(account_id):  # what accounts.new_account allows; NUL would break PostgreSQL
+    # Wider than the alphabet of new account ids (accounts.ACCOUNT_ID_RULE): accounts made before it keep their
+    # usage. An unknown id is rejected later by name; NUL would break PostgreSQL.
+    if not _ACCOUNT.match(account_id):
         raise ValueError("account_id must be 1-64 printable characters without spaces")
     kind = kind_raw.lower()
     if not _KIND.match(kind):
@@ -118,6 +125,11 @@ def parse_event(raw: Mapping[str, Any], *, now: datetime, future_tolerance: time
     started_at = parse_instant(started_raw)
     if started_at > now + future_tolerance:
         raise ValueError(f"started_at {started_at.isoformat()} is in the future (now is {now.isoformat()})")
+    if max_age is not None and started_at < now - max_age:
+        raise ValueError(
+            f"started_at {started_at.isoformat()} is more than {plural(max_age.days, 'day')} ago (usage.max_age_days; "
+            f"now is {now.isoformat()})"
+        )
     duration = _whole(raw, "duration_seconds", minimum=0, maximum=MAX_DURATION)
     quantity = _whole(raw, "quantity", minimum=1, maximum=MAX_QUANTITY)
     text = raw.get("text")
@@ -177,7 +189,9 @@ class UsageRecorder:
         self._db = db
         self._clock = clock
         self._tolerance = timedelta(seconds=settings.usage.future_tolerance_seconds)
+        self._max_age = timedelta(days=settings.usage.max_age_days)
         self._plans = {name: plan.rate_table() for name, plan in settings.plans.items()}
+        self._source = settings.source  # the configuration, as messages name it
         self._rate_ids: dict[tuple[str, str, Rate], int] = {}
 
     def record(self, raws: Sequence[Mapping[str, Any]], positions: Sequence[int] | None = None) -> list[Outcome]:
@@ -194,7 +208,7 @@ class UsageRecorder:
                 continue
             event_id = raw.get("event_id") if isinstance(raw.get("event_id"), str) else None
             try:
-                event = parse_event(raw, now=now, future_tolerance=self._tolerance)
+                event = parse_event(raw, now=now, future_tolerance=self._tolerance, max_age=self._max_age)
             except ValueError as exc:
                 outcomes[i] = Outcome(where[i], event_id, "rejected", str(exc))
                 continue
@@ -213,17 +227,21 @@ class UsageRecorder:
             new_rate_ids: dict[tuple[str, str, Rate], int] = {}
             with self._db.transaction() as session:
                 accounts = lock_accounts(session, (event.account_id for _, event in parsed))
+                closed = closings(session, accounts)
                 pending: list[tuple[int, UsageEvent]] = []
                 rows: list[UsageRow] = []
                 for i, event in parsed:
                     try:
                         kind_rate, plan = self._rate_for(event, accounts.get(event.account_id))
+                        _check_open(event, closed.get(event.account_id))
                         check_against_rate(event, kind_rate, plan)
+                        rated = rate_event(kind_rate, duration_seconds=event.duration_seconds, quantity=event.quantity)
+                        cost = event.cost if event.cost is not None else rated.cost
+                        # a price in config.toml can make one event cost more than the ledger takes (money.MAX_AMOUNT)
+                        check_amount(cost, accounts[event.account_id].currency, what="cost")
                     except ValueError as exc:
                         outcomes[i] = Outcome(where[i], event.event_id, "rejected", str(exc))
                         continue
-                    rated = rate_event(kind_rate, duration_seconds=event.duration_seconds, quantity=event.quantity)
-                    cost = event.cost if event.cost is not None else rated.cost
                     key = (plan, event.kind, kind_rate)
                     rid = self._rate_ids.get(key) or new_rate_ids.get(key)
                     if rid is None:
@@ -259,7 +277,9 @@ class UsageRecorder:
             raise ValueError(f"unknown account {event.account_id!r}")
         rates = self._plans.get(account.plan)
         if rates is None:
-            raise ValueError(f"account {account.id!r} is on plan {account.plan!r}, which config.toml does not define")
+            raise ValueError(
+                f"account {account.id!r} is on plan {account.plan!r}, which {self._source} does not define"
+            )
         kind_rate = rates.get(event.kind)
         if kind_rate is None:
             raise ValueError(
@@ -287,6 +307,15 @@ class UsageRecorder:
                 outcomes[index] = Outcome(where[index], event.event_id, "rejected", reason)
             else:
                 outcomes[index] = Outcome(where[index], event.event_id, "duplicate")
+
+
+def _check_open(event: UsageEvent, closed_at: datetime | None) -> None:
+    """A closed account is billed only for usage that started before it was closed (late records of earlier calls)."""
+    if closed_at is not None and event.started_at >= closed_at:
+        raise ValueError(
+            f"account {event.account_id!r} was closed at {closed_at.isoformat()}: usage that started after its "
+            "closing is not billed (`recharged accounts reopen` to bill it)"
+        )
 
 
 def summarize(outcomes: Sequence[Outcome]) -> dict[str, int]:
@@ -328,14 +357,14 @@ def import_csv(
     """Record the usage events of a CSV file (header: FIELDS) in batches of `batch_size`. Duplicates are skipped;
     rejected rows, ragged ones included, are written with their line number and reason to `rejects` (default
     `rejects_path(path)`), which is created only when there are any. `progress(bytes read, file size)` is called
-    once before the first batch and after each one."""
+    once before the first batch, after each one, and once at the end."""
     rejects = rejects or rejects_path(path)
     counts = {"accepted": 0, "duplicate": 0, "rejected": 0}
     reject_writer: Any = None
     reject_handle: IO[str] | None = None
     started = time.perf_counter()
     try:
-        with open_csv(path) as (reader, rows, handle):
+        with open_csv(path) as (reader, rows, bytes_read):
             check_header(path, reader.fieldnames, required=FIELDS, known=FIELDS)
             size = path.stat().st_size
             if progress is not None:
@@ -348,7 +377,10 @@ def import_csv(
                 for key, value in summarize(outcomes).items():
                     counts[key] += value
                 rows_at = {line: row for line, row in batch}
-                bad = [(o, rows_at[o.position]) for o in outcomes if o.status == "rejected"]
+                # In line order: rows the CSV could not shape are rejected apart from the ones recorded
+                bad = sorted(
+                    ((o, rows_at[o.position]) for o in outcomes if o.status == "rejected"), key=lambda b: b[0].position
+                )
                 if bad and reject_writer is None:
                     reject_handle = rejects.open("w", newline="", encoding="utf-8")
                     reject_writer = csv.writer(reject_handle)
@@ -356,9 +388,9 @@ def import_csv(
                 for outcome, row in bad:
                     reject_writer.writerow([outcome.position, outcome.reason, *(row.get(f) or "" for f in FIELDS)])
                 if progress is not None:
-                    # Known bug, tracked separately: tell() raises OSError while the csv reader is still iterating
-                    # the file, so a file of more than one batch fails here after its first batch was recorded.
-                    progress(handle.tell(), size)
+                    progress(min(bytes_read(), size), size)
+            if progress is not None:
+                progress(size, size)  # the whole file, its byte-order mark included
     finally:
         if reject_handle is not None:
             reject_handle.close()

@@ -35,6 +35,7 @@ from recharged.store.integrity import (
     usage_entries_with_rates,
 )
 from recharged.store.ledger import daily_usage_rows, first_usage_times
+from recharged.words import plural
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +100,7 @@ def verify(db: Database, progress: Callable[[int], None] | None = None, limit: i
             expected = daily.pop(key, [0, 0, 0])
             if [kept.events, kept.quantity, kept.amount] != expected:
                 daily_problems.append(
-                    f"daily usage {kept.account_id} {kept.day} {kept.kind}: kept {kept.events} events, "
+                    f"daily usage {kept.account_id} {kept.day} {kept.kind}: kept {plural(kept.events, 'event')}, "
                     f"{kept.quantity} billable, {format_ledger(kept.amount)}; entries give {expected[0]}, "
                     f"{expected[1]}, {format_ledger(expected[2])}"
                 )

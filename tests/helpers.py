@@ -4,6 +4,7 @@ these; tests import from here, never from a conftest."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,15 @@ from recharged.store.engine import Database
 from recharged.usage import UsageRecorder
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+
+
+def with_amounts(settings: Settings, currency: str = "USD", **amounts: str | None) -> Settings:
+    """`settings` with some of `currency`'s recharge amounts replaced (a decimal string, or None: off)."""
+    table = settings.recharge.currencies[currency]
+    changed = table.model_copy(update={k: None if v is None else Decimal(v) for k, v in amounts.items()})
+    recharge = settings.recharge.model_copy(update={"currencies": {**settings.recharge.currencies, currency: changed}})
+    return settings.model_copy(update={"recharge": recharge})
+
 
 # --- accounts and usage ---------------------------------------------------------------------------------------
 

@@ -1,8 +1,12 @@
-"""Accounts: create, import, update, show and history; auto-recharge settings; the audit trail."""
+"""Accounts: create, import, update, show and history; list, search, export, close and reopen; auto-recharge
+settings; the audit trail."""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,8 +18,11 @@ from rich.table import Table
 from recharged import accounts as accounts_service
 from recharged.cli.app import App, actor_option, at_option, err, main, out, pass_app
 from recharged.cli.render import plan_json, plan_table
+from recharged.credentials import read_secret
 from recharged.errors import InputError
-from recharged.money import format_ledger
+from recharged.funding import list_sources
+from recharged.money import format_amount, format_customer, format_ledger
+from recharged.words import plural
 
 if TYPE_CHECKING:
     from recharged.history import AccountHistory
@@ -23,7 +30,7 @@ if TYPE_CHECKING:
 
 @main.group("accounts")
 def accounts_group() -> None:
-    """Create, import, change and show accounts."""
+    """Create, import, change, show, list, search, export, close and reopen accounts."""
 
 
 @accounts_group.command("create")
@@ -61,14 +68,33 @@ def accounts_import(app: App, file: Path, created_at: str | None, actor: str) ->
     """Import accounts from CSV, all or nothing.
 
     Columns: id,email,plan,vat_percent and optionally currency,created_at,opening_balance,auto_recharge, and
-    for a card already on file at Stripe: stripe_customer,payment_method,card_brand,card_last4,card_exp (MM/YYYY).
-    Re-importing the same file changes nothing.
+    for a card already on file at Stripe: stripe_customer,payment_method,card_brand,card_last4,card_exp (MM/YYYY),
+    each checked with Stripe when a key is configured. Every bad row and every conflict with an existing account
+    is listed at once. Re-importing the same file changes nothing.
     """
     accounts_service.parse_actor(actor)
-    now = app.clock.now()
-    new = accounts_service.read_csv(file, app.settings, now, created_at=created_at)
-    result = accounts_service.create_accounts(app.database(), new, actor, app.clock)
-    out.print(f"{file}: {len(result.created)} accounts created, {len(result.unchanged)} already present and unchanged")
+    keyed = read_secret("stripe_api_key") is not None
+    result = accounts_service.import_accounts(
+        app.database(),
+        app.settings,
+        file,
+        actor=actor,
+        clock=app.clock,
+        created_at=created_at,
+        gateway=app.gateway if keyed else None,
+    )
+    out.print(
+        f"{file}: {plural(len(result.created), 'account')} created, {len(result.unchanged)} already present and "
+        "unchanged"
+    )
+    if result.unchecked_cards:
+        where = ", ".join(result.unchecked_cards[:10]) + (", ..." if len(result.unchecked_cards) > 10 else "")
+        err.print(
+            f"{plural(len(result.unchecked_cards), 'card')} {'was' if len(result.unchecked_cards) == 1 else 'were'} "
+            f"not checked with the processor (no Stripe API key is configured): {where}. A card the processor does "
+            "not hold is set aside at its first charge as our error, never as the customer's decline",
+            markup=False,
+        )
 
 
 @accounts_group.command("update")
@@ -97,12 +123,23 @@ def accounts_update(
     _print_change(account_id, before, after)
 
 
-def _print_change(account_id: str, before: dict[str, Any], after: dict[str, Any]) -> None:
+def _print_change(
+    account_id: str, before: dict[str, Any], after: dict[str, Any], inherited: dict[str, Any] | None = None
+) -> None:
+    """Each changed setting, old -> new; a setting taken from the plan reads "default (VALUE)", a flag yes or no."""
+
+    def shown(key: str, value: Any) -> str:
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if value is None and inherited is not None and key in inherited:
+            return f"default ({inherited[key]})"
+        return "-" if value is None else str(value)
+
     changed = [k for k in after if after[k] != before[k]]
     if not changed:
         out.print(f"account {account_id}: nothing changed")
     for key in changed:
-        out.print(f"account {account_id}: {key} {before[key]} -> {after[key]}")
+        out.print(f"account {account_id}: {key} {shown(key, before[key])} -> {shown(key, after[key])}")
 
 
 @main.command("auto-recharge")
@@ -136,7 +173,22 @@ def auto_recharge(app: App, /, account_id: str, enable: bool | None, actor: str,
         auto_recharge=enable,
         overrides=overrides,
     )
-    _print_change(account_id, before, after)
+    plan = app.settings.policy_of(str(after["plan"]))
+    inherited = {
+        name: getattr(plan, name)
+        if name in accounts_service.OVERRIDE_DAYS
+        else format_ledger(getattr(plan, name))
+        if getattr(plan, name) is not None
+        else "off"
+        for name in accounts_service.OVERRIDES
+    }
+    _print_change(account_id, before, after, inherited)
+    if enable and not any(card["unusable"] is None for card in list_sources(app.database(), account_id)):
+        err.print(
+            f"{account_id} has no usable card: nothing will be charged until a card is added with "
+            "`recharged sources add`",
+            markup=False,
+        )
 
 
 @accounts_group.command("show")
@@ -147,14 +199,33 @@ def auto_recharge(app: App, /, account_id: str, enable: bool | None, actor: str,
 def accounts_show(app: App, account_id: str, at: datetime | None, as_json: bool) -> None:
     """One account: its settings, balance and the decision the next cycle would take."""
     when = at or app.clock.now()
-    view = accounts_service.account_view(app.database(), app.settings, account_id, when)
+    view = accounts_service.account_view(app.database(), app.settings, account_id, when, as_of=at is not None)
     settings = view.settings
+    cards = list_sources(app.database(), account_id)
     if as_json:
-        out.print_json(json.dumps({"account": account_id, "settings": settings, **plan_json(view.plan)}))
+        shown = {"account": account_id, "settings": settings, "cards": cards, **plan_json(view.plan)}
+        out.print_json(json.dumps(shown))
         return
     table = Table(title=f"account {account_id}", show_header=False)
+    table.add_row("balance", format_customer(view.plan.decision.balance, view.plan.currency))
+    policy, currency = view.plan.policy, view.plan.currency
     for key, value in settings.items():
-        table.add_row(key, "(config)" if value is None else str(value))
+        if value is None and key in accounts_service.OVERRIDES:  # taken from the plan: show what it is
+            inherited = getattr(policy, key)
+            if key in accounts_service.OVERRIDE_AMOUNTS:
+                inherited = "off" if inherited is None else format_amount(inherited, currency)
+            table.add_row(key, f"{inherited} (config)")
+        elif isinstance(value, bool):
+            table.add_row(key, "yes" if value else "no")
+        else:
+            table.add_row(key, "-" if value is None else str(value))
+    for card in cards:
+        marks = [
+            m for m, on in (("default", card["default"]), (f"unusable: {card['unusable']}", card["unusable"])) if on
+        ]
+        table.add_row("card", f"{card['card']}" + (f" ({', '.join(marks)})" if marks else ""))
+    if not cards:
+        table.add_row("card", "none: `recharged sources add` adds one")
     out.print(table)
     plan_table([view.plan], when)
 
@@ -248,3 +319,151 @@ def audit(app: App, account_id: str | None, limit: int, as_json: bool) -> None:
 def _kv(values: dict[str, Any] | None) -> str:
     shown = {k: v for k, v in (values or {}).items() if v is not None}
     return "\n".join(f"{k}={v}" for k, v in shown.items()) or "-"
+
+
+# --- the life cycle -------------------------------------------------------------------------------------------
+
+PAGE = 1_000  # rows per table: a long listing is printed as it streams in, never held whole
+
+
+def _summary_json(a: accounts_service.AccountSummary) -> dict[str, Any]:
+    return {
+        "id": a.id,
+        "email": a.email,
+        "plan": a.plan,
+        "currency": a.currency,
+        "balance": format_ledger(a.balance),
+        "auto_recharge": a.auto_recharge,
+        "recharge_state": str(a.recharge_state),
+        "status": a.status,
+        "closed_at": a.closed_at.isoformat() if a.closed_at else None,
+        "closed_reason": a.closed_reason,
+    }
+
+
+def _accounts_table() -> Table:
+    table = Table()
+    for column in ("account", "email", "plan", "cur", "balance", "auto-recharge", "status"):
+        table.add_column(column, justify="right" if column == "balance" else "left")
+    return table
+
+
+def _print_accounts(found: Iterator[accounts_service.AccountSummary], as_json: bool, nothing: str) -> None:
+    """Accounts as they stream in: a JSON array, or tables of PAGE rows and a count."""
+    if as_json:
+        sys.stdout.write("[")
+        for i, a in enumerate(found):
+            sys.stdout.write(("," if i else "") + "\n  " + json.dumps(_summary_json(a)))
+        sys.stdout.write("\n]\n")
+        return
+    count = closed = 0
+    table: Table | None = None
+    for a in found:
+        table = table or _accounts_table()
+        state = "" if a.recharge_state == "ok" else f" ({a.recharge_state})"
+        status = "open" if a.closed_at is None else f"closed {a.closed_at:%Y-%m-%d}: {a.closed_reason}"
+        table.add_row(
+            escape(a.id),
+            escape(a.email),
+            escape(a.plan),
+            a.currency,
+            format_ledger(a.balance),
+            ("on" if a.auto_recharge else "off") + state,
+            escape(status),
+        )
+        count, closed = count + 1, closed + (a.closed_at is not None)
+        if table.row_count == PAGE:
+            out.print(table)
+            table = None
+    if table is not None:
+        out.print(table)
+    out.print(f"{plural(count, 'account')} ({closed} closed)" if count else nothing)
+
+
+@accounts_group.command("list")
+@click.option(
+    "--status", type=click.Choice(accounts_service.STATUSES), default="all", show_default=True, help="Which accounts."
+)
+@click.option("--plan", help="Only the accounts on this plan.")
+@click.option("--currency", help="Only the accounts in this currency.")
+@click.option("--json", "as_json", is_flag=True, help="A JSON array, amounts as decimal strings.")
+@pass_app
+def accounts_list(app: App, status: str, plan: str | None, currency: str | None, as_json: bool) -> None:
+    """Every account in id order: email, plan, currency, balance, automatic recharge and its state, and whether it
+    is open or closed."""
+    found = accounts_service.list_accounts(app.database(), status=status, plan=plan, currency=currency)
+    _print_accounts(found, as_json, "no accounts match")
+
+
+@accounts_group.command("search")
+@click.argument("text")
+@click.option("--json", "as_json", is_flag=True, help="A JSON array, amounts as decimal strings.")
+@pass_app
+def accounts_search(app: App, text: str, as_json: bool) -> None:
+    """The accounts whose id or email contains TEXT, in any case (% and _ match only themselves)."""
+    found = accounts_service.search_accounts(app.database(), text)
+    _print_accounts(found, as_json, f"no account's id or email contains {escape(repr(text.strip()))}")
+
+
+@accounts_group.command("export")
+@click.option(
+    "--out",
+    "path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Write the CSV into FILE, which must not exist yet (default: standard output).",
+)
+@pass_app
+def accounts_export(app: App, path: Path | None) -> None:
+    """Every account as the CSV `accounts import` reads, in id order: importing it into an empty database makes the
+    same accounts, and importing it again here changes nothing. It holds the opening balance brought over (not
+    the balance since), the default card on file, and not whether an account is closed."""
+    db = app.database()
+    if path is None:
+        count = accounts_service.export_csv(db, sys.stdout)
+        err.print(f"{plural(count, 'account')} exported")
+        return
+    if path.exists():
+        raise InputError(f"--out {path} exists already; nothing was written (remove it, or name another file)")
+    if not path.parent.is_dir():
+        raise InputError(f"--out {path}: there is no folder {path.parent}")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with partial.open("x", newline="", encoding="utf-8") as handle:
+            count = accounts_service.export_csv(db, handle)
+        partial.replace(path)  # whole or not at all
+    finally:
+        partial.unlink(missing_ok=True)
+    out.print(f"{plural(count, 'account')} exported to {escape(str(path))}")
+
+
+@accounts_group.command("close")
+@click.argument("account_id")
+@click.option("--reason", required=True, help="Why the account is closed (kept with it and in the audit log).")
+@actor_option
+@pass_app
+def accounts_close(app: App, account_id: str, reason: str, actor: str) -> None:
+    """Close an account (signed and audited): it is never charged again, gets no notices and no statement after
+    this month's, and usage that starts from now on is refused. Its balance is kept, not refunded. Refused while
+    a recharge of it is open."""
+    closed = accounts_service.close_account(app.database(), account_id, reason=reason, actor=actor, clock=app.clock)
+    out.print(f"account {escape(account_id)} closed at {closed.at.isoformat()}: {escape(closed.reason or '')}")
+    out.print(
+        f"its balance of {format_amount(closed.balance, closed.currency)} is kept: recharged does not refund it "
+        "(record a refund made elsewhere with `recharged adjust --debit`); automatic recharge is off"
+    )
+
+
+@accounts_group.command("reopen")
+@click.argument("account_id")
+@actor_option
+@pass_app
+def accounts_reopen(app: App, account_id: str, actor: str) -> None:
+    """Reopen a closed account (signed and audited): it is charged, billed, told and sent statements again.
+    Automatic recharge stays off until you turn it on."""
+    reopened = accounts_service.reopen_account(app.database(), account_id, actor=actor, clock=app.clock)
+    out.print(
+        f"account {escape(account_id)} reopened, with a balance of "
+        f"{format_amount(reopened.balance, reopened.currency)}; automatic recharge stays off until you turn it on "
+        f"(`recharged auto-recharge {escape(account_id)} --enable`)"
+    )

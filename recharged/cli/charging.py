@@ -19,10 +19,11 @@ from recharged.cli.render import plan_table, stream_plan_json, utc
 from recharged.clock import midnight, parse_instant
 from recharged.errors import InputError
 from recharged.mail.notices import notify_from_plans
-from recharged.money import format_ledger, parse_amount
+from recharged.money import format_amount, format_customer, format_ledger, parse_amount
 from recharged.planning import plan_accounts
 from recharged.recharge import RechargeReport
 from recharged.reconcile import reconcile
+from recharged.words import plural
 
 
 @main.command("plan")
@@ -33,7 +34,7 @@ from recharged.reconcile import reconcile
 def plan(app: App, at: datetime | None, as_json: bool, charges_only: bool) -> None:
     """What the next recharge cycle would charge, for every account, and why."""
     when = at or app.clock.now()
-    plans: Iterator[AccountPlan] = plan_accounts(app.database(), app.settings, when)
+    plans: Iterator[AccountPlan] = plan_accounts(app.database(), app.settings, when, as_of=at is not None)
     if charges_only:
         plans = (p for p in plans if p.decision.action == "charge")
     if as_json:
@@ -58,6 +59,9 @@ def topup(app: App, account_id: str, amount: str, actor: str) -> None:
     _print_reports([report], "top-up")
     if report.phase != "finished":
         sys.exit(1)
+    if report.receipt is not None and report.balance_after is not None:
+        balance = format_customer(report.balance_after, report.currency)
+        out.print(f"account {account_id}: receipt {report.receipt}; the balance is now {balance}", markup=False)
 
 
 @main.command("adjust")
@@ -65,7 +69,11 @@ def topup(app: App, account_id: str, amount: str, actor: str) -> None:
 @click.option("--credit", help="Add this amount to the balance.")
 @click.option("--debit", help="Take this amount from the balance.")
 @click.option("--reason", required=True, help="Why, in words the next admin will understand.")
-@click.option("--reference", help="Your own id for this adjustment; recording it again changes nothing.")
+@click.option(
+    "--reference",
+    help="Your own id for this adjustment, unique per account: recording it again changes nothing; another amount "
+    "or direction under it is refused.",
+)
 @actor_option
 @pass_app
 def adjust(
@@ -91,21 +99,24 @@ def adjust(
 
 
 @main.command("cycle")
-@click.option("--once", is_flag=True, required=True, help="Run one whole recharge cycle now and exit.")
+@click.option("--once", is_flag=True, hidden=True, help="Accepted for compatibility: `cycle` always runs one cycle.")
 @click.option(
     "--at",
     "at",
     metavar="ISO",
     callback=parse_at,
-    help="Decide which accounts are due as of this instant (default: now). Charges are real: every processor "
-    "call, attempt, lease, receipt and notice is recorded at the real time, never at ISO. To see what a cycle "
-    "would do at another time without charging, use `recharged plan --at`.",
+    help="Take the usage window as of this instant (default: now); balances and caps are today's, since charges "
+    "are real: every processor call, attempt, lease, receipt and notice is recorded at the real time, never at "
+    "ISO. `recharged plan --at` shows the plan as the ledger stood at an instant, and charges nothing.",
 )
 @pass_app
 def cycle(app: App, once: bool, at: datetime | None) -> None:
-    """Run one recharge cycle now: recover unfinished recharges, decide, charge, credit; print what it did."""
+    """Run one recharge cycle now: recover unfinished recharges, decide, charge, credit; print what it did. Exits 1
+    when any due account was not charged (declined, failed, an error, or charging stopped), so a cron job notices;
+    the daemon (`recharged run`) runs cycles on its own schedule."""
+    del once
     db = app.database()
-    report = app.recharges().run_cycle(
+    report = app.recharges().run_recorded_cycle(
         at,
         concurrency=app.settings.daemon.charge_concurrency,
         plans_seen=lambda plans: notify_from_plans(db, app.clock.now(), plans),
@@ -113,16 +124,26 @@ def cycle(app: App, once: bool, at: datetime | None) -> None:
     out.print(f"recharge cycle at {report.at.isoformat()}")
     if report.recovered:
         _print_reports(report.recovered, "recovered")
-    _print_reports(sorted(report.charged, key=lambda r: r.account_id), "charged")
+    done = sorted(report.charged, key=lambda r: r.account_id)
+    charged = [r for r in done if r.phase == "finished"]
+    failed = [r for r in done if r.phase == "failed"]
+    waiting = [r for r in done if r.phase not in ("finished", "failed")]
+    for reports, title in ((charged, "charged"), (failed, "not charged"), (waiting, "waiting on the processor")):
+        if reports:
+            _print_reports(reports, title)
     for account_id, problem in sorted(report.errors.items()):
         err.print(f"account {account_id}: not charged: {problem}", markup=False)
     for account_id in report.not_claimed:
         out.print(f"account {account_id}: skipped, no longer due (another worker charged it, or it changed)")
-    if any(r.phase not in ("finished", "failed") for r in report.recovered + report.charged):
-        out.print("some recharges wait on the processor; the next cycle (or `cycle --once`) finishes them")
+    if waiting or any(r.phase not in ("finished", "failed") for r in report.recovered):
+        out.print("some recharges wait on the processor; the next cycle (or `recharged recover`) finishes them")
     if report.halted:
         err.print(f"charging stopped: {report.halted}", markup=False)
-    if report.errors or report.halted or any(r.integration_error for r in report.charged):
+    out.print(
+        f"{plural(report.accounts, 'account')} planned: {len(charged)} charged, {len(failed)} not charged, "
+        f"{len(waiting)} waiting, {plural(len(report.errors), 'error')}"
+    )
+    if failed or waiting or report.errors or report.halted or any(r.integration_error for r in report.charged):
         sys.exit(1)
 
 
@@ -206,13 +227,17 @@ def reconcile_command(app: App, since: str | None, as_json: bool) -> None:
     else:
 
         def amounts(values: dict[str, int]) -> str:
-            return ", ".join(f"{format_ledger(v)} {c}" for c, v in sorted(values.items())) or "nothing"
+            return ", ".join(format_amount(v, c) for c, v in sorted(values.items())) or "nothing"
 
         out.print(
-            f"since {utc(report.since)}: {report.customers} customers, {report.charges} PaymentIntents, "
-            f"{report.succeeded} succeeded, {report.matched} matched one to one; charged {amounts(report.charged)}, "
-            f"credited {amounts(report.credited)}"
+            f"since {utc(report.since)}: {plural(report.customers, 'customer')}, "
+            f"{plural(report.charges, 'PaymentIntent')}, {report.succeeded} succeeded, {report.matched} matched one "
+            f"to one; charged {amounts(report.charged)}, credited {amounts(report.credited)}",
+            markup=False,
         )
+        if report.charged:
+            vat = "charged = credited + VAT: the cards paid the VAT, the balances were credited without it"
+            out.print(vat + ("; the problems below account for any other difference" if report.problems else ""))
         if report.refunded or report.disputed or report.reversed:
             out.print(
                 f"given back: refunded {amounts(report.refunded)}, disputed {amounts(report.disputed)}; "
@@ -223,7 +248,7 @@ def reconcile_command(app: App, since: str | None, as_json: bool) -> None:
             for p in report.problems:
                 table.add_row(p.kind, p.payment_intent or "-", p.account or "-", escape(p.detail))
             out.print(table)
-            out.print(f"{len(report.problems)} problem{'' if len(report.problems) == 1 else 's'} found")
+            out.print(f"{plural(len(report.problems), 'problem')} found")
         else:
             out.print("every charge matches its credit")
     if not report.ok:

@@ -12,6 +12,7 @@ from recharged.cli.app import err, fail, main, out
 from recharged.config import LoggingSettings
 from recharged.logs import configure
 from recharged.money import format_customer
+from recharged.words import plural
 
 
 @main.command("demo")
@@ -81,5 +82,5 @@ def demo(out_dir: Path) -> None:
     for line in result.verify.violations:
         err.print(f"VIOLATION {line}", markup=False)
     if not result.verify.ok:
-        fail(f"verify found {len(result.verify.violations)} violations in the demo's database", 1)
+        fail(f"verify found {plural(len(result.verify.violations), 'violation')} in the demo's database", 1)
     out.print(f"verify: ledger OK, {result.verify.checked_entries:,} usage entries checked, every invariant holds")

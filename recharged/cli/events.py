@@ -16,6 +16,7 @@ from recharged.cli.charging import parse_since
 from recharged.cli.render import utc
 from recharged.events import EventService
 from recharged.states import EventStatus
+from recharged.words import plural
 
 
 @main.group("events")
@@ -94,8 +95,8 @@ def events_fetch(app: App, since: str) -> None:
     service = EventService(app.database(), app.recharges(), app.clock)
     counts = Counter(s.outcome for s in service.fetch(start))
     out.print(
-        f"since {utc(start)}: {counts['stored']} new events stored, {counts['ignored']} of types recharged does not "
-        f"act on, {counts['duplicate']} already in the inbox"
+        f"since {utc(start)}: {plural(counts['stored'], 'new event')} stored, {counts['ignored']} of types "
+        f"recharged does not act on, {counts['duplicate']} already in the inbox"
     )
     if counts["stored"]:
         out.print("`recharged events process` handles them (the daemon does on its own)")

@@ -31,7 +31,15 @@ def sources_add(app: App, account_id: str, customer: str, payment_method: str, m
     db = app.database()
     accounts_service.get_account(db, account_id)  # an unknown account is refused before asking Stripe
     card = app.gateway().card(customer, payment_method)
-    source = sources_service.add_source(db, account_id, card, actor=actor, clock=app.clock, make_default=make_default)
+    source = sources_service.add_source(
+        db,
+        account_id,
+        card,
+        actor=actor,
+        clock=app.clock,
+        make_default=make_default,
+        notice_delay=app.settings.outbox.admin_notice_delay,
+    )
     role = "default" if source.is_default else "backup"
     out.print(f"account {account_id}: added {card_label(card, expiry=False)} as {role} funding source {source.id}")
 
@@ -61,7 +69,14 @@ def sources_list(app: App, account_id: str, as_json: bool) -> None:
 @pass_app
 def sources_default(app: App, account_id: str, source_id: int, actor: str) -> None:
     """Make a card the default."""
-    sources_service.make_default(app.database(), account_id, source_id, actor=actor, clock=app.clock)
+    sources_service.make_default(
+        app.database(),
+        account_id,
+        source_id,
+        actor=actor,
+        clock=app.clock,
+        notice_delay=app.settings.outbox.admin_notice_delay,
+    )
     out.print(f"account {account_id}: funding source {source_id} is the default")
 
 
@@ -72,7 +87,14 @@ def sources_default(app: App, account_id: str, source_id: int, actor: str) -> No
 @pass_app
 def sources_remove(app: App, account_id: str, source_id: int, actor: str) -> None:
     """Remove a card (the first backup becomes the default if it was)."""
-    promoted = sources_service.remove_source(app.database(), account_id, source_id, actor=actor, clock=app.clock)
+    promoted = sources_service.remove_source(
+        app.database(),
+        account_id,
+        source_id,
+        actor=actor,
+        clock=app.clock,
+        notice_delay=app.settings.outbox.admin_notice_delay,
+    )
     out.print(f"account {account_id}: removed funding source {source_id}")
     if promoted is not None:
         out.print(f"account {account_id}: funding source {promoted.id} is now the default")
@@ -85,5 +107,12 @@ def sources_remove(app: App, account_id: str, source_id: int, actor: str) -> Non
 @pass_app
 def sources_reactivate(app: App, account_id: str, source_id: int, actor: str) -> None:
     """Allow charging a card again after a hard decline, once the customer or bank has fixed it."""
-    sources_service.reactivate_source(app.database(), account_id, source_id, actor=actor, clock=app.clock)
+    sources_service.reactivate_source(
+        app.database(),
+        account_id,
+        source_id,
+        actor=actor,
+        clock=app.clock,
+        notice_delay=app.settings.outbox.admin_notice_delay,
+    )
     out.print(f"account {account_id}: funding source {source_id} can be charged again")

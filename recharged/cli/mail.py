@@ -7,15 +7,21 @@ import sys
 from datetime import datetime
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
-from recharged.cli.app import App, at_option, err, fail, main, out, pass_app
+from recharged import accounts as accounts_service
+from recharged.cli.app import App, actor_option, at_option, err, fail, main, out, pass_app
+from recharged.errors import InputError
 from recharged.mail import statements
+from recharged.mail.admin import cancel_message
 from recharged.mail.outbox import OutboxSender, SendReport, list_messages, outbox_health
 from recharged.mail.outbox import retry_failed as requeue
 from recharged.mail.receipts import get_receipt, list_receipts, receipt_text, resend_copy
 from recharged.mail.templating import render
 from recharged.money import format_customer, format_ledger
+from recharged.states import OutboxStatus
+from recharged.words import plural
 
 
 class _DefaultGroup(click.Group):
@@ -110,11 +116,12 @@ def receipts_show(app: App, number: str, resend: bool) -> None:
 
 @main.group("outbox", cls=_DefaultGroup)
 def outbox_group() -> None:
-    """Emails to customers: `outbox` lists them (failures included), `outbox send` delivers what is pending."""
+    """Emails to customers: `outbox` lists them (failures included), `outbox send` delivers what is pending,
+    `outbox cancel ID` stops one not sent yet."""
 
 
 @outbox_group.command("list")
-@click.option("--status", type=click.Choice(["pending", "sending", "sent", "failed"]), help="Only these.")
+@click.option("--status", type=click.Choice([str(s) for s in OutboxStatus]), help="Only these.")
 @click.option("--account", "account_id", help="Only this account's.")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--json", "as_json", is_flag=True)
@@ -185,13 +192,36 @@ def outbox_send(app: App, retry_failed: bool) -> None:
         sys.exit(1)
 
 
+@outbox_group.command("cancel")
+@click.argument("message_id", metavar="ID", type=int)
+@click.option("--reason", required=True, help="Why it must not be sent (kept with it and in the audit log).")
+@actor_option
+@pass_app
+def outbox_cancel(app: App, message_id: int, reason: str, actor: str) -> None:
+    """Cancel a message not sent yet (pending, or failed): it is never sent. Signed and audited. A message sent, or
+    being sent, cannot be cancelled (exit 4)."""
+    actor = accounts_service.parse_actor(actor)
+    message, cancelled = cancel_message(app.database(), app.clock, message_id, reason=reason, actor=actor)
+    what = escape(f"outbox message {message.id} ({message.kind} to {message.to_address})")
+    if cancelled:
+        out.print(f"{what} cancelled; it will not be sent")
+    else:
+        out.print(f"{what} was already cancelled ({escape(message.last_error or '')}); nothing changed")
+
+
 @main.command("statement")
 @click.argument("account_id")
 @click.option("--month", required=True, metavar="YYYY-MM", help="The calendar month (UTC), e.g. 2026-11.")
-@click.option("--format", "fmt", type=click.Choice(["text", "json", "csv"]), default="text", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON, amounts as decimal strings (as every --json).")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV, one line per movement.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "csv"]), help="The same: text, json or csv.")
 @pass_app
-def statement(app: App, account_id: str, month: str, fmt: str) -> None:
+def statement(app: App, account_id: str, month: str, as_json: bool, as_csv: bool, fmt: str | None) -> None:
     """An account's monthly statement: as issued, or for a month not issued yet, as it stands now."""
+    chosen = {f for f, given in (("json", as_json), ("csv", as_csv), (fmt, fmt is not None)) if given}
+    if len(chosen) > 1:
+        raise InputError(f"give one output format, not {' and '.join(sorted(str(c) for c in chosen))}")
+    fmt = chosen.pop() if chosen else "text"
     content = statements.statement_for(
         app.database(), app.settings, account_id, statements.parse_month(month), app.clock.now()
     )
@@ -210,4 +240,4 @@ def issue_statements(app: App, at: datetime | None) -> None:
     """Issue and queue last month's statement for every account that has none yet (the daemon does this on
     the first of each month); safe to run again."""
     issued = statements.issue_monthly_statements(app.database(), app.settings, app.clock, at)
-    out.print(f"{issued} statements issued and queued; `recharged outbox send` delivers them")
+    out.print(f"{plural(issued, 'statement')} issued and queued; `recharged outbox send` delivers them")

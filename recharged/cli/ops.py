@@ -14,10 +14,13 @@ from rich.table import Table
 from recharged import credentials as secrets
 from recharged.cli.app import App, main, out, pass_app
 from recharged.cli.render import utc
+from recharged.datacheck import data_problems
+from recharged.errors import ConfigError, RechargedError
 from recharged.money import format_customer
 from recharged.status import StatusReport, ask_daemon, status_report
-from recharged.store.engine import masked_url
+from recharged.store.engine import masked_url, sqlite_file
 from recharged.verify import verify as verify_ledger
+from recharged.words import plural
 
 
 @main.command("check-config")
@@ -33,11 +36,34 @@ def check_config(app: App, config_path: Path | None, as_json: bool) -> None:
     effective["database"]["url"] = masked_url(settings.database.url)
     effective["secrets"] = {name: secrets.describe(name) for name in secrets.SECRET_NAMES}
     if as_json:
+        problems, _ = _data_problems(app)
+        if problems:
+            raise ConfigError("the database's accounts need what the configuration lacks:\n  " + "\n  ".join(problems))
         out.print_json(json.dumps(effective))
         return
     source = str(app.config_path) if app.config_path else "built-in defaults (no config.toml found)"
+    problems, checked = _data_problems(app)
+    if problems:
+        raise ConfigError(
+            f"{source}: the database's accounts need what the configuration lacks:\n  " + "\n  ".join(problems)
+        )
     out.print(f"configuration OK: {source}")
+    out.print(f"  {checked}", markup=False)
     _print_tree(effective)
+
+
+def _data_problems(app: App) -> tuple[list[str], str]:
+    """The configuration against the database's accounts, when the database can be read; and what was checked."""
+    url = masked_url(app.settings.database.url)
+    file = sqlite_file(app.settings.database.url)
+    if file is not None and not Path(file).exists():  # checking must not create an empty database
+        return [], f"not checked against a database: {file} does not exist yet"
+    try:
+        db = app.database()
+        problems = data_problems(db, app.settings, app.clock.now().date())
+    except RechargedError as exc:
+        return [], f"not checked against the database ({exc})"
+    return problems, f"checked against the accounts in {url}"
 
 
 def _print_tree(values: dict[str, Any], prefix: str = "") -> None:
@@ -128,7 +154,7 @@ def _status_tables(report: StatusReport) -> None:
             table.add_row(
                 "  result",
                 f"{s.get('charged', 0)} charged{f' ({totals})' if totals else ''}, {s.get('failed', 0)} failed, "
-                f"{s.get('errors', 0)} errors, {s.get('waiting', 0)} waiting on the processor",
+                f"{plural(s.get('errors', 0), 'error')}, {s.get('waiting', 0)} waiting on the processor",
             )
         if last.error:
             table.add_row("  error", escape(last.error))
@@ -137,8 +163,15 @@ def _status_tables(report: StatusReport) -> None:
     upcoming = report.next_cycle
     shown = utc(upcoming.at) if upcoming.at else "unknown"
     table.add_row("next cycle", f"{shown} ({escape(upcoming.note)})")
+    daemon = report.daemon
+    if daemon.answered:
+        failing = [c for c in daemon.checks if c.status != "pass"]
+        lines = [f"{c.name} {c.status}" + (f": {c.output}" if c.output else "") for c in failing]
+        if failing and not daemon.detailed:
+            lines.append("(the details are shown to an API token: set RECHARGED_API_TOKENS, or see the log)")
+        table.add_row("daemon health", escape("\n".join([str(daemon.health), *lines])))
     charged = "; ".join(
-        f"{c.count} recharges, {format_customer(c.charged, c.currency)} charged "
+        f"{plural(c.count, 'recharge')}, {format_customer(c.charged, c.currency)} charged "
         f"({format_customer(c.credited, c.currency)} credited)"
         for c in report.charged
     )
@@ -164,4 +197,5 @@ def verify(app: App) -> None:
         out.print(f"VIOLATION {line}")
     if not report.ok:
         sys.exit(1)
-    out.print(f"ledger OK: {report.checked_entries} usage entries checked, every invariant holds")
+    checked = plural(report.checked_entries, "usage entry", "usage entries")
+    out.print(f"ledger OK: {checked} checked, every invariant holds")

@@ -12,6 +12,7 @@ from rich.table import Table
 from recharged.balance import AccountPlan
 from recharged.cli.app import out
 from recharged.money import format_ledger
+from recharged.words import plural
 
 
 def utc(value: datetime | None) -> str:
@@ -25,7 +26,7 @@ def plan_json(p: AccountPlan) -> dict[str, Any]:
         "account": p.account_id,
         "currency": p.currency,
         "balance": format_ledger(d.balance),
-        "window": {"start": p.window.start.isoformat(), "end": p.window.end.isoformat(), "days": d.history_days},
+        "window": {"start": p.window.start.isoformat(), "end": p.window.end.isoformat(), "days": str(d.history_days)},
         "average_daily_usage": format_ledger(d.average_daily),
         "threshold": format_ledger(d.threshold),
         "recharge_amount": format_ledger(d.recharge_amount),
@@ -35,6 +36,7 @@ def plan_json(p: AccountPlan) -> dict[str, Any]:
         "reason": d.reason,
         "charge_amount": format_ledger(d.charge_amount),
         "limited_by": d.limited_by,
+        "next_try_at": None if d.next_try_at is None else d.next_try_at.isoformat(),
     }
 
 
@@ -56,6 +58,7 @@ def plan_table(plans: list[AccountPlan], when: datetime) -> None:
         d = p.decision
         verdict = f"[bold]charge {format_ledger(d.charge_amount)}[/]" if d.action == "charge" else "skip"
         why = d.reason + (f" ({d.limited_by})" if d.limited_by else "")
+        why += f" until {utc(d.next_try_at)}" if d.next_try_at is not None else ""
         charges += d.action == "charge"
         table.add_row(
             p.account_id,
@@ -69,4 +72,4 @@ def plan_table(plans: list[AccountPlan], when: datetime) -> None:
             f"{verdict}: {why}",
         )
     out.print(table)
-    out.print(f"{len(plans)} accounts, {charges} to charge")
+    out.print(f"{plural(len(plans), 'account')}, {charges} to charge")

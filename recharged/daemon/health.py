@@ -1,6 +1,10 @@
 """/healthz in the `application/health+json` format (draft-inadarei-api-health-check): status pass, warn or
 fail, and a `checks` object. Each check sits beside what it checks; none calls the payment processor or the
 mail server: their last real call's outcome is remembered and shown instead.
+
+/healthz needs no token, so what anyone may read (`public`) is each check's name and status and nothing else:
+the details (errors, card and payment ids, the database's address, account ids) are for the holders of an API
+token (`recharged status` sends one) and for the log, where each change of a check is written once.
 """
 
 from __future__ import annotations
@@ -8,15 +12,19 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
+
+import structlog
 
 from recharged.clock import Clock
 from recharged.states import AttemptStatus, JobStatus
 from recharged.store.engine import Database
 from recharged.store.reads import last_settled_attempt
 from recharged.store.runs import last_job_run
+
+log = structlog.get_logger("recharged.health")
 
 Status = Literal["pass", "warn", "fail"]
 CONTENT_TYPE = "application/health+json"
@@ -78,6 +86,8 @@ class Health:
     disputes: Callable[[], Mapping[str, Any]] | None = None  # accounts paused by a dispute
     service_id: str = ""
     version: str = ""
+    _logged: dict[str, tuple[tuple[Status, Any], ...]] = field(default_factory=dict, init=False, repr=False)
+    _log_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def ping_database(self) -> tuple[Status, float, str | None]:
         started = time.perf_counter()
@@ -212,6 +222,7 @@ class Health:
         if mail is not None:
             checks["smtp:lastDelivery"] = [dict(mail)]
 
+        self._log_changes(checks)
         statuses: list[Status] = [entry["status"] for entries in checks.values() for entry in entries]
         return {
             "status": worst(statuses),
@@ -221,3 +232,31 @@ class Health:
             "description": "recharged: prepaid balances and automatic recharges",
             "checks": checks,
         }
+
+    def _log_changes(self, checks: Mapping[str, list[dict[str, Any]]]) -> None:
+        """Log a check when its status changes, or what it says while it is not passing: the details /healthz shows
+        only to token holders reach the log once per change, not once per probe."""
+        with self._log_lock:
+            for name, entries in checks.items():
+                seen = tuple((entry["status"], entry.get("output")) for entry in entries)
+                before = self._logged.get(name, tuple(("pass", None) for _ in entries))
+                self._logged[name] = seen
+                for index, (status, output) in enumerate(seen):
+                    was = before[index][0] if index < len(before) else "pass"
+                    if status != was or (status != "pass" and seen != before):
+                        (log.info if status == "pass" else log.warning)(
+                            "health.check", check=name, status=status, was=was, output=output
+                        )
+
+
+def public(report: Mapping[str, Any]) -> dict[str, Any]:
+    """What /healthz shows without a token: the status, and each check's name and status. Nothing else: a check's
+    output, values and times may name a card, an error, an account or the database's host and port."""
+    return {
+        "status": report["status"],
+        "version": report["version"],
+        "description": report["description"],
+        "checks": {
+            name: [{"status": entry["status"]} for entry in entries] for name, entries in report["checks"].items()
+        },
+    }

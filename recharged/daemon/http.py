@@ -17,14 +17,18 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
 
 from recharged import __version__, accounts
 from recharged.clock import Clock
 from recharged.daemon.health import CONTENT_TYPE as HEALTH_CONTENT_TYPE
 from recharged.daemon.health import Health
+from recharged.daemon.health import public as public_health
 from recharged.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from recharged.daemon.metrics import Metrics
 from recharged.daemon.runtime import Runtime
@@ -172,11 +176,30 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's members, refusing a key given twice (json.loads would keep the last one silently)."""
+    members: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in members:
+            raise _DuplicateKey(key)
+        members[key] = value
+    return members
+
+
 def _parse_json(body: bytes) -> Any:
     """The body's JSON; a 400 for anything json.loads refuses (including integers past Python's digit limit and
-    nesting past the recursion limit) and for strings with lone surrogate escapes, which no answer could echo."""
+    nesting past the recursion limit), for an object that gives a key twice, and for strings with lone surrogate
+    escapes, which no answer could echo."""
     try:
-        data = json.loads(body)
+        data = json.loads(body, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise ApiError(
+            400, f"the body is not valid JSON: the key {str(exc)[:100]!r} appears twice in one object"
+        ) from None
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ApiError(400, f"the body is not valid JSON: {str(exc)[:200]}") from None
     try:
@@ -191,9 +214,20 @@ def create_app(backend: Backend) -> FastAPI:
         title="recharged",
         version=__version__,
         description="Prepaid balances and automatic recharges: usage in, balances out, Stripe webhooks.",
-        docs_url="/docs",
+        docs_url=None,  # served below from the package's own copy of Swagger UI: /docs works offline
         redoc_url=None,
     )
+    app.mount("/docs/assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="recharged API",
+            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/docs/assets/favicon-32x32.png",
+        )
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -250,10 +284,20 @@ def create_app(backend: Backend) -> FastAPI:
         ok, why = backend.ready()
         return JSONResponse({"status": "pass" if ok else "fail", "output": why}, status_code=200 if ok else 503)
 
-    @app.get("/healthz", tags=["ops"], summary="Health in application/health+json")
-    def healthz() -> Response:
+    @app.get(
+        "/healthz",
+        tags=["ops"],
+        summary="Health in application/health+json: each check's status; its details with a bearer token",
+    )
+    def healthz(request: Request) -> Response:
+        # Anyone may ask; only the holders of an API token read the details (errors, ids, the database address).
+        detailed = "authorization" in request.headers
+        if detailed:
+            authorize(request)
         report = backend.health.report()
         status = 503 if report["status"] == "fail" else 200
+        if not detailed:
+            report = public_health(report)
         return Response(json.dumps(report), status_code=status, media_type=HEALTH_CONTENT_TYPE)
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")

@@ -2,19 +2,68 @@
 
 Each daemon builds its own registry (no global state), so tests can run several side by side. `Metrics` is
 also the charge flow's `Observer` and the event inbox's: it hears decisions, attempts, credits and events as
-they happen.
+they happen. What waits in the database (accounts needing attention, the outbox's backlog) is read when
+Prometheus scrapes, by the function given to `watch`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from recharged.balance import AccountPlan
 from recharged.money import Units, to_decimal
 from recharged.states import AttemptStatus
+from recharged.status import Backlog
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+log = structlog.get_logger("recharged.metrics")
+
+
+class BacklogCollector(Collector):
+    """Gauges read from the database at each scrape: one cheap read (two GROUP BY queries). When the database
+    cannot be read they are left out of that scrape (/readyz and /healthz say why), never made up."""
+
+    def __init__(self, read: Callable[[], Backlog]) -> None:
+        self._read = read
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families(None)
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            backlog = self._read()
+        except Exception as exc:  # a scrape must answer; the gauges are absent from it instead
+            log.warning("metrics.backlog_unread", error=f"{type(exc).__name__}: {exc}"[:300])
+            return []
+        return self._families(backlog)
+
+    @staticmethod
+    def _families(backlog: Backlog | None) -> list[Metric]:
+        attention = GaugeMetricFamily(
+            "recharged_accounts_attention",
+            "Open accounts needing a person, by reason: backing_off, suspended, action_required, disputed, "
+            "no_usable_card (automatic recharge on and no card that can be charged); one reason each",
+            labels=["reason"],
+        )
+        outbox = GaugeMetricFamily(
+            "recharged_outbox_messages", "Emails not sent yet, by status: pending, sending, failed", labels=["status"]
+        )
+        oldest = GaugeMetricFamily(
+            "recharged_outbox_oldest_pending_seconds", "How long the oldest pending email has waited (0: none waits)"
+        )
+        if backlog is not None:
+            for reason, count in backlog.attention.items():
+                attention.add_metric([reason], count)
+            for status, count in backlog.outbox.items():
+                outbox.add_metric([status], count)
+            oldest.add_metric([], backlog.oldest_pending_seconds)
+        return [attention, outbox, oldest]
 
 
 class Metrics:
@@ -117,6 +166,10 @@ class Metrics:
     def credited(self, kind: str, amount: Units, currency: str) -> None:
         # Prometheus samples are floats: the exact amount is in the ledger, this one is for graphs and alerts.
         self.charged_amount.labels(currency, kind).inc(float(to_decimal(amount)))
+
+    def watch(self, read: Callable[[], Backlog]) -> None:
+        """Show the accounts needing attention and the outbox's backlog, as `read` finds them at each scrape."""
+        self.registry.register(BacklogCollector(read))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

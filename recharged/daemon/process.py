@@ -41,7 +41,8 @@ from recharged.daemon.jobs import JobRecorder, close_interrupted_runs
 from recharged.daemon.metrics import Metrics
 from recharged.daemon.runtime import Runtime, build_runtime
 from recharged.daemon.scheduler import JobSpec, Scheduler, job_specs
-from recharged.errors import ConfigError, InstanceError, RechargedError
+from recharged.datacheck import data_problems
+from recharged.errors import ConfigError, DatabaseError, InstanceError, RechargedError
 from recharged.events import disputes_check, inbox_check
 from recharged.logs import configure
 from recharged.mail.admin import last_delivery_check
@@ -51,8 +52,10 @@ from recharged.mail.statements import issue_monthly_statements
 from recharged.money import format_ledger
 from recharged.payments import PaymentGateway
 from recharged.states import JobStatus
+from recharged.status import backlog
 from recharged.store.engine import Database, masked_url, sqlite_file
 from recharged.store.runs import instance_name, last_job_run
+from recharged.words import plural
 
 log = structlog.get_logger("recharged.daemon")
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -135,6 +138,7 @@ class Daemon:
         self._settings = settings
         daemon = settings.daemon
         self.db = Database(settings.database.url, connections=daemon.charge_concurrency + 24)
+        self.metrics.watch(lambda: backlog(self.db, clock.now()))
         self._runtime: Runtime | None = None
         self._scheduler = Scheduler(on_missed=lambda job: self.metrics.jobs_missed.labels(job).inc())
         self._urgent = ThreadPoolExecutor(max_workers=4, thread_name_prefix="urgent")
@@ -189,8 +193,12 @@ class Daemon:
             return False, "stopping"
         try:
             self.db.require_current()
-        except RechargedError as exc:
-            return False, str(exc)
+        except DatabaseError as exc:  # the details (address, schema) go to the log, never to an open endpoint
+            log.warning("readyz.not_ready", error=str(exc))
+            schema = "upgrade" in str(exc)
+            return False, "the database schema is not current: run `recharged db upgrade`" if schema else (
+                "the database cannot be reached"
+            )
         return True, "ready"
 
     def next_cycle(self) -> datetime | None:
@@ -311,7 +319,7 @@ class Daemon:
         self.metrics.last_success.set(self._clock.now().timestamp())
         self._status(
             f"last cycle {self._clock.now():%Y-%m-%d %H:%M} UTC: {summary['charged']} charged, "
-            f"{summary['failed']} failed, {summary['errors']} errors; next {self._next_text()}"
+            f"{summary['failed']} failed, {plural(summary['errors'], 'error')}; next {self._next_text()}"
         )
 
     def _complete(self) -> None:
@@ -425,8 +433,10 @@ class Daemon:
         log.info("http.listening", address=f"http://{address[0]}:{address[1]}")
 
     def prepare(self) -> Runtime:
-        """Check the schema and build the runtime (the processor key and API tokens are read here)."""
+        """Check the schema and the configuration against the data, and build the runtime (the processor key and
+        API tokens are read here)."""
         self.db.require_current()
+        _refuse_lacking(data_problems(self.db, self._settings, self._clock.now().date()))
         self._runtime = build_runtime(
             self._settings, self.db, self._clock, self.metrics, self._processor, self._gateway
         )
@@ -506,6 +516,7 @@ class Daemon:
             changed = [".".join(key) for key in RESTART_ONLY if _get(fresh, key) != _get(self._settings, key)]
             if changed:
                 raise ConfigError(f"{', '.join(changed)} cannot change while running; restart the service instead")
+            _refuse_lacking(data_problems(self.db, fresh, self._clock.now().date()))
             runtime = build_runtime(fresh, self.db, self._clock, self.metrics, self._processor, self._gateway)
         except RechargedError as exc:
             log.error("config.reload_refused", error=str(exc), kept="the running configuration")
@@ -520,6 +531,11 @@ class Daemon:
         log.info("config.reloaded", path=str(self._config_path), next_cycle=str(self.next_cycle()))
         sdnotify.ready(f"configuration reloaded; {self._last_status}"[:200])
         return True
+
+
+def _refuse_lacking(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("the database's accounts need what the configuration lacks:\n  " + "\n  ".join(problems))
 
 
 def _get(settings: Settings, key: tuple[str, str]) -> object:

@@ -28,7 +28,7 @@ import stripe
 from tenacity import wait_none
 
 from recharged.accounts import NewAccount, adjust_balance, create_accounts
-from recharged.balance import AccountPlan, runway_days
+from recharged.balance import SECONDS_PER_DAY, AccountPlan, runway_days
 from recharged.charts import BalancePoint, balance_chart
 from recharged.clock import FixedClock, SystemClock, start_of_day
 from recharged.config import Settings
@@ -235,13 +235,29 @@ def demo_settings(out: Path, stripe_api_base: str) -> Settings:
 
 
 def _write_config(out: Path, settings: Settings) -> Path:
-    """A config.toml that points recharged at the demo's database and outbox, to look around afterwards."""
+    """A config.toml that points recharged at the demo's database and outbox, to look around afterwards, and at
+    `recharged testserver` for commands that talk to the processor (the demo's own server ends with the demo)."""
+    # lazy: the command module is only needed for these few names
+    from recharged.cli.testserver import DEFAULT_PORT, SANDBOX_API_KEY, SANDBOX_CUSTOMER, sandbox_payment_method
+
     path = out / "config.toml"
     toml = json.dumps  # a JSON string is a valid TOML basic string
+    card = sandbox_payment_method(CUSTOMERS[0].card)
     path.write_text(
         "# Written by `recharged demo`: the built-in defaults with the demo's database and outbox. Look around with\n"
-        f"#   recharged --config {path} receipts steady\n\n"
+        f"#   recharged --config {path} receipts steady\n"
+        "#\n"
+        "# The demo charged through a Stripe-compatible server inside its own process, which ended with it. To run\n"
+        "# the commands that talk to the processor (sources add, topup, cycle --once, reconcile) on this database,\n"
+        "# start the bundled one (stripe_api_base below points at it) and, in another shell, set its test key:\n"
+        f"#   recharged testserver --port {DEFAULT_PORT}\n"
+        f"#   export RECHARGED_STRIPE_API_KEY={SANDBOX_API_KEY}\n"
+        "# It does not know the demo's customers and cards: a charge on one of them is refused as a missing payment\n"
+        "# method, and the card is marked unusable. Give an account one of the testserver's cards first, e.g.\n"
+        f"#   recharged --config {path} sources add steady --customer {SANDBOX_CUSTOMER} --payment-method {card} \\\n"
+        f'#       --default --actor "{ACTOR}"\n\n'
         f"[database]\nurl = {toml(settings.database.url)}\n\n"
+        f"[payments]\nstripe_api_base = {toml(f'http://127.0.0.1:{DEFAULT_PORT}')}\n\n"
         f"[business]\nname = {toml(settings.business.name)}\naddress = {toml(settings.business.address)}\n\n"
         f"[smtp]\nfrom_address = {toml(settings.smtp.from_address)}\n\n"
         f"[outbox]\nfolder = {toml(settings.outbox.folder)}\njournal = {toml(settings.outbox.journal)}\n",
@@ -390,7 +406,7 @@ class _Simulation:
             if after[account_id] != d.balance:
                 track.points.append(BalancePoint(now, after[account_id], d.threshold))
             track.balance = after[account_id]
-            low, high = d.runway_days, runway_days(after[account_id], d.average_daily, 1)
+            low, high = d.runway_days, runway_days(after[account_id], d.average_daily, SECONDS_PER_DAY)
             if low is not None and (track.low_days is None or low < track.low_days):
                 track.low_days = low
             if high is not None and (track.high_days is None or high > track.high_days):

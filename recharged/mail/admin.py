@@ -1,18 +1,23 @@
 """The outbox as operators see it: its health (for /healthz and `recharged outbox`), its integrity (for
-`recharged verify`), the message list, and putting failed messages back in the queue."""
+`recharged verify`), the message list, putting failed messages back in the queue, and cancelling a message not
+sent yet."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+import structlog
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, defer
 
 from recharged.clock import Clock
+from recharged.errors import ConflictError, InputError, NotFoundError
 from recharged.states import OutboxStatus
 from recharged.store.engine import Database
-from recharged.store.models import OutboxMessage
+from recharged.store.models import AuditRecord, OutboxMessage
+
+log = structlog.get_logger("recharged.outbox")
 
 
 def outbox_health(session: Session) -> dict[str, Any]:
@@ -35,7 +40,8 @@ def outbox_health(session: Session) -> dict[str, Any]:
     ).first()
     outcome = None
     if last is not None:
-        outcome = {"sent": "sent", "failed": "failed", "sending": "sending"}.get(last.status, "will retry")
+        shown = {"sent": "sent", "failed": "failed", "sending": "sending", "cancelled": "cancelled"}
+        outcome = shown.get(last.status, "will retry")
         if last.last_error and last.status != OutboxStatus.SENT:
             outcome = f"{outcome}: {last.last_error}"
     return {
@@ -112,3 +118,50 @@ def list_messages(
         if account_id is not None:
             query = query.where(OutboxMessage.account_id == account_id)
         return list(session.scalars(query.options(defer(OutboxMessage.raw), defer(OutboxMessage.context))))
+
+
+MAX_CANCEL_REASON = 200
+
+
+def cancel_message(
+    db: Database, clock: Clock, message_id: int, *, reason: str, actor: str
+) -> tuple[OutboxMessage, bool]:
+    """Cancel a message not sent yet (pending, or failed): it is never sent, `outbox list` shows it as cancelled,
+    and the cancellation is audited on its account with `actor` (a name `accounts.parse_actor` accepted) and
+    `reason`. Returns the message and whether this call cancelled it (False: it was cancelled already, and is
+    left as it was). A message sent, or being sent, is a ConflictError."""
+    reason = " ".join(reason.split())
+    if not reason or len(reason) > MAX_CANCEL_REASON or not reason.isprintable():
+        raise InputError(f"--reason must be 1 to {MAX_CANCEL_REASON} printable characters, got {reason!r}")
+    now = clock.now()
+    with db.transaction() as session:
+        message = session.get(OutboxMessage, message_id, with_for_update=True)
+        if message is None:
+            raise NotFoundError(f"no outbox message {message_id}")
+        if message.status == OutboxStatus.SENT:
+            when = f" at {message.sent_at.isoformat()}" if message.sent_at else ""
+            raise ConflictError(f"outbox message {message_id} was sent{when}; it cannot be cancelled")
+        if message.status == OutboxStatus.SENDING:
+            raise ConflictError(
+                f"outbox message {message_id} was being sent (by {message.claimed_by}, held until "
+                f"{message.lease_until.isoformat() if message.lease_until else 'its lease ends'}); it cannot be "
+                "cancelled: the server may have it already"
+            )
+        if message.status == OutboxStatus.CANCELLED:
+            return message, False
+        before = {"status": str(message.status), "kind": message.kind, "to": message.to_address}
+        message.status, message.last_error = OutboxStatus.CANCELLED, f"cancelled by {actor}: {reason}"[:500]
+        if message.account_id is not None:
+            after = {"status": "cancelled", "reason": reason, "message": message.id, "key": message.key}
+            session.add(
+                AuditRecord(
+                    account_id=message.account_id,
+                    actor=actor,
+                    at=now,
+                    action="outbox.cancelled",
+                    before=before,
+                    after=after,
+                )
+            )
+        log.info("outbox.cancelled", message=message_id, key=message.key, actor=actor, reason=reason)
+        return message, True

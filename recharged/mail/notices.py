@@ -1,5 +1,6 @@
 """Customer notices: each one is put in the outbox in the same transaction as the event it reports, under a key
-that makes it unique (one notice per declined attempt, per failed recharge, per audited change, per episode).
+that makes it unique (one notice per declined attempt, per failed recharge, per episode, and per first audited
+change of a group of admin changes).
 
 - payment declined, saying what happens next (the next card is tried now, or the next try's time, or nothing
   for a one-time purchase); the bank's reason is shown only when it is safe and useful to show (insufficient
@@ -7,9 +8,11 @@ that makes it unique (one notice per declined attempt, per failed recharge, per 
 - action required: the card needs the customer to authenticate it or be replaced;
 - automatic recharge suspended after the retry schedule ran out;
 - balance low or run out while automatic recharge is off, and spend cap reached: conditions seen in the recharge
-  plan, one notice per episode (`notify_from_plans`, which the recharge cycle calls with its plans);
-- an admin changed the customer's automatic recharge settings or cards: what changed, when, by whom; or the card
-  processor removed a card (detached at the processor, or its customer deleted there);
+  plan, one notice per episode (`notify_from_plans`, which the recharge cycle calls with its plans). A balance
+  notice is for a crossing: an account that has been at or below the line since it was created is not told;
+- an admin changed the customer's automatic recharge settings or cards: what changed, when, by whom, in one notice
+  per account per `[outbox] admin_notice_delay_minutes` (`_admin_notice`); or the card processor removed a card
+  (detached at the processor, or its customer deleted there), told at once;
 - money given back after a payment: a refund to the card (and a refund the bank returned), a disputed payment
   whose funds the bank took back (automatic recharge paused), and disputed funds reinstated: one notice per
   refund or dispute movement, in the transaction that posts its ledger entry.
@@ -21,20 +24,21 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from recharged.balance import AccountPlan
 from recharged.config import PaymentsSettings
-from recharged.mail.outbox import enqueue
+from recharged.mail.outbox import enqueue, gathering
 from recharged.money import Units, format_customer, parse_amount
-from recharged.states import RechargeState
+from recharged.states import EntryType, RechargeState
 from recharged.store.charging import candidate_sources
 from recharged.store.engine import Database, insert_once
 from recharged.store.models import (
     Account,
     AuditRecord,
     ChargeAttempt,
+    Entry,
     FundingSource,
     NoticeEpisode,
     Receipt,
@@ -192,7 +196,8 @@ def conditions(plan: AccountPlan) -> list[str]:
 def notify_from_plans(db: Database, at: datetime, plans: Iterable[AccountPlan]) -> int:
     """Notices for conditions the recharge plans show (balance low or run out with automatic recharge off,
     spend cap reached): one per episode, not one per cycle. An episode starts when a plan first shows the
-    condition and ends when a plan of the same account no longer does. Returns the notices queued.
+    condition and ends when a plan of the same account no longer does; a balance episode of an account that has
+    been at or below the line since it was created is kept untold. Returns the notices queued.
 
     Safe to call from several workers at once: an episode is a row with a primary key, and only the worker
     that inserts it queues the notice."""
@@ -223,9 +228,33 @@ def notify_from_plans(db: Database, at: datetime, plans: Iterable[AccountPlan]) 
                     ["account_id", "kind"],
                 )
             ]
-            if started:  # the most severe new condition; a lesser one starting with it goes unsaid
+            # The most severe new condition is told, and a lesser one starting with it goes unsaid; a balance
+            # that never was above its line did not cross it: its episode is kept, untold.
+            if started and (started[0] not in BALANCE_LINES or _can_have_crossed(session, plan, started[0])):
                 queued += _episode_notice(session, plan, started[0], at)
     return queued
+
+
+BALANCE_LINES = ("balance_exhausted", "balance_low")
+_CREDITS = tuple(kind for kind in EntryType if kind != EntryType.USAGE)
+
+
+def _can_have_crossed(session: Session, plan: AccountPlan, kind: str) -> bool:
+    """Whether the balance can have been above the line of `kind` (0 for balance_exhausted, the threshold for
+    balance_low) since the account was created: only if everything ever credited to it (its opening balance
+    included) reaches past the line. An account created at or below the line, and never credited past it since,
+    has not crossed it: the customer caused nothing to tell. Read only when an episode starts."""
+    credited = int(
+        session.scalar(
+            select(func.coalesce(func.sum(Entry.amount), 0)).where(
+                Entry.entry_type.in_(_CREDITS), Entry.account_id == plan.account_id, Entry.amount > 0
+            )
+        )
+        or 0
+    )
+    if kind == "balance_exhausted":  # run out at 0 or below
+        return credited > 0
+    return credited > 0 and credited >= plan.decision.threshold  # low below the threshold
 
 
 def _episode_notice(session: Session, plan: AccountPlan, kind: str, at: datetime) -> int:
@@ -290,13 +319,15 @@ def card_words(source: FundingSource | None) -> str:
     return f"{source.brand.title()} ending in {source.last4}"
 
 
-def settings_changed(session: Session, record: AuditRecord) -> None:
-    """An admin changed automatic recharge settings (audited in `record`): tell the customer what changed."""
+def settings_changed(session: Session, record: AuditRecord, delay: timedelta) -> None:
+    """An admin changed automatic recharge settings (audited in `record`): tell the customer what changed, in the
+    account's notice of admin changes that gathers for `delay` (see `_admin_notice`)."""
     account = session.get(Account, record.account_id)
     assert account is not None
     before, after = record.before or {}, record.after or {}
     changes = [
         {
+            "setting": name,
             "what": SETTING_WORDS[name],
             "before": _setting_value(name, before.get(name), account.currency),
             "after": _setting_value(name, after.get(name), account.currency),
@@ -305,27 +336,113 @@ def settings_changed(session: Session, record: AuditRecord) -> None:
         if name in SETTING_WORDS and before.get(name) != after.get(name)
     ]
     if changes:
-        _admin_notice(session, account, record, "automatic recharge settings", changes)
+        _admin_notice(session, account, record, "automatic recharge settings", changes, delay)
 
 
-def cards_changed(session: Session, record: AuditRecord, what: str, before: str, after: str) -> None:
-    """An admin changed the customer's cards (audited in `record`)."""
+def cards_changed(
+    session: Session, record: AuditRecord, what: str, before: str, after: str, *, delay: timedelta | None
+) -> None:
+    """The customer's cards changed (audited in `record`): by an admin, told in the account's notice of admin
+    changes that gathers for `delay`; or by the processor (`delay` None), told at once in a message of its own."""
     account = session.get(Account, record.account_id)
     assert account is not None
-    _admin_notice(session, account, record, "cards on file", [{"what": what, "before": before, "after": after}])
+    change = {"setting": None, "what": what, "before": before, "after": after}
+    _admin_notice(session, account, record, "cards on file", [change], delay)
 
 
 def _admin_notice(
-    session: Session, account: Account, record: AuditRecord, subject_what: str, changes: list[dict[str, str]]
+    session: Session,
+    account: Account,
+    record: AuditRecord,
+    subject_what: str,
+    changes: list[dict[str, Any]],
+    delay: timedelta | None,
 ) -> None:
+    """Queue the notice of a change, or add the change to the account's notice still gathering: one email per
+    account per `delay` instead of one per change (an admin trying settings out). The first change queues it to
+    be sent `delay` later; each change until then joins it. A setting is told from its value before the first
+    change to its value now, in the order first changed, and not at all once it is back where it was; cards are
+    told as events (added, removed, ...). A notice left with nothing to tell is withdrawn: no email says
+    "nothing changed" (the audit trail keeps every change)."""
+    if account.closed_at is not None:  # a closed account is not told (`accounts close`)
+        return
     session.flush()  # the audit record's id makes the notice's key
-    context = {
+    at = record.at.isoformat()
+    told = [{**c, "about": subject_what, "actors": [record.actor], "at": at, "last_at": at} for c in changes]
+    if delay and delay > timedelta(0):
+        # One writer per account at a time, so two first changes cannot each queue a notice.
+        session.execute(select(Account.id).where(Account.id == account.id).with_for_update())
+        pending = gathering(session, kind="settings_changed", account_id=account.id, now=record.at)
+        if pending is not None:
+            merged = _gathered(_told_in(pending.context), told)
+            if merged:
+                pending.context = _admin_context(account, merged)
+                pending.to_address = account.email
+            else:
+                session.delete(pending)
+            return
+    told = _gathered([], told)
+    if told:
+        enqueue(
+            session,
+            key=f"settings:audit:{record.id}",
+            kind="settings_changed",
+            to=account.email,
+            context=_admin_context(account, told),
+            at=record.at,
+            account_id=account.id,
+            not_before=record.at + (delay or timedelta(0)),
+        )
+
+
+def _told_in(context: dict[str, Any]) -> list[dict[str, Any]]:
+    """The changes a queued notice tells, each with who made it and when (a notice queued before notices gathered
+    changes names them once for all)."""
+    return [
+        {
+            "setting": None,
+            "about": context.get("subject_what", ""),
+            "actors": [context.get("actor", "")],
+            "at": context.get("at"),
+            "last_at": context.get("at"),
+        }
+        | change
+        for change in context.get("changes", [])
+    ]
+
+
+def _gathered(told: list[dict[str, Any]], changes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`changes` added to what a notice tells: a setting told already takes its new value (and who changed it),
+    keeping its place and its value before; a setting back at that value drops out."""
+    merged = [dict(c) for c in told]
+    for change in changes:
+        earlier = next((c for c in merged if change["setting"] and c.get("setting") == change["setting"]), None)
+        if earlier is None:
+            merged.append(dict(change))
+            continue
+        earlier["after"], earlier["last_at"] = change["after"], change["last_at"]
+        earlier["actors"] = [*earlier["actors"], *(a for a in change["actors"] if a not in earlier["actors"])]
+    return [c for c in merged if not (c.get("setting") and c["before"] == c["after"])]
+
+
+def _admin_context(account: Account, told: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the settings_changed template renders: who made the changes (in order), what they were about, and from
+    the first change to the last."""
+
+    def firsts(values: Iterable[str]) -> list[str]:
+        return list(dict.fromkeys(values))
+
+    actors = firsts(actor for c in told for actor in c["actors"])
+    times = sorted(datetime.fromisoformat(t) for c in told for t in (c["at"], c["last_at"]) if t)
+    return {
         "account": {"id": account.id, "email": account.email},
-        "actor": record.actor,
-        "subject_what": subject_what,
-        "changes": changes,
+        "actor": actors[0] if len(actors) == 1 else ", ".join(actors[:-1]) + " and " + actors[-1],
+        "subject_what": " and ".join(firsts(c["about"] for c in told)),
+        "changes": told,
+        "currency": account.currency,
+        "at": times[0].isoformat() if times else None,
+        "last_at": times[-1].isoformat() if len(times) > 1 and times[-1] != times[0] else None,
     }
-    _notice(session, f"settings:audit:{record.id}", "settings_changed", account, context, record.at)
 
 
 # --- after the charge: refunds and disputes -----------------------------------------------------------------

@@ -51,7 +51,6 @@ from recharged.errors import PermanentSmtpError, TemplateRenderError, TransientS
 from recharged.faults import crashpoint
 from recharged.mail.admin import list_messages, outbox_health, retry_failed
 from recharged.mail.journal import Journal
-from recharged.mail.mime import build_message
 from recharged.mail.transports import FolderTransport, SmtpTransport, Transport
 from recharged.states import OutboxStatus
 from recharged.store.engine import Database, insert_once
@@ -59,7 +58,7 @@ from recharged.store.models import OutboxMessage
 from recharged.store.runs import instance_name
 
 # list_messages, outbox_health and retry_failed live in admin.py; the CLI imports them from here.
-__all__ = ["OutboxSender", "SendReport", "enqueue", "list_messages", "outbox_health", "retry_failed"]
+__all__ = ["OutboxSender", "SendReport", "enqueue", "gathering", "list_messages", "outbox_health", "retry_failed"]
 
 log = structlog.get_logger("recharged.outbox")
 
@@ -76,11 +75,13 @@ def enqueue(
     context: dict[str, Any],
     at: datetime,
     account_id: str | None = None,
+    not_before: datetime | None = None,
 ) -> bool:
     """Add a message to the outbox in the caller's transaction; one message per key (False: already there).
 
     `kind` names the template; `context` is what it renders (JSON values). Rendering happens when the message
-    is first sent, so a broken template can never roll back the transaction that reports a payment."""
+    is first sent, so a broken template can never roll back the transaction that reports a payment. The sender
+    takes it at `not_before` (default: at once); `outbox send` sends everything pending at once."""
     return insert_once(
         session,
         OutboxMessage,
@@ -93,10 +94,33 @@ def enqueue(
             "created_at": at,
             "status": OutboxStatus.PENDING,
             "attempts": 0,
-            "next_attempt_at": at,
+            "next_attempt_at": not_before or at,
         },
         ["key"],
     )
+
+
+def gathering(session: Session, *, kind: str, account_id: str, now: datetime) -> OutboxMessage | None:
+    """The account's newest message of `kind` that is still waiting for its time (to be sent after `now`) and that
+    no sender has taken yet (its bytes are not fixed), locked until the caller's transaction ends: what a message
+    that gathers several events (the notices of admin changes) may still be changed into. None when there is none.
+
+    A sender that takes the message first makes it `sending` (and fixes its bytes) in its own transaction; this
+    query then no longer finds it, and the caller queues a new message."""
+    return session.scalars(
+        select(OutboxMessage)
+        .where(
+            OutboxMessage.kind == kind,
+            OutboxMessage.account_id == account_id,
+            OutboxMessage.status == OutboxStatus.PENDING,
+            OutboxMessage.attempts == 0,
+            OutboxMessage.raw.is_(None),
+            OutboxMessage.next_attempt_at > now,
+        )
+        .order_by(OutboxMessage.id.desc())
+        .limit(1)
+        .with_for_update()
+    ).first()
 
 
 # --- the sender -----------------------------------------------------------------------------------------------
@@ -262,6 +286,8 @@ class OutboxSender:
             row = session.get(OutboxMessage, row_id, populate_existing=True)
             assert row is not None
             if row.raw is None:
+                from recharged.mail.mime import build_message  # lazy: the templates, only for sending
+
                 try:
                     row.message_id, row.subject, row.raw = build_message(self._settings, row)
                 except TemplateRenderError as exc:
@@ -361,7 +387,7 @@ class OutboxSender:
                 session.scalars(
                     select(OutboxMessage.message_id).where(
                         OutboxMessage.message_id.in_(sorted(message_ids)),
-                        OutboxMessage.status.in_(("sent", "failed")),
+                        OutboxMessage.status.in_(("sent", "failed", "cancelled")),
                     )
                 )
             )

@@ -16,23 +16,15 @@ from typing import Any
 from sqlalchemy import String, func, literal, select
 from sqlalchemy.orm import Session
 
-from recharged.balance import history_days
+from recharged.balance import DecisionInputs, stored_mismatches
 from recharged.clock import Clock
 from recharged.config import Settings, TimeRateSettings
 from recharged.errors import ConflictError, NotFoundError
 from recharged.mail.outbox import enqueue
 from recharged.mail.templating import common_context, render
-from recharged.money import (
-    CURRENCIES,
-    Units,
-    ceil_to_charge,
-    charge_step,
-    parse_amount,
-    round_to_charge,
-    smallest_net_reaching,
-)
+from recharged.money import CURRENCIES, Units, format_customer, parse_amount
 from recharged.store.engine import Database
-from recharged.store.ledger import POLICY_COLUMNS, next_receipt_number
+from recharged.store.ledger import next_receipt_number
 from recharged.store.models import Account, FundingSource, OutboxMessage, Receipt, ReceiptCounter, Recharge
 
 
@@ -73,7 +65,7 @@ def issue_receipt(session: Session, settings: Settings, recharge: Recharge, at: 
         "payment_reference": recharge.payment_intent,
         "balance_after": balance_after,
         **_minutes(settings, account.plan, balance_after),
-        "reason": _reason(settings, account, recharge) if recharge.kind == "auto" else None,
+        "reason": _reason(recharge) if recharge.kind == "auto" else None,
         "processor_minimum": _processor_minimum(recharge),
     }
     receipt = Receipt(
@@ -121,47 +113,57 @@ def _minutes(settings: Settings, plan: str, balance: Units) -> dict[str, Any]:
     }
 
 
-def _reason(settings: Settings, account: Account, recharge: Recharge) -> dict[str, Any] | None:
-    """The figures behind an automatic recharge, in the words the customer reads."""
-    if recharge.average_daily is None or recharge.threshold is None:
+def _reason(recharge: Recharge) -> dict[str, Any] | None:
+    """The figures behind an automatic recharge, as its decision kept them, and in plain words each floor or cap
+    that changed the amount: nothing here is derived again from today's settings or data."""
+    stored = recharge.decision
+    if stored is None:
         return None
-    overrides = {name: getattr(account, name) for name in POLICY_COLUMNS}
-    policy = settings.recharge.policy().overridden(overrides)
-    days = history_days(recharge.created_at, account.created_at, account.first_usage_at, policy.window_days)
-    currency = recharge.currency
-    nominal = max(
-        ceil_to_charge(policy.min_recharge, currency),
-        round_to_charge(recharge.average_daily * policy.recharge_days, currency),
-    )
-    note = None
-    if _processor_minimum(recharge) is not None:
-        note = None  # raised to the processor's minimum: the receipt says so in its own sentence
-    elif recharge.amount > nominal + charge_step(currency):
-        note = "This time we added more than that, to bring your balance back above the minimum."
-    elif recharge.amount < nominal - charge_step(currency):
-        note = "This time we added less than that, to stay within your spending limits."
+    inputs = DecisionInputs.from_json(stored["inputs"])
+    currency, policy = recharge.currency, inputs.policy
+
+    def money(units: Units) -> str:
+        return format_customer(units, currency)
+
+    notes = []
+    if stored["threshold"] > stored["nominal_threshold"]:
+        notes.append(f"Your balance is always kept at or above {money(stored['threshold'])}, the least we keep.")
+    if stored["recharge_amount"] > stored["nominal_recharge"]:
+        notes.append(f"The smallest automatic recharge is {money(stored['recharge_amount'])}.")
+    added = f"This time we added {money(recharge.amount)}"
+    limited_by = stored.get("limited_by")
+    if limited_by == "shortfall":
+        notes.append(f"{added}, to bring your balance of {money(inputs.balance)} back above the least we keep.")
+    elif limited_by == "max_recharge" and policy.max_recharge is not None:
+        notes.append(f"{added}: one automatic recharge charges your card at most {money(policy.max_recharge)}.")
+    elif limited_by in ("max_charged_per_day", "max_charged_per_30_days"):
+        cap, spent, span = (
+            (policy.max_charged_per_day, inputs.charged_last_day, "24 hours")
+            if limited_by == "max_charged_per_day"
+            else (policy.max_charged_per_30_days, inputs.charged_last_30_days, "30 days")
+        )
+        notes.append(
+            f"{added}: your card is charged at most {money(cap or 0)} in any {span}, and {money(spent)} "
+            "had been charged already."
+        )
+    elif limited_by == "processor_maximum":
+        notes.append(f"{added}, the most our card processor accepts in one payment.")
     return {
-        "window_days": days,
-        "average_daily": recharge.average_daily,
+        "window_days": stored["history_days"],
+        "average_daily": stored["average_daily"],
         "threshold_days": policy.threshold_days,
-        "threshold": recharge.threshold,
+        "threshold": stored["nominal_threshold"],
         "recharge_days": policy.recharge_days,
-        "recharge_amount": recharge.amount,
-        "note": note,
+        "recharge_amount": stored["nominal_recharge"],
+        "notes": notes,
     }
 
 
 def _processor_minimum(recharge: Recharge) -> Units | None:
-    """The processor's minimum charge when this automatic recharge was raised to it, else None.
-
-    Nothing records that a charge was raised: it is read from the figures. The decision raises a charge whose
-    total (amount plus VAT) is below the minimum to the smallest amount whose total reaches it, so an automatic
-    recharge of exactly that amount is taken as raised (one that came to it on its own reads the same)."""
-    minimum = CURRENCIES[recharge.currency].minimum_units if recharge.currency in CURRENCIES else None
-    if recharge.kind != "auto" or minimum is None:
+    """The processor's minimum charge when this automatic recharge was raised to it (its decision says so)."""
+    if recharge.decision is None or recharge.decision.get("limited_by") != "processor_minimum":
         return None
-    raised = smallest_net_reaching(minimum, Decimal(recharge.vat_percent), recharge.currency)
-    return minimum if recharge.amount == raised else None
+    return CURRENCIES[recharge.currency].minimum_units
 
 
 # --- reading and re-sending -----------------------------------------------------------------------------------
@@ -283,6 +285,17 @@ def receipt_problems(session: Session) -> list[str]:
         )
     )
     problems += [f"receipt {n}: does not match recharge {r} ({phase})" for n, r, phase in mismatched]
+    decided = session.execute(
+        select(Recharge.id, Recharge.amount, Recharge.limited_by, Recharge.decision).where(
+            Recharge.decision.is_not(None)
+        )
+    )
+    for recharge_id, amount, limited_by, stored in decided:
+        wrong = stored_mismatches(stored)
+        if stored.get("charge_amount") != amount or stored.get("limited_by") != limited_by:
+            wrong.append(f"charged {amount} as {limited_by}, decided {stored.get('charge_amount')}")
+        if wrong:
+            problems.append(f"recharge {recharge_id}: its decision does not recompute: {'; '.join(wrong)}")
     unsent = session.scalars(
         select(Receipt.number)
         .outerjoin(OutboxMessage, OutboxMessage.key == literal("receipt:", String) + Receipt.number)

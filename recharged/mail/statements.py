@@ -183,9 +183,9 @@ def statement_key(account_id: str, month: date) -> str:
 
 
 def issue_monthly_statements(db: Database, settings: Settings, clock: Clock, at: datetime | None = None) -> int:
-    """Issue the statement of the month before `at` (default: now) to every account that existed during it,
-    and queue its email. Idempotent: an account that has its statement for that month is skipped, so the
-    job can run again (after a crash, or on several instances). Returns how many were issued."""
+    """Issue the statement of the month before `at` (default: now) to every account that existed during it and
+    was not closed before it, and queue its email. Idempotent: an account that has its statement for that month
+    is skipped, so the job can run again (after a crash, or on several instances). Returns how many were issued."""
     at = at or clock.now()
     month = previous_month(at.date().replace(day=1))
     month_end = midnight(next_month(month))
@@ -193,7 +193,14 @@ def issue_monthly_statements(db: Database, settings: Settings, clock: Clock, at:
         done = select(Statement.account_id).where(Statement.month == month)
         pending = list(
             session.scalars(
-                select(Account.id).where(Account.created_at < month_end, Account.id.not_in(done)).order_by(Account.id)
+                select(Account.id)
+                .where(
+                    Account.created_at < month_end,
+                    Account.id.not_in(done),
+                    # a closed account's last statement is of the month it was closed in
+                    Account.closed_at.is_(None) | (Account.closed_at >= midnight(month)),
+                )
+                .order_by(Account.id)
             )
         )
     issued = 0

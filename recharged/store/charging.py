@@ -10,7 +10,8 @@ from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from recharged.states import CLOSED_PHASES, AttemptStatus, Phase
+from recharged.clock import as_utc
+from recharged.states import CLOSED_PHASES, AttemptStatus, Phase, RechargeKind
 from recharged.store.ledger import lock_account
 from recharged.store.models import (
     ChargeAttempt,
@@ -159,8 +160,16 @@ def try_claim_lock(session: Session, account_id: str, *, wait: bool) -> bool:
     return True if wait else bool(result)
 
 
-def accounts_with_open_recharge(session: Session, ids: Sequence[str] | None = None) -> set[str]:
+def accounts_with_open_recharge(
+    session: Session, ids: Sequence[str] | None = None, *, at: datetime | None = None
+) -> set[str]:
+    """Accounts with a recharge open now, or with `at`, open at that time: claimed by then, and still open or
+    last changed (closed) after it."""
     query = select(Recharge.account_id).where(Recharge.phase.not_in(CLOSED_PHASES))
+    if at is not None:
+        query = select(Recharge.account_id).where(
+            Recharge.created_at <= at, Recharge.phase.not_in(CLOSED_PHASES) | (Recharge.updated_at > at)
+        )
     if ids is not None:
         query = query.where(Recharge.account_id.in_(ids))
     return set(session.scalars(query))
@@ -173,6 +182,68 @@ def accounts_with_usable_source(session: Session, ids: Sequence[str] | None = No
     if ids is not None:
         query = query.where(FundingSource.account_id.in_(ids))
     return set(session.scalars(query.distinct()))
+
+
+def charged_since(
+    session: Session, since: datetime, ids: Sequence[str] | None = None, *, until: datetime | None = None
+) -> dict[str, int]:
+    """What cards were charged (amount plus VAT) per account by automatic recharges claimed at or after `since`
+    that can still take money or took it (claimed, in flight or finished; not failed): what the spend caps
+    count. By claim time and, for a charge, with no upper bound, so a recharge claimed or recovered a moment ago
+    counts; `until` bounds it for a view of the past."""
+    query = (
+        select(Recharge.account_id, func.sum(Recharge.total))
+        .where(Recharge.kind == RechargeKind.AUTO, Recharge.phase != Phase.FAILED, Recharge.created_at >= since)
+        .group_by(Recharge.account_id)
+    )
+    if until is not None:
+        query = query.where(Recharge.created_at < until)
+    if ids is not None:
+        query = query.where(Recharge.account_id.in_(ids))
+    return {account: int(total) for account, total in session.execute(query)}
+
+
+def cards_resting_until(
+    session: Session, at: datetime, cooldown: timedelta, max_declines_30d: int, ids: Sequence[str] | None = None
+) -> dict[str, datetime]:
+    """The accounts whose every usable card is resting after declines at `at` (as `candidate_sources` rests
+    them: `max_declines_30d` declines in 30 days, or one within `cooldown`), with the moment after which the
+    first of their cards may be charged again."""
+    sources = select(FundingSource.id, FundingSource.account_id).where(
+        FundingSource.removed_at.is_(None), FundingSource.unusable_reason.is_(None)
+    )
+    if ids is not None:
+        sources = sources.where(FundingSource.account_id.in_(ids))
+    account_of = {source_id: account_id for source_id, account_id in session.execute(sources)}
+    if not account_of:
+        return {}
+    month = timedelta(days=30)
+    declines: dict[int, list[datetime]] = {}
+    query = (
+        select(ChargeAttempt.source_id, ChargeAttempt.created_at)
+        .where(
+            ChargeAttempt.status == AttemptStatus.DECLINED,
+            ChargeAttempt.created_at >= at - max(month, cooldown),
+            ChargeAttempt.source_id.in_(select(sources.subquery().c.id)),
+        )
+        .order_by(ChargeAttempt.created_at)
+    )
+    for source_id, created_at in session.execute(query):
+        declines.setdefault(source_id, []).append(as_utc(created_at))
+    usable_after: dict[str, list[datetime | None]] = {}  # per account, per card: None when usable at `at`
+    for source_id, account_id in account_of.items():
+        times = declines.get(source_id, [])
+        recent = [t for t in times if t >= at - month]
+        until = [times[-1] + cooldown] if times else []
+        if len(recent) >= max_declines_30d:  # rests until enough of the month's declines have aged out
+            until.append(recent[len(recent) - max_declines_30d] + month)
+        latest = max(until, default=None)
+        usable_after.setdefault(account_id, []).append(None if latest is None or latest < at else latest)
+    return {
+        account_id: min(cast(list[datetime], times))
+        for account_id, times in usable_after.items()
+        if all(t is not None for t in times)
+    }
 
 
 def attempts_of(session: Session, recharge_id: int) -> int:

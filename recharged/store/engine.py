@@ -8,13 +8,14 @@ read earlier, so no update is lost.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -155,8 +156,8 @@ class Database:
         except OperationalError as exc:
             raise DatabaseError(f"database {masked_url(self.url)}: {exc.orig}") from exc
 
-    # Alembic is imported only where the schema version is read or changed: it is slow to import, and most
-    # commands need it once (require_current) or not at all.
+    # Alembic is imported only where the schema is changed: it is slow to import (a third of a second), and every
+    # command checks the schema version (require_current), which reads Alembic's table and scripts without it.
     def _alembic(self) -> Any:
         from alembic.config import Config
 
@@ -165,6 +166,11 @@ class Database:
         return config
 
     def head_revision(self) -> str:
+        """The newest schema revision: read from the migration scripts' `revision` and `down_revision` lines, or
+        by Alembic when they are not one plain chain (a merge, a revision it would compute)."""
+        return _chain_head(migrations_dir() / "versions") or self.alembic_head_revision()
+
+    def alembic_head_revision(self) -> str:
         from alembic.script import ScriptDirectory
 
         head = ScriptDirectory.from_config(self._alembic()).get_current_head()
@@ -172,13 +178,21 @@ class Database:
         return head
 
     def current_revision(self) -> str | None:
-        from alembic.runtime.migration import MigrationContext
-
+        """The database's schema revision (Alembic's `alembic_version` table); None when it has none. On SQLite
+        the read takes no write lock."""
         try:
             with self.engine.connect() as connection:
-                return MigrationContext.configure(connection).get_current_revision()
+                connection.execution_options(**{READ_ONLY: True})
+                if not inspect(connection).has_table("alembic_version"):
+                    return None
+                versions: list[str] = list(
+                    connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalars()
+                )
         except SQLAlchemyError as exc:
             raise DatabaseError(f"database {masked_url(self.url)}: {getattr(exc, 'orig', exc)}") from exc
+        if len(versions) > 1:
+            raise DatabaseError(f"database {masked_url(self.url)} is at several schema revisions at once: {versions}")
+        return versions[0] if versions else None
 
     def upgrade(self) -> tuple[str | None, str]:
         """Bring the database to the newest schema; returns (revision before, revision after)."""
@@ -213,6 +227,28 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+_REVISION = re.compile(r"^revision(?:\s*:[^=]+)?\s*=\s*['\"]([^'\"]+)['\"]\s*$", re.MULTILINE)
+_DOWN_REVISION = re.compile(r"^down_revision(?:\s*:[^=]+)?\s*=\s*(?:None|['\"]([^'\"]+)['\"])\s*$", re.MULTILINE)
+
+
+def _chain_head(versions: Path) -> str | None:
+    """The last revision of the migration scripts in `versions` when each names its revision and the one before
+    as plain strings, and they make one chain without branches; None otherwise (Alembic must read them)."""
+    revises: dict[str, str | None] = {}
+    for script in versions.glob("*.py"):
+        text = script.read_text(encoding="utf-8")
+        revision, down = _REVISION.findall(text), _DOWN_REVISION.findall(text)
+        if len(revision) != 1 or len(down) != 1 or revision[0] in revises:
+            return None
+        revises[revision[0]] = down[0] or None
+    heads = set(revises) - set(revises.values())
+    roots = [r for r, down in revises.items() if down is None]
+    downs = set(revises.values())
+    if len(heads) != 1 or len(roots) != 1 or len(downs) != len(revises) or not downs <= {None, *revises}:
+        return None
+    return heads.pop()
 
 
 # --- statements -------------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ from typing import Any
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
-from recharged.states import CHARGE_TYPES
+from recharged.errors import InputError
+from recharged.money import check_amount, check_balance
+from recharged.states import EntryType
 from recharged.store.engine import dialect_insert, insert_once
 from recharged.store.models import (
     Account,
@@ -70,6 +72,13 @@ def existing_entries(session: Session, entry_type: str, external_ids: Iterable[s
     return {entry.external_id: entry for entry in rows}
 
 
+_ENTRY_WORDS: dict[str, str] = {
+    EntryType.OPENING: "opening balance",
+    EntryType.TOPUP: "top-up",
+    EntryType.RECHARGE: "recharge",
+}
+
+
 def post_entry(
     session: Session,
     account_id: str,
@@ -84,7 +93,24 @@ def post_entry(
 ) -> bool:
     """Post one non-usage entry (opening balance, adjustment, recharge or top-up credit, or a reversal of one:
     refund, dispute, reinstated, with the `payment_intent` it reverses) and move the cached balance with it,
-    once: False, and no change, when (entry_type, external_id) is already in the ledger."""
+    once: False, and no change, when (entry_type, external_id) is already in the ledger.
+
+    An amount or a resulting balance past the ledger's bounds (money.MAX_AMOUNT, MAX_BALANCE) is an InputError,
+    raised before anything is written. The account row is locked first (as the usage path locks its accounts),
+    so the balance checked is the one the amount is added to."""
+    account = session.execute(
+        select(Account.balance, Account.currency).where(Account.id == account_id).with_for_update()
+    ).one_or_none()
+    if account is not None:
+        try:
+            what = _ENTRY_WORDS.get(entry_type, str(entry_type))
+            check_amount(amount, account.currency, what=what)
+            check_balance(account.balance, amount, account.currency, what=what)
+        except ValueError as exc:
+            posted = select(Entry.id).where(Entry.entry_type == entry_type, Entry.external_id == external_id)
+            if session.execute(posted).first() is not None:
+                return False  # posted before, when it was in bounds: the same entry again changes nothing
+            raise InputError(f"account {account_id}: {exc}; nothing was written") from None
     inserted = session.execute(
         dialect_insert(session, Entry.__table__)
         .values(
@@ -123,15 +149,9 @@ def usage_totals(session: Session, start: date, end: date, account_ids: Sequence
     return {account: int(total) for account, total in session.execute(query)}
 
 
-def charged_since(
-    session: Session, since: datetime, until: datetime, ids: Sequence[str] | None = None
-) -> dict[str, int]:
-    """Amounts credited by automatic recharges per account in [since, until) (for the spend caps)."""
-    query = (
-        select(Entry.account_id, func.sum(Entry.amount))
-        .where(Entry.entry_type.in_(CHARGE_TYPES), Entry.occurred_at >= since, Entry.occurred_at < until)
-        .group_by(Entry.account_id)
-    )
+def posted_after(session: Session, at: datetime, ids: Sequence[str] | None = None) -> dict[str, int]:
+    """The sum of the entries that occurred after `at`, per account: a balance as of `at` is today's minus it."""
+    query = select(Entry.account_id, func.sum(Entry.amount)).where(Entry.occurred_at > at).group_by(Entry.account_id)
     if ids is not None:
         query = query.where(Entry.account_id.in_(ids))
     return {account: int(total) for account, total in session.execute(query)}
@@ -142,6 +162,7 @@ def plan_rows(session: Session, ids: Sequence[str] | None = None, chunk: int = 5
     query = select(
         Account.id,
         Account.currency,
+        Account.plan,
         Account.balance,
         Account.created_at,
         Account.first_usage_at,

@@ -130,6 +130,12 @@ class Account(Base):
     """A customer of the dialer, with a prepaid balance in its currency."""
 
     __tablename__ = "accounts"
+    __table_args__ = (
+        # PostgreSQL only, as in migration 0005: SQLite adds a CHECK only by rebuilding the table.
+        CheckConstraint("(closed_at IS NULL) = (closed_reason IS NULL)", name="closed_with_reason").ddl_if(
+            dialect="postgresql"
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     email: Mapped[str] = mapped_column(String(254))
@@ -160,6 +166,10 @@ class Account(Base):
     due_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Closed by an admin (`accounts close`, NULL while open): never charged, no notices, no statement after the
+    # month it closed in, and no usage that started after it. The balance is kept.
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    closed_reason: Mapped[str | None] = mapped_column(String(200))
 
 
 class FundingSource(Base):
@@ -216,6 +226,7 @@ class Recharge(Base):
             sqlite_where=text(RECHARGE_OPEN),
         ),
         Index("ix_recharges_open", "phase", postgresql_where=text(RECHARGE_OPEN), sqlite_where=text(RECHARGE_OPEN)),
+        Index("ix_recharges_account_created", "account_id", "created_at"),  # the spend caps, by claim time
         CheckConstraint(one_of("phase", Phase), name="known_phase"),
         CheckConstraint(one_of("kind", RechargeKind), name="known_kind").ddl_if(dialect="postgresql"),
     )
@@ -233,6 +244,10 @@ class Recharge(Base):
     balance_before: Mapped[int] = mapped_column(BigInteger)
     average_daily: Mapped[int | None] = mapped_column(BigInteger)
     threshold: Mapped[int | None] = mapped_column(BigInteger)
+    # An automatic recharge's decision as it was claimed: its inputs (`balance.DecisionInputs`, which
+    # `balance.recompute` decides from again) and its figures. Receipts and views read it; none re-derives it.
+    decision: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    limited_by: Mapped[str | None] = mapped_column(String(40))  # the floor or cap that set the amount, if any
     actor: Mapped[str | None] = mapped_column(String(120))
     payment_intent: Mapped[str | None] = mapped_column(String(64), unique=True)
     source_id: Mapped[int | None] = mapped_column(ForeignKey("funding_sources.id"))
@@ -326,6 +341,16 @@ class Entry(Base):
             postgresql_where=text(one_of("entry_type", CREDIT_TYPES)),
             sqlite_where=text(one_of("entry_type", CREDIT_TYPES)),
         ),
+        # An adjustment's reference is unique per account (the same one on another account is another adjustment);
+        # partial, so usage entries never touch it.
+        Index(
+            "uq_entries_adjustment_reference",
+            "account_id",
+            "reference",
+            unique=True,
+            postgresql_where=text("reference IS NOT NULL"),
+            sqlite_where=text("reference IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -346,6 +371,9 @@ class Entry(Base):
     note: Mapped[str | None] = mapped_column(String(500))
     # Reversals (refund, dispute, reinstated): the PaymentIntent whose credit they reverse. NULL otherwise.
     payment_intent: Mapped[str | None] = mapped_column(String(64))
+    # Adjustments: the admin's reference (`adjust --reference`, or the id made up when none was given), unique per
+    # account; `reconcile` reads one that names a PaymentIntent as that payment's credit. NULL otherwise.
+    reference: Mapped[str | None] = mapped_column(String(128))
 
 
 class DailyUsage(Base):
@@ -486,7 +514,8 @@ class OutboxMessage(Base):
     """An email to deliver, written in the same transaction as what it reports. Its key says what it is about
     (one message per key); its Message-ID and bytes are fixed when it is first sent, so a re-send is identical.
 
-    pending -> sending (claimed, leased) -> sent | pending (retry later) | failed (permanent, or gave up)."""
+    pending -> sending (claimed, leased) -> sent | pending (retry later) | failed (permanent, or gave up); a
+    message not sent yet (pending, failed) -> cancelled by an admin."""
 
     __tablename__ = "outbox"
     __table_args__ = (

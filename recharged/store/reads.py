@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
@@ -53,6 +53,41 @@ def recharges_finished_since(session: Session, since: datetime) -> list[tuple[st
 def accounts_not_ok(session: Session) -> list[Account]:
     """Accounts whose automatic recharge is not in the ok state, in id order."""
     return list(session.scalars(select(Account).where(Account.recharge_state != RechargeState.OK).order_by(Account.id)))
+
+
+def accounts_needing_attention(session: Session) -> dict[RechargeState, int]:
+    """Open accounts that need a person, counted in one GROUP BY: by the state of their automatic recharge when it
+    is not ok; under RechargeState.OK, those with automatic recharge on and no card that can be charged."""
+    usable_card = (
+        select(FundingSource.id)
+        .where(
+            FundingSource.account_id == Account.id,
+            FundingSource.removed_at.is_(None),
+            FundingSource.unusable_reason.is_(None),
+        )
+        .exists()
+    )
+    query = (
+        select(Account.recharge_state, func.count())
+        .where(
+            Account.closed_at.is_(None),
+            (Account.recharge_state != RechargeState.OK) | (Account.auto_recharge.is_(True) & ~usable_card),
+        )
+        .group_by(Account.recharge_state)
+    )
+    return {RechargeState(state): int(count) for state, count in session.execute(query)}
+
+
+def outbox_backlog(session: Session) -> dict[OutboxStatus, tuple[int, datetime | None]]:
+    """Messages not sent yet, in one GROUP BY: per status (pending, sending, failed), how many and when the oldest
+    was queued."""
+    unsent = (OutboxStatus.PENDING, OutboxStatus.SENDING, OutboxStatus.FAILED)
+    query = (
+        select(OutboxMessage.status, func.count(), func.min(OutboxMessage.created_at))
+        .where(OutboxMessage.status.in_(unsent))
+        .group_by(OutboxMessage.status)
+    )
+    return {OutboxStatus(status): (int(count), oldest) for status, count, oldest in session.execute(query)}
 
 
 def accounts_in_state(session: Session, state: RechargeState) -> list[str]:
@@ -209,7 +244,7 @@ def credits_for(session: Session, since: datetime, payment_intents: Sequence[str
 def adjustments_referencing(session: Session, since: datetime, payment_intents: Sequence[str]) -> list[Entry]:
     """Manual adjustments whose reference (`recharged adjust --reference pi_...`) is a PaymentIntent: those of the
     given ones whenever they occurred, and any that occurred at or after `since` whose reference looks like one."""
-    looks_like = Entry.external_id.like("pi\\_%", escape="\\")
+    looks_like = Entry.reference.like("pi\\_%", escape="\\")
     found = {
         e.id: e
         for e in session.scalars(
@@ -219,7 +254,7 @@ def adjustments_referencing(session: Session, since: datetime, payment_intents: 
     ids = sorted(set(payment_intents))
     for i in range(0, len(ids), _IN_CHUNK):
         query = select(Entry).where(
-            Entry.entry_type == EntryType.ADJUSTMENT, Entry.external_id.in_(ids[i : i + _IN_CHUNK])
+            Entry.entry_type == EntryType.ADJUSTMENT, Entry.reference.in_(ids[i : i + _IN_CHUNK])
         )
         found.update((e.id, e) for e in session.scalars(query))
     return sorted(found.values(), key=lambda e: (e.occurred_at, e.id))
@@ -338,3 +373,121 @@ def failing_recoveries(session: Session) -> list[Recharge]:
     """Open recharges whose recovery failed and is backing off."""
     query = select(Recharge).where(Recharge.recovery_failures > 0, Recharge.phase.not_in(CLOSED_PHASES))
     return list(session.scalars(query.order_by(Recharge.id)))
+
+
+# --- the accounts' life cycle (`accounts list`, `search`, `export`, `close`; what a closed account is spared) ---
+
+ACCOUNT_LISTING = (
+    Account.id,
+    Account.email,
+    Account.plan,
+    Account.currency,
+    Account.balance,
+    Account.auto_recharge,
+    Account.recharge_state,
+    Account.closed_at,
+    Account.closed_reason,
+)
+
+
+def like_pattern(text: str) -> str:
+    """A LIKE pattern matching values that contain `text` as it is: its `%`, `_` and `\\` match themselves
+    (escape character `\\`)."""
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def account_listing(
+    session: Session,
+    *,
+    closed: bool | None = None,
+    plan: str | None = None,
+    currency: str | None = None,
+    containing: str | None = None,
+    chunk: int = 1_000,
+) -> Iterator[Any]:
+    """Accounts as plain rows (ACCOUNT_LISTING's columns), streamed in id order: open or closed ones only
+    (`closed`), on one plan, in one currency, or whose id or email contains `containing` (any case)."""
+    query = select(*ACCOUNT_LISTING).order_by(Account.id)
+    if closed is not None:
+        query = query.where(Account.closed_at.is_not(None) if closed else Account.closed_at.is_(None))
+    if plan is not None:
+        query = query.where(Account.plan == plan)
+    if currency is not None:
+        query = query.where(Account.currency == currency)
+    if containing is not None:
+        pattern = like_pattern(containing)
+        query = query.where(Account.id.ilike(pattern, escape="\\") | Account.email.ilike(pattern, escape="\\"))
+    yield from session.execute(query.execution_options(yield_per=chunk))
+
+
+def accounts_to_export(
+    session: Session, chunk: int = 1_000
+) -> Iterator[tuple[Account, int | None, FundingSource | None]]:
+    """Every account with its opening balance (None: none brought over) and its default card on file (None: none),
+    streamed in id order, `chunk` accounts at a time."""
+    query = (
+        select(Account, Entry.amount, FundingSource)
+        .outerjoin(
+            Entry,
+            (Entry.entry_type == EntryType.OPENING)
+            & (Entry.external_id == Account.id)
+            & (Entry.account_id == Account.id),
+        )
+        .outerjoin(
+            FundingSource,
+            (FundingSource.account_id == Account.id) & FundingSource.is_default & FundingSource.removed_at.is_(None),
+        )
+        .order_by(Account.id)
+    )
+    yield from session.execute(query.execution_options(yield_per=chunk))
+
+
+def open_recharge_of(session: Session, account_id: str) -> Recharge | None:
+    """The account's open recharge (there is at most one), if any."""
+    query = select(Recharge).where(Recharge.account_id == account_id, Recharge.phase.not_in(CLOSED_PHASES))
+    return session.scalars(query).one_or_none()
+
+
+def closed_by(session: Session, at: datetime, ids: Sequence[str] | None = None) -> set[str]:
+    """The accounts (of `ids`, or all) that were closed at `at`."""
+    query = select(Account.id).where(Account.closed_at.is_not(None), Account.closed_at <= at)
+    if ids is not None:
+        query = query.where(Account.id.in_(ids))
+    return set(session.scalars(query))
+
+
+def closings(session: Session, ids: Iterable[str]) -> dict[str, datetime]:
+    """When each of the given accounts that is closed was closed."""
+    wanted = sorted(set(ids))
+    found: dict[str, datetime] = {}
+    for i in range(0, len(wanted), _IN_CHUNK):
+        query = select(Account.id, Account.closed_at).where(
+            Account.closed_at.is_not(None), Account.id.in_(wanted[i : i + _IN_CHUNK])
+        )
+        found.update((account_id, closed_at) for account_id, closed_at in session.execute(query) if closed_at)
+    return found
+
+
+# --- the configuration against the data (`check-config`, the daemon's start and reload) -----------------------
+
+
+def plans_in_use(session: Session) -> list[tuple[str, str, int, str]]:
+    """(plan, currency, accounts, first account id) for each plan and currency the accounts use."""
+    query = (
+        select(Account.plan, Account.currency, func.count(), func.min(Account.id))
+        .group_by(Account.plan, Account.currency)
+        .order_by(Account.plan, Account.currency)
+    )
+    return [(plan, currency, int(count), first) for plan, currency, count, first in session.execute(query)]
+
+
+def kinds_in_use(session: Session, since: date) -> list[tuple[str, str, str]]:
+    """(plan, kind, an account id) for each usage kind recorded on or after `since`, per plan of the accounts."""
+    query = (
+        select(Account.plan, DailyUsage.kind, func.min(Account.id))
+        .join(Account, Account.id == DailyUsage.account_id)
+        .where(DailyUsage.day >= since)
+        .group_by(Account.plan, DailyUsage.kind)
+        .order_by(Account.plan, DailyUsage.kind)
+    )
+    return [(plan, kind, account) for plan, kind, account in session.execute(query)]

@@ -13,9 +13,9 @@ test payment methods behave as on Stripe (``pm_card_visa``, ``pm_card_chargeDecl
 ``pm_card_createDispute``, ``pm_card_refundFail``, ...). Every state change records an Event, which can be
 delivered, signed as Stripe signs, to webhook endpoints. Idempotency keys follow Stripe's rules; faults can be
 injected (``http_500``, ``http_500_stored``, ``http_500_after_commit``, ``http_429``, ``slow``,
-``drop_after_commit``) and latency and rate limits added. Test hooks stand in for what Stripe does on its own
-(``close_dispute``, ``fail_refund``, ``settle_refund``, ``settle_processing``, ``update_card``). Standard library
-only; binds to 127.0.0.1 only.
+``slow_after_commit``, ``drop_after_commit``) and latency and rate limits added. Test hooks stand in for what Stripe
+does on its own (``close_dispute``, ``fail_refund``, ``settle_refund``, ``settle_processing``, ``update_card``).
+Standard library only; binds to 127.0.0.1 unless given another ``host`` (``recharged testserver --host``).
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ JSON = dict[str, Any]
 Clock = Callable[[], float]
 """A callable returning the current POSIX time (``time.time`` by default)."""
 
-Fault = Literal["http_500", "http_500_stored", "http_500_after_commit", "http_429", "slow", "drop_after_commit"]
+Fault = Literal[
+    "http_500", "http_500_stored", "http_500_after_commit", "http_429", "slow", "slow_after_commit", "drop_after_commit"
+]
 FAULTS: frozenset[str] = frozenset(get_args(Fault))
 
 DEFAULT_IDEMPOTENCY_TTL = 24 * 60 * 60.0
@@ -760,9 +762,9 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, owner: StripeTestServer, port: int) -> None:
+    def __init__(self, owner: StripeTestServer, host: str, port: int) -> None:
         self.owner = owner
-        super().__init__(("127.0.0.1", port), _Handler)
+        super().__init__((host, port), _Handler)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -819,10 +821,11 @@ class StripeTestServer:
         rate_limit: float | None = None,
         strict_return_url: bool = True,
         signing_clock: Clock | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
         """Create a stopped server.
 
-        ``port`` 0 lets the OS pick a free port (the server always binds 127.0.0.1). ``clock`` drives
+        ``port`` 0 lets the OS pick a free port on ``host`` (127.0.0.1 unless told otherwise). ``clock`` drives
         ``created`` timestamps, the ``Date`` header and idempotency-key expiry; ``idempotency_ttl`` is how long
         keys are held (seconds); ``latency`` is added to every request; ``rate_limit`` is a maximum number of
         reads, and of writes, per second (429 beyond it, as Stripe's limiter; ``None`` disables;
@@ -835,6 +838,7 @@ class StripeTestServer:
         self.clock: Clock = clock or time.time
         self.signing_clock: Clock = signing_clock or time.time
         self._requested_port = port
+        self._host = host
         self.idempotency_ttl = idempotency_ttl
         self.latency = latency
         self.strict_return_url = strict_return_url
@@ -899,11 +903,12 @@ class StripeTestServer:
     # ----------------------------------------------------------------- lifecycle
 
     def start(self) -> StripeTestServer:
-        """Start serving on 127.0.0.1 (OS-assigned port unless one was given); returns ``self``."""
+        """Start serving on its host (OS-assigned port unless one was given); returns ``self``. OSError when the
+        address cannot be listened on (in use, not this machine's)."""
         if self._httpd is not None:
             return self
         self._stopping.clear()
-        httpd = _HTTPServer(self, self._requested_port)
+        httpd = _HTTPServer(self, self._host, self._requested_port)
         thread = threading.Thread(
             target=httpd.serve_forever, kwargs={"poll_interval": 0.01}, name="stripe-testserver", daemon=True
         )
@@ -947,7 +952,7 @@ class StripeTestServer:
     @property
     def url(self) -> str:
         """Base address for ``StripeClient(base_addresses={"api": url})``."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self._host}:{self.port}"
 
     # ----------------------------------------------------------------- configuration
 
@@ -980,8 +985,11 @@ class StripeTestServer:
         under the idempotency key and replayed to every retry with that key until it expires, as Stripe does
         (``Stripe-Should-Retry: false``). ``http_500_after_commit`` is the same but after the work was done (its
         events are emitted): the indeterminate 500 Stripe warns about. ``slow`` sleeps ``seconds`` after taking
-        the idempotency key and before doing the work. ``drop_after_commit`` does the work, stores the result
-        and idempotency record, then closes the connection without answering. ``path_prefix`` / ``method`` of
+        the idempotency key and before doing the work; ``slow_after_commit`` answers ``seconds`` late, after the
+        work was done and its result stored under the key (a client that gave up sooner has timed out after the
+        charge; a retry with the key gets the stored answer, late again while the fault lasts).
+        ``drop_after_commit`` does the work, stores the result and idempotency record, then closes the connection
+        without answering. ``path_prefix`` / ``method`` of
         ``None`` match anything.
         """
         if fault not in FAULTS:
@@ -1095,6 +1103,8 @@ class StripeTestServer:
             with self._lock:
                 record.fault = rule.fault
         response, replayed, dropped = self._process(h, method, path, params, key, request_id, api_version, rule)
+        if rule is not None and rule.fault == "slow_after_commit" and not self._sleep(rule.seconds):
+            response = None
         if response is None or self._stopping.is_set():
             h.close_connection = True
             return
@@ -1426,7 +1436,7 @@ class StripeTestServer:
             raise _no_such("customer", ident, param, status)
         return customer
 
-    def _customer_create(self, ctx: _Ctx, _groups: tuple[str, ...]) -> _Response:
+    def _customer_create(self, ctx: _Ctx, _groups: tuple[str, ...], cus_id: str | None = None) -> _Response:
         p = ctx.params
         _check_unknown(p, _CUSTOMER_CREATE_PARAMS)
         metadata = _metadata(p.get("metadata"))
@@ -1443,7 +1453,7 @@ class StripeTestServer:
                 code="resource_missing",
                 param="invoice_settings[default_payment_method]",
             )
-        cus_id = _new_id("cus", 14)
+        cus_id = cus_id or _new_id("cus", 14)
         customer: JSON = {
             "address": None,
             "balance": 0,
@@ -1589,10 +1599,10 @@ class StripeTestServer:
             raise _ApiError(400, _PM_REUSED)
         return pm.card
 
-    def _materialize_pm(self, ident: str, now: int) -> _PaymentMethod:
+    def _materialize_pm(self, ident: str, now: int, pm_id: str | None = None) -> _PaymentMethod:
         """Turn a test payment method name into a fresh stored ``pm_...`` (as Stripe does); else look it up."""
         if ident in TEST_PAYMENT_METHODS:
-            pm_id = _new_id("pm")
+            pm_id = pm_id or _new_id("pm")
             card = TEST_PAYMENT_METHODS[ident]
             pm = _PaymentMethod(self._pm_object(pm_id, card, now), card)
             self._payment_methods[pm_id] = pm
@@ -3017,3 +3027,22 @@ class StripeTestServer:
                 card["last4"] = last4
             self._emit("payment_method.automatically_updated", pm.obj, None, {"card": before["card"]})
             return copy.deepcopy(pm.obj)
+
+    def add_customer(self, customer_id: str, cards: dict[str, str], *, email: str | None = None) -> JSON:
+        """Test hook: a customer under an id of our choosing with test cards attached under ids of our choosing
+        (``{"pm_sandbox_visa": "pm_card_visa", ...}``), ids a person can type (``recharged testserver``); emits
+        what creating a customer and attaching its cards emit. Returns the customer."""
+        with self._lock:
+            known = (self._customers, self._deleted_customers, self._payment_methods)
+            taken = [i for i in (customer_id, *cards) if any(i in objects for objects in known)]
+            unknown = [name for name in cards.values() if name not in TEST_PAYMENT_METHODS]
+            if taken or unknown:
+                raise ValueError(f"ids already in use: {taken}; not test payment methods: {unknown}")
+            params: JSON = {} if email is None else {"email": email}
+            ctx = _Ctx("POST", "/v1/customers", params, _new_id("req", 14), int(self.clock()), API_VERSION)
+            response = self._customer_create(ctx, (), cus_id=customer_id)
+            for pm_id, name in cards.items():
+                pm = self._materialize_pm(name, ctx.now, pm_id=pm_id)
+                pm.obj["customer"] = customer_id
+                self._emit("payment_method.attached", pm.obj, ctx)
+            return response.body

@@ -35,15 +35,20 @@ def test_sample_import_plan_and_verify(run, tmp_path):
         run("accounts", "import", str(REPO / "examples/accounts.csv"), "--actor", "Jane Doe")
     )
     rejects = tmp_path / "rejects.csv"
-    summary = ok(run("usage", "import", str(REPO / "examples/usage.csv"), "--rejects", str(rejects)))
-    assert "4729 accepted, 0 duplicates, 2 rejected" in summary
+    partial = run("usage", "import", str(REPO / "examples/usage.csv"), "--rejects", str(rejects))
+    assert "4729 accepted, 0 duplicates, 2 rejected" in partial.stdout
+    # Issue 14, item 6: it exited 0, so a cron job never noticed unbilled calls
+    assert partial.returncode == 65, partial.stderr
+    assert f"2 of 4731 rows were rejected and not billed (see {rejects}); the other rows are recorded" in " ".join(
+        partial.stderr.split()
+    )
     with rejects.open() as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["line"], r["event_id"]) for r in rows] == [("4731", "bad-1"), ("4732", "bad-2")]
     assert "unknown kind 'fax'" in rows[0]["reason"]
     assert "duration_seconds is missing" in rows[1]["reason"]
 
-    again = ok(run("usage", "import", str(REPO / "examples/usage.csv"), "--rejects", str(rejects)))
+    again = ok(run("usage", "import", str(REPO / "examples/usage.csv"), "--rejects", str(rejects), "--accept-rejects"))
     assert "0 accepted, 4729 duplicates, 2 rejected" in again
 
     plan = json.loads(ok(run("plan", "--at", AT, "--json")))
@@ -111,26 +116,25 @@ def test_account_lifecycle_with_audit(run):
             "Jane Doe",
         )
     )
-    assert "auto_recharge False -> True" in ok(
+    assert "auto_recharge no -> yes" in ok(
         run("auto-recharge", "acme", "--enable", "--threshold-days", "3", "--actor", "John Smith")
     )
     ok(
         run(
             "usage",
             "record",
+            "acme",
             "--event-id",
             "c1",
-            "--account",
-            "acme",
             "--kind",
             "dialer",
             "--started-at",
             "2026-11-20T10:00:00+01:00",
-            "--duration",
+            "--duration-seconds",
             "70",
         )
     )
-    shown = json.loads(ok(run("accounts", "show", "acme", "--json", "--at", "2026-11-22T12:00:00Z")))
+    shown = json.loads(ok(run("accounts", "show", "acme", "--json")))  # now: the account was created today
     assert shown["balance"] == "49.96000"
     assert shown["settings"]["threshold_days"] == 3
     assert shown["settings"]["first_usage_at"] == "2026-11-20T09:00:00+00:00"
@@ -170,8 +174,8 @@ BAD_ARGUMENTS = [
     ("auto-recharge acme --threshold-days -2 --actor 'Jane Doe'", 2, "threshold_days"),
     ("auto-recharge acme --max-recharge off --actor 'Jane Doe'", 2, "cannot be switched off"),
     ("accounts update acme --plan gold --actor 'Jane Doe'", 2, "plan 'gold' is not defined"),
-    (CREATE.format("acme"), 4, "already exist with other settings"),
-    (CREATE.format("'x y'"), 2, "printable characters"),
+    (CREATE.format("acme"), 4, "1 account already exists with other settings"),
+    (CREATE.format("'x y'"), 2, "not a valid account id"),
     ("accounts show ghost", 3, "no account 'ghost'"),
     (RECORD.format("2026-11-20T10:00:00 --duration 5"), 2, "no UTC offset"),
     (RECORD.format("2026-11-20T10:00:00Z --quantity 5"), 2, "billed by time"),

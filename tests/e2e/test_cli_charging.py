@@ -7,7 +7,10 @@ import os
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import select
 
+from recharged.store.engine import Database
+from recharged.store.models import ChargeAttempt, OutboxMessage
 from tests.e2e.commands import REPO, charging_env, command_runner, ok
 from tests.helpers import card_on_file
 
@@ -19,10 +22,19 @@ def run(tmp_path, db_url, stripe_server):
     return command_runner(tmp_path, charging_env(db_url, stripe_server.url))
 
 
-def test_charging_the_sample_through_the_cli(run, stripe_client, stripe_server):
+def test_charging_the_sample_through_the_cli(run, db_url, stripe_client, stripe_server):
     ok(run("db", "upgrade"))
-    ok(run("accounts", "import", str(REPO / "examples/accounts.csv")))
-    ok(run("usage", "import", str(REPO / "examples/usage.csv"), "--rejects", os.devnull))
+    # The sample's cards are placeholders the processor does not hold: with a key, the import checks them and
+    # refuses the file, naming each (issue 14 item 6); without one, they come in unchecked, and it says so.
+    checked = run("accounts", "import", str(REPO / "examples/accounts.csv"))
+    assert checked.returncode == 2, checked.stdout
+    assert "5 bad rows; nothing was imported" in " ".join(checked.stderr.split())
+    assert "accounts.csv:2: stripe_customer/payment_method: payment method pm_Sample0000: No such" in checked.stderr
+    assert json.loads(ok(run("plan", "--json")))["accounts"] == []
+    unchecked = run("accounts", "import", str(REPO / "examples/accounts.csv"), RECHARGED_STRIPE_API_KEY="")
+    assert unchecked.returncode == 0, unchecked.stderr
+    assert "5 cards were not checked with the processor" in unchecked.stderr
+    ok(run("usage", "import", str(REPO / "examples/usage.csv"), "--rejects", os.devnull, "--accept-rejects"))
     # cedar-realty's card came over from the old system as a placeholder; give it a real one at the processor
     card = card_on_file(stripe_client, "pm_card_visa")
     added = ok(
@@ -44,14 +56,38 @@ def test_charging_the_sample_through_the_cli(run, stripe_client, stripe_server):
         (False, "visa ...4244"),
     ]
 
-    cycle = ok(run("cycle", "--once", "--at", AT))
+    first = run("cycle", "--at", AT)  # `--once` is no longer needed
+    cycle = first.stdout
     assert "cedar-realty" in cycle
+    # the accounts whose cards could not be charged make the cycle exit 1, so cron notices (issue 14, item 10)
+    assert first.returncode == (1 if "not charged" in cycle else 0), first.stderr
+    assert "charged" in cycle.split("not charged")[0]  # cedar-realty's table, headed "charged"
+    assert "planned: 1 charged" in " ".join(cycle.split())
+    status = json.loads(run("status", "--json").stdout)  # exits 1: cards need attention
+    last = status["last_cycle"]  # a manual cycle is recorded like the daemon's ("none recorded yet" before)
+    assert last is not None
+    assert last["instance"].startswith("cli:"), last
     succeeded = stripe_server.payment_intents(status="succeeded")
     assert [pi["metadata"]["recharged_account"] for pi in succeeded] == ["cedar-realty"]
     assert succeeded[0]["amount"] == 1444  # $13.26 + 8.875% VAT ($1.18), in cents
-    # the placeholder cards of the others do not exist at the processor: declined as invalid, marked unusable
-    plan = {a["account"]: a for a in json.loads(ok(run("plan", "--json", "--at", AT)))["accounts"]}
-    assert plan["cedar-realty"]["reason"] == "above_threshold"
+    # the placeholder cards of the others do not exist at the processor: our error, not a decline of the customer's
+    # card (no notice, no decline counted), and set aside
+    db = Database(db_url)
+    with db.reading() as session:
+        attempts = session.scalars(select(ChargeAttempt).order_by(ChargeAttempt.id)).all()
+        told = session.scalars(select(OutboxMessage.kind).where(OutboxMessage.kind != "settings_changed")).all()
+    db.close()
+    assert {a.status for a in attempts} == {"succeeded", "error"}
+    assert {a.code for a in attempts if a.status == "error"} == {"payment_method_missing"}
+    assert "receipt" in told
+    assert not {"payment_declined", "auto_recharge_suspended", "action_required"} & set(told)
+    [birch_card] = json.loads(ok(run("sources", "list", "birch-dental", "--json")))
+    assert birch_card["unusable"].startswith("payment_method_missing on ")
+    # charged: the same cycle again finds it above its threshold (`plan --at AT` would show the ledger as it stood
+    # at AT, before this charge)
+    assert "cedar-realty" not in run("cycle", "--once", "--at", AT).stdout
+    assert len(stripe_server.payment_intents(status="succeeded")) == 1
+    plan = {a["account"]: a for a in json.loads(ok(run("plan", "--json")))["accounts"]}
     assert plan["birch-dental"]["reason"] == "no_funding_source"
 
     stripe_server.inject("drop_after_commit")  # the charge is made, the answer lost: `recover` finds it
@@ -61,6 +97,7 @@ def test_charging_the_sample_through_the_cli(run, stripe_client, stripe_server):
     assert "recovered" in ok(run("recover"))
     topup = run("topup", "cedar-realty", "20.00")
     assert topup.returncode == 0, topup.stderr
+    assert "cedar-realty: receipt R-000003; the balance is now $" in topup.stdout  # number and new balance
     assert len(stripe_server.payment_intents(status="succeeded")) == 3
 
     assert "adjusted by -1.50000" in ok(
@@ -70,7 +107,7 @@ def test_charging_the_sample_through_the_cli(run, stripe_client, stripe_server):
         run("adjust", "cedar-realty", "--debit", "1.50", "--reason", "goodwill reversal", "--reference", "r1")
     )
     actions = [a["action"] for a in json.loads(ok(run("audit", "cedar-realty", "--json")))]
-    assert actions[:2] == ["balance.adjusted", "source.added"]
+    assert actions[:4] == ["balance.adjusted", "topup.requested", "topup.requested", "source.added"]
     assert "ledger OK" in ok(run("verify"))
 
 
@@ -105,8 +142,9 @@ def test_cycle_at_a_simulated_time_records_the_real_time_so_a_lost_answer_is_rec
 
     ahead = (now + timedelta(days=2)).isoformat()
     stripe_server.inject("drop_after_commit")  # charged at the processor, the answer lost on the way back
-    lost = ok(run("cycle", "--once", "--at", ahead, RECHARGED_PAYMENTS__MAX_RETRIES="0"))
-    assert "wait on the processor" in lost
+    lost = run("cycle", "--once", "--at", ahead, RECHARGED_PAYMENTS__MAX_RETRIES="0")
+    assert lost.returncode == 1, lost.stderr  # a recharge left waiting on the processor: cron should notice
+    assert "wait on the processor" in lost.stdout
     assert len(stripe_server.payment_intents(status="succeeded")) == 1
 
     later = ok(run("cycle", "--once", "--at", (now + timedelta(days=4)).isoformat()))

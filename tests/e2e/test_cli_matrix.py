@@ -22,11 +22,21 @@ ACTOR = "--actor 'Jane Doe'"
 
 # command -> [(arguments, exit status, words the message must contain)]
 MATRIX: dict[str, list[tuple[str, int, str]]] = {
+    "accounts close": [
+        ("accounts close acme " + ACTOR, 2, "Missing option '--reason'"),
+        ("accounts close acme --reason ' ' " + ACTOR, 2, "--reason"),
+        ("accounts close acme --reason gone --actor Jane", 2, "first and last name"),
+        ("accounts close ghost --reason gone " + ACTOR, 3, "no account 'ghost'"),
+    ],
     "accounts create": [
         ("accounts create acme --email x@y.example --plan standard --vat-percent 0", 2, "Missing option '--actor'"),
         ("accounts create new1 --email nope --plan standard --vat-percent 0 " + ACTOR, 2, "email"),
         ("accounts create new1 --email a@b.example --plan gold --vat-percent 0 " + ACTOR, 2, "plan 'gold'"),
         ("accounts create new1 --email a@b.example --plan standard --vat-percent 120 " + ACTOR, 2, "vat"),
+    ],
+    "accounts export": [
+        ("accounts export --out {notdemo}/thesis.txt", 2, "exists already; nothing was written"),
+        ("accounts export --out /nonexistent/accounts.csv", 2, "there is no folder"),
     ],
     "accounts history": [
         ("accounts history ghost", 3, "no account 'ghost'"),
@@ -34,6 +44,16 @@ MATRIX: dict[str, list[tuple[str, int, str]]] = {
         ("accounts history acme --days 0", 2, "days"),
     ],
     "accounts import": [("accounts import /nonexistent.csv " + ACTOR, 2, "does not exist")],
+    "accounts list": [
+        ("accounts list --status gone", 2, "'gone' is not one of"),
+        ("accounts list --currency dollars", 2, "unknown currency 'dollars'"),
+    ],
+    "accounts reopen": [
+        ("accounts reopen acme", 2, "Missing option '--actor'"),
+        ("accounts reopen acme " + ACTOR, 4, "account acme is open"),
+        ("accounts reopen ghost " + ACTOR, 3, "no account 'ghost'"),
+    ],
+    "accounts search": [("accounts search", 2, "Missing argument 'TEXT'"), ("accounts search ' '", 2, "search text")],
     "accounts show": [("accounts show ghost", 3, "no account 'ghost'"), ("accounts show acme --at soon", 2, "--at")],
     "accounts update": [
         ("accounts update ghost --email a@b.example " + ACTOR, 3, "no account 'ghost'"),
@@ -49,9 +69,11 @@ MATRIX: dict[str, list[tuple[str, int, str]]] = {
     "auto-recharge": [
         ("auto-recharge acme --enable --actor Jane", 2, "first and last name"),
         ("auto-recharge acme --threshold-days -2 " + ACTOR, 2, "threshold_days"),
+        ("auto-recharge acme --threshold-days 0 " + ACTOR, 2, "threshold_days = '0'"),
+        ("auto-recharge acme --min-recharge 500 --max-recharge 100 " + ACTOR, 2, "above max_recharge 100.00 USD"),
     ],
     "check-config": [("check-config --config /nonexistent.toml", 78, "no such config file")],
-    "cycle": [("cycle", 2, "Missing option '--once'"), ("cycle --once --at someday", 2, "--at")],
+    "cycle": [("cycle --at someday", 2, "--at"), ("cycle --once --at someday", 2, "--at")],
     "db status": [("db status --verbose", 2, "No such option")],
     "db upgrade": [("db upgrade now", 2, "unexpected extra argument")],
     "demo": [("demo --out {notdemo}", 2, "is not the output of an earlier `recharged demo`")],
@@ -59,6 +81,13 @@ MATRIX: dict[str, list[tuple[str, int, str]]] = {
     "events list": [("events list --status lost", 2, "lost"), ("events list --limit 0", 2, "limit")],
     "events process": [("events process --all", 2, "No such option")],
     "issue-statements": [("issue-statements --at someday", 2, "--at")],
+    "outbox cancel": [
+        ("outbox cancel 1 --reason wrong", 2, "Missing option '--actor'"),
+        ("outbox cancel 1 --actor 'Jane Doe'", 2, "Missing option '--reason'"),
+        ("outbox cancel 999 --reason wrong " + ACTOR, 3, "no outbox message 999"),
+        ("outbox cancel one --reason wrong " + ACTOR, 2, "'one' is not a valid integer"),
+        ("outbox cancel 999 --reason ' ' " + ACTOR, 2, "--reason"),
+    ],
     "outbox list": [("outbox list --status lost", 2, "lost")],
     "outbox send": [("outbox send --now", 2, "No such option")],
     "plan": [("plan --at tomorrow", 2, "Invalid value for '--at'")],
@@ -73,10 +102,16 @@ MATRIX: dict[str, list[tuple[str, int, str]]] = {
     "sources reactivate": [("sources reactivate acme 999 " + ACTOR, 3, "999")],
     "sources remove": [("sources remove acme abc " + ACTOR, 2, "abc")],
     "statement": [
+        ("statement acme --month 2026-11 --json --csv", 2, "give one output format, not csv and json"),
         ("statement acme --month 2026-13", 2, "month"),
         ("statement ghost --month 2026-10", 3, "ghost"),
     ],
     "status": [("status --yaml", 2, "No such option")],
+    "testserver": [
+        ("testserver --port -1", 2, "Invalid value for '--port'"),
+        ("testserver --port 70000", 2, "Invalid value for '--port'"),
+        ("testserver --tls", 2, "No such option"),
+    ],
     "topup": [
         ("topup acme 0 " + ACTOR, 2, "must be positive"),
         ("topup ghost 10 " + ACTOR, 3, "no account 'ghost'"),
@@ -86,6 +121,9 @@ MATRIX: dict[str, list[tuple[str, int, str]]] = {
     "usage record": [
         ("usage record --event-id e1 --account acme --kind dialer --started-at 2026-11-20T10:00:00", 2, "UTC"),
         ("usage record --event-id e1 --account ghost --kind dialer --started-at 2026-11-20T10:00:00Z", 2, "ghost"),
+        ("usage record ghost --event-id e1 --kind dialer --started-at 2026-11-20T10:00:00Z", 2, "ghost"),
+        ("usage record acme --account bolt --event-id e1 --kind dialer --started-at 2026-11-20T10:00:00Z", 2, "two"),
+        ("usage record --event-id e1 --kind dialer --started-at 2026-11-20T10:00:00Z", 2, "which account"),
     ],
     "verify": [("verify --fix", 2, "No such option")],
 }
@@ -93,7 +131,10 @@ MATRIX: dict[str, list[tuple[str, int, str]]] = {
 
 def commands(group: click.Group = main, prefix: str = "") -> list[str]:
     found = []
-    for name, command in sorted(group.commands.items()):
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):  # the top-level group imports a command's module when asked for it
+        command = group.get_command(ctx, name)
+        assert command is not None, name
         path = f"{prefix}{name}"
         if isinstance(command, click.Group):
             found += commands(command, path + " ")

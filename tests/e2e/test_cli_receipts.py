@@ -79,7 +79,7 @@ def test_receipts_outbox_and_statement_from_the_command_line(run, stripe_client,
     assert "1 failed for good" in listing
 
     month = datetime.now(UTC)  # the top-up was charged now: this month's statement so far
-    statement = json.loads(ok(run("statement", "acme", "--month", f"{month:%Y-%m}", "--format", "json")))
+    statement = json.loads(ok(run("statement", "acme", "--month", f"{month:%Y-%m}", "--json")))
     assert [c["description"] for c in statement["credits"]] == ["Purchase, receipt R-000001"]
     assert statement["closing_balance"]["amount"] == "25.00"
     rows = list(

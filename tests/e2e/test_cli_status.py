@@ -189,11 +189,16 @@ def test_reconcile_exits_0_when_all_match_and_1_on_a_stray_charge(run, charged, 
             "metadata": {"recharged_account": paid["metadata"]["recharged_account"]},
         }
     )
-    result = run("reconcile", "--since", "2026-11-01")
+    result = run("reconcile", "--since", "2026-11-01", COLUMNS="200")
     assert result.returncode == 1, result.stderr
     assert "2 matched one to one" in result.stdout
+    # $84.00 + 20% VAT twice, and the stray $12.34: in the currency's own form, never in cents
+    assert "charged 213.94 USD, credited 168.00 USD" in result.stdout
+    assert "charged = credited + VAT" in result.stdout
     assert "charge_without_credit" in result.stdout
     assert stray.id in result.stdout
+    assert "12.34 USD charged on" in result.stdout
+    assert "minor units" not in result.stdout
     assert "1 problem found" in result.stdout
     bad = run("reconcile", "--since", "last tuesday")
     assert (bad.returncode, "is not a date" in bad.stderr) == (2, True)

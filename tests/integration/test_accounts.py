@@ -43,7 +43,7 @@ def test_import_is_all_or_nothing_and_rerunnable(db, settings, clock):
         new_account(fields("d"), settings, NOW),
         new_account({**fields("a"), "email": "x@y.example"}, settings, NOW),
     ]
-    with pytest.raises(ConflictError, match="a \\(email\\)"):
+    with pytest.raises(ConflictError, match=r"account a: email: recorded b@a\.example, given x@y\.example"):
         create_accounts(db, changed, "Jane Doe", clock)
     with db.transaction() as s:
         assert s.get(Account, "d") is None  # nothing of the failed import was written
@@ -60,7 +60,7 @@ def test_import_is_all_or_nothing_and_rerunnable(db, settings, clock):
         ({"email": "nope"}, "not an email"),
         ({"created_at": "2027-01-01T00:00:00Z"}, "in the future"),
         ({"opening_balance": "1.234567"}, "more than 5 decimal places"),
-        ({"id": "has space"}, "printable characters"),
+        ({"id": "has space"}, "not a valid account id"),
     ],
 )
 def test_bad_account_fields_name_the_problem(settings, changes, message):
@@ -88,6 +88,20 @@ def test_auto_recharge_change_records_before_and_after(db, settings, clock):
         db, "acme", actor="John Smith", clock=clock, settings=settings, overrides={"threshold_days": "default"}
     )
     assert audit_trail(db, "acme")[0].after == {"threshold_days": None}
+
+
+def test_overrides_that_contradict_the_policy_are_refused_naming_both_settings(db, settings, clock):
+    create_accounts(db, [new_account(fields(), settings, NOW)], "Jane Doe", clock)
+    with pytest.raises(InputError, match=r"account acme: max_recharge 2500.00 USD is above max_charged_per_day 2000"):
+        change_account(db, "acme", actor="Jane Doe", clock=clock, settings=settings, overrides={"max_recharge": "2500"})
+    overrides = {"min_recharge": "50", "max_recharge": "40"}
+    with pytest.raises(InputError, match=r"min_recharge 50.00 USD is above max_recharge 40.00 USD"):
+        change_account(db, "acme", actor="Jane Doe", clock=clock, settings=settings, overrides=overrides)
+    assert len(audit_trail(db, "acme")) == 1  # nothing changed
+    with db.transaction() as s:
+        account = s.get(Account, "acme")
+        assert account is not None
+        assert (account.max_recharge, account.min_recharge) == (None, None)
 
 
 def test_a_change_that_changes_nothing_is_not_audited(db, settings, clock):

@@ -13,7 +13,7 @@ from recharged.recharge import RechargeService
 from recharged.states import AttemptStatus, Phase
 from recharged.store.models import Account, ChargeAttempt, Entry, FundingSource, OutboxMessage, Recharge
 from recharged.verify import verify
-from tests.helpers import busy_account
+from tests.helpers import api_auth, busy_account
 
 
 @pytest.fixture
@@ -200,7 +200,7 @@ def test_integration_errors_show_in_status_and_healthz(db, settings, make_api, c
         run = start_job_run(s, "cycle", "test:1", clock.now())
         finish_job_run(s, run, "succeeded", clock.now(), report.summary(), None)
 
-    [check] = api.client.get("/healthz").json()["checks"]["payments:integration"]
+    [check] = api.client.get("/healthz", headers=api_auth()).json()["checks"]["payments:integration"]
     assert check["status"] == "fail"
     assert check["output"] == "the processor refused our last charge request"
     assert "parameter_unknown" not in str(check)  # the processor's words go to the log and `status`, not here

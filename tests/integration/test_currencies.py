@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from recharged.config import Settings, load_settings
+from recharged.config import STANDARD_CURRENCY_POLICIES, Settings, load_settings
 from recharged.errors import InputError
 from recharged.mail.receipts import receipt_text
 from recharged.planning import plan_accounts
@@ -22,10 +22,19 @@ ACTOR = "Jane Doe"
 
 
 def settings_in(tmp_path: Path, currency: str) -> Settings:
-    """The defaults with the standard plan in `currency` (0.02 a dialer minute) and the outbox in `tmp_path`."""
+    """The defaults with the standard plan in `currency` (0.02 a dialer minute) and the outbox in `tmp_path`; a
+    currency with no built-in recharge amounts gets no floors and no caps."""
     config = tmp_path / f"config-{currency}.toml"
+    amounts = (
+        ""
+        if currency in STANDARD_CURRENCY_POLICIES
+        else (
+            f'[recharge.currencies.{currency}]\nmin_threshold = 0\nmin_recharge = 0\nmax_recharge = "off"\n'
+            'max_charged_per_day = "off"\nmax_charged_per_30_days = "off"\n\n'
+        )
+    )
     config.write_text(
-        f'[plans.standard]\ncurrency = "{currency}"\n\n'
+        f'{amounts}[plans.standard]\ncurrency = "{currency}"\n\n'
         '[plans.standard.rates.dialer]\nmeasure = "time"\nprice_per_minute = 0.02\nincrement_seconds = 60\n',
         encoding="utf-8",
     )
@@ -160,6 +169,20 @@ def test_an_automatic_recharge_below_the_minimum_is_raised_to_it(db, clock, make
     ) in text
     assert "bring your balance back above the minimum" not in text
     assert verify(db).ok
+
+
+def test_a_yen_account_gets_the_yen_floors_and_caps(db, clock, make_service, stripe_client):
+    """Issue 13, item 4: the bare [recharge] numbers applied to every currency gave a JPY account a 10 yen
+    minimum recharge (raised to Stripe's 50) and a 1,000 yen ceiling. JPY has its own amounts now."""
+    settings, service = make_service("JPY")
+    busy_account(db, settings, clock, stripe_client, "pm_card_visa", vat="0")  # 6 yen a day, 181 yen held
+    [plan] = plan_accounts(db, settings, clock.now())
+    assert (plan.policy.min_recharge, plan.policy.max_recharge) == (100_000_000, 10_000_000_000)
+    assert (plan.decision.threshold, plan.decision.action) == (50_000_000, "charge")  # the 500 yen floor
+    assert (plan.decision.charge_amount, plan.decision.limited_by) == (100_000_000, None)  # 1,000 yen, the floor
+    [charged] = service.run_cycle().charged
+    assert [i["amount"] for i in stripe_client.intents(status="succeeded")] == [1_000]
+    assert charged.phase == "finished"
 
 
 def test_a_receipt_of_an_ordinary_recharge_says_nothing_of_the_minimum(db, clock, make_service, stripe_client):

@@ -21,7 +21,7 @@ from recharged.status import DaemonAnswer, status_report
 from recharged.store.engine import Database
 from recharged.store.models import AuditRecord, Entry, FundingSource, OutboxMessage, ProcessorEvent, Recharge
 from tests.e2e.commands import REPO, charging_env, command_runner, ok
-from tests.helpers import Api, AsleepDaemon, busy_account
+from tests.helpers import Api, AsleepDaemon, api_auth, busy_account
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def attention(api: Api) -> dict[str, list]:
 
 
 def inbox_check(api: Api) -> dict:
-    [check] = api.client.get("/healthz").json()["checks"]["events:inbox"]
+    [check] = api.client.get("/healthz", headers=api_auth()).json()["checks"]["events:inbox"]
     return check
 
 
@@ -155,7 +155,7 @@ def test_an_event_that_keeps_failing_makes_healthz_fail_and_waiting_ones_are_sho
     [event] = stripe_server.events(type="charge.refunded")
     api.deliver(stripe_server, event)
     api.clock.advance(timedelta(minutes=11))  # stored, and nobody handled it
-    assert attention(api)["events_waiting"][0].detail.startswith("1 event(s) stored but not handled")
+    assert attention(api)["events_waiting"][0].detail.startswith("1 event stored but not handled")
     assert inbox_check(api)["status"] == "warn"
 
     stripe_server.inject("http_500", path_prefix="/v1/charges", method="GET", times=None)

@@ -10,13 +10,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+import structlog
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -25,14 +29,18 @@ from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 
 from recharged.accounts import adjust_balance
+from recharged.config import load_settings
 from recharged.daemon.process import Daemon
+from recharged.errors import PaymentError
 from recharged.money import format_ledger
+from recharged.payments import StripeGateway
 from recharged.planning import plan_accounts
 from recharged.rating import longest_call, rate_time
-from recharged.store.models import Account, Entry
+from recharged.status import ask_daemon, status_report
+from recharged.store.models import Account, Entry, FundingSource, OutboxMessage
 from recharged.store.runs import finish_job_run, start_job_run
 from tests.helpers import API_TOKEN as TOKEN
-from tests.helpers import Api, add_account, busy_account, call
+from tests.helpers import NOW, Api, add_account, busy_account, call, card_on_file
 from tests.helpers import api_auth as auth
 
 # --- helpers ---------------------------------------------------------------------------------------------------
@@ -537,7 +545,11 @@ def test_readyz_fails_when_the_schema_is_not_current(api: Api):
     response = api.client.get("/readyz")
     assert response.status_code == 503
     assert response.json()["status"] == "fail"
-    assert "recharged db upgrade" in response.json()["output"]
+    assert response.json()["output"] == "the database schema is not current: run `recharged db upgrade`"
+    # an open endpoint names no database address: it went to the log
+    assert api.db.url not in response.text
+    assert "sqlite" not in response.text
+    assert "postgresql" not in response.text
 
 
 def test_readyz_fails_once_the_daemon_is_stopping(api: Api):
@@ -549,7 +561,7 @@ def test_readyz_fails_once_the_daemon_is_stopping(api: Api):
 
 
 def test_healthz_is_health_json_with_every_check(api: Api):
-    response = api.client.get("/healthz")
+    response = api.client.get("/healthz", headers=auth())  # in full: a token holder's view
     assert response.headers["content-type"] == "application/health+json"
     report = response.json()
     assert {"database:responseTime", "scheduler:running", "cycle:age", "payments:lastCall"} <= set(report["checks"])
@@ -574,7 +586,7 @@ def test_healthz_is_health_json_with_every_check(api: Api):
 
 
 def cycle_check(api: Api) -> dict[str, Any]:
-    [check] = api.client.get("/healthz").json()["checks"]["cycle:age"]
+    [check] = api.client.get("/healthz", headers=auth()).json()["checks"]["cycle:age"]
     return check
 
 
@@ -648,7 +660,7 @@ def database_down(api: Api) -> Iterator[None]:
 
 def test_without_the_database_health_fails_and_the_api_answers_503(acme: Api):
     with database_down(acme):
-        health = acme.client.get("/healthz")
+        health = acme.client.get("/healthz", headers=auth())
         assert health.status_code == 503
         report = health.json()
         [database] = report["checks"]["database:responseTime"]
@@ -690,9 +702,203 @@ def test_metrics_are_prometheus_text_with_the_recharged_prefix(api: Api):
     assert {name: families[name].type for name in expected} == expected
 
 
+def test_metrics_show_the_accounts_needing_attention_by_reason_and_the_outbox_backlog(api: Api):
+    def gauges() -> dict[tuple[str, str], float]:
+        found = {}
+        for family in text_string_to_metric_families(api.client.get("/metrics").text):
+            for sample in family.samples:
+                if sample.name.startswith(("recharged_accounts_attention", "recharged_outbox_")):
+                    found[(sample.name, next(iter(sample.labels.values()), ""))] = sample.value
+        return found
+
+    reasons = ("backing_off", "suspended", "action_required", "disputed", "no_usable_card")
+    statuses = ("pending", "sending", "failed")
+    assert gauges() == {  # every series is there from the start, at 0, so an alert rule can compare it
+        **{("recharged_accounts_attention", r): 0 for r in reasons},
+        **{("recharged_outbox_messages", s): 0 for s in statuses},
+        ("recharged_outbox_oldest_pending_seconds", ""): 0,
+    }
+
+    accounts = {  # id: (auto-recharge, state, its cards: usable or not)
+        "later": (True, "backing_off", [True]),
+        "broke": (True, "suspended", []),  # no card either: one reason each, the state first
+        "auth": (True, "action_required", [True]),
+        "fight": (False, "disputed", [True]),
+        "nocard": (True, "ok", []),
+        "lost": (True, "ok", [False]),
+        "fine": (True, "ok", [False, True]),
+        "off": (False, "ok", []),  # needs no card
+        "gone": (False, "suspended", []),  # closed: needs nobody
+    }
+    for account_id in accounts:
+        add_account(api.db, api.settings, api.clock, account_id)
+    card = {"customer": "cus_1", "brand": "visa", "last4": "4242", "exp_month": 12, "exp_year": 2030}
+    with api.db.transaction() as s:
+        for account_id, (auto, state, cards) in accounts.items():
+            row = s.get(Account, account_id)
+            row.auto_recharge, row.recharge_state = auto, state
+            for n, usable in enumerate(cards):
+                s.add(
+                    FundingSource(
+                        account_id=account_id,
+                        payment_method=f"pm_{account_id}_{n}",
+                        unusable_reason=None if usable else "lost_card",
+                        added_at=NOW,
+                        **card,
+                    )
+                )
+        s.get(Account, "gone").closed_at, s.get(Account, "gone").closed_reason = NOW, "left us"
+        for n, (status, queued) in enumerate(
+            [
+                ("pending", NOW - timedelta(hours=2)),
+                ("pending", NOW - timedelta(minutes=10)),
+                ("sending", NOW - timedelta(hours=3)),
+                ("failed", NOW - timedelta(days=1)),
+                ("failed", NOW - timedelta(days=2)),
+                ("sent", NOW - timedelta(days=3)),
+            ]
+        ):
+            s.add(
+                OutboxMessage(
+                    key=f"m{n}",
+                    kind="receipt",
+                    to_address="x@example.com",
+                    context={},
+                    created_at=queued,
+                    status=status,
+                    next_attempt_at=queued,
+                )
+            )
+
+    assert gauges() == {
+        ("recharged_accounts_attention", "backing_off"): 1,
+        ("recharged_accounts_attention", "suspended"): 1,
+        ("recharged_accounts_attention", "action_required"): 1,
+        ("recharged_accounts_attention", "disputed"): 1,
+        ("recharged_accounts_attention", "no_usable_card"): 2,
+        ("recharged_outbox_messages", "pending"): 2,
+        ("recharged_outbox_messages", "sending"): 1,
+        ("recharged_outbox_messages", "failed"): 2,
+        ("recharged_outbox_oldest_pending_seconds", ""): 2 * 3600,
+    }
+    api.clock.advance(timedelta(minutes=1))  # read at each scrape, as of then
+    assert api.metric("recharged_outbox_oldest_pending_seconds") == 2 * 3600 + 60
+
+
+def test_metrics_answer_without_the_database_leaving_out_what_it_holds(api: Api):
+    with database_down(api):
+        response = api.client.get("/metrics")
+        assert response.status_code == 200
+        names = {family.name for family in text_string_to_metric_families(response.text)}
+        assert "recharged_cycles" in names
+        assert not names & {"recharged_accounts_attention", "recharged_outbox_messages"}
+    assert api.metric("recharged_outbox_messages", status="pending") == 0  # back with the database
+
+
 def test_ops_endpoints_need_no_token(api: Api):
     for path in ("/livez", "/readyz", "/healthz", "/metrics", "/openapi.json"):
         assert api.client.get(path).status_code != 401, path
+
+
+def failed_processor_call(api: Api, backend) -> str:
+    """A real call to the processor that fails, heard by the daemon's health as `recharged run` wires it (the
+    gateway's `on_call`); returns the payment method the error names."""
+    record = api.daemon.health.processor.record
+    gateway = StripeGateway(backend.key, api_base=backend.url, max_retries=0, on_call=record)
+    card = card_on_file(backend, "pm_card_visa")
+    with pytest.raises(PaymentError, match="is not attached to customer cus_someone_else"):
+        gateway.card("cus_someone_else", card.payment_method)
+    return card.payment_method
+
+
+def test_healthz_shows_anyone_each_checks_status_only_and_a_token_holder_the_details(acme: Api, stripe_client):
+    """Issue 13 item 11: the unauthenticated /healthz showed a card's payment method, the processor's error text
+    and the database's host and port. Those go to a token holder (`recharged status`) and to the log."""
+    payment_method = failed_processor_call(acme, stripe_client)
+    url = make_url(acme.db.url)
+    details = [payment_method, "cus_someone_else", "not attached", "OperationalError"]
+    details += [f"{url.host}", f"{url.port}"] if url.port else []
+    with database_down(acme), structlog.testing.capture_logs() as logged:
+        public = acme.client.get("/healthz")
+        detailed = acme.client.get("/healthz", headers=auth())
+
+    assert public.status_code == detailed.status_code == 503
+    assert public.headers["content-type"] == "application/health+json"
+    shown = public.json()
+    assert set(shown) == {"status", "version", "description", "checks"}
+    assert shown["status"] == "fail"
+    full = detailed.json()["checks"]
+    assert shown["checks"] == {name: [{"status": e["status"]} for e in entries] for name, entries in full.items()}
+    assert [detail for detail in details if detail in public.text] == []
+    assert acme.client.get("/healthz", headers=auth("not-our-token-0123456789")).status_code == 401
+
+    [payments] = full["payments:lastCall"]
+    assert payments["status"] == "warn"
+    assert f"payment method {payment_method} is not attached to customer cus_someone_else" in payments["output"]
+    [database] = full["database:responseTime"]
+    assert database["status"] == "fail"
+    assert "OperationalError" in database["output"]
+    if url.port:
+        assert str(url.port) in database["output"]
+    # The log has the details too, once per change of a check rather than once per probe.
+    changes = [(e["check"], e["status"], e["output"]) for e in logged if e["event"] == "health.check"]
+    assert [c for c in changes if c[0] == "payments:lastCall"] == [("payments:lastCall", "warn", payments["output"])]
+    assert [c for c in changes if c[0] == "database:responseTime"] == [
+        ("database:responseTime", "fail", database["output"])
+    ]
+
+
+@contextlib.contextmanager
+def served(api: Api) -> Iterator[int]:
+    """A real HTTP server on a free port handing each GET, with its Authorization header, to the daemon's app:
+    what `recharged status` asks over HTTP. Yields the port."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            token = self.headers.get("Authorization")
+            answer = api.client.get(self.path, headers={"Authorization": token} if token else {})
+            self.send_response(answer.status_code)
+            self.send_header("Content-Type", answer.headers["content-type"])
+            self.send_header("Content-Length", str(len(answer.content)))
+            self.end_headers()
+            self.wfile.write(answer.content)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_recharged_status_shows_the_daemons_health_details_when_it_has_the_token(
+    acme: Api, stripe_client, monkeypatch: pytest.MonkeyPatch
+):
+    payment_method = failed_processor_call(acme, stripe_client)
+    with served(acme) as port:
+        settings = load_settings(None, environ={"RECHARGED_HTTP__PORT": str(port)})
+        answer = ask_daemon(settings, timeout=10)  # RECHARGED_API_TOKENS holds the daemon's token
+        monkeypatch.delenv("RECHARGED_API_TOKENS")
+        anonymous = ask_daemon(settings, timeout=10)
+
+    assert (answer.answered, answer.detailed) == (True, True)
+    [payments] = [c for c in answer.checks if c.name == "payments:lastCall"]
+    assert payments.status == "warn"
+    assert payment_method in str(payments.output)
+    shown = status_report(acme.db, acme.settings, acme.clock.now(), answer).as_json()["daemon"]
+    assert shown["details_shown"] is True
+    assert payment_method in shown["checks"]["payments:lastCall"]["output"]
+
+    assert (anonymous.answered, anonymous.detailed, anonymous.health) == (True, False, answer.health)
+    assert [(c.name, c.status, c.output) for c in anonymous.checks] == [(c.name, c.status, None) for c in answer.checks]
+    assert payment_method not in json.dumps(
+        status_report(acme.db, acme.settings, acme.clock.now(), anonymous).as_json()
+    )
 
 
 # --- OpenAPI -----------------------------------------------------------------------------------------------------
@@ -713,6 +919,22 @@ def test_openapi_documents_the_api(api: Api):
     account = paths["/v1/accounts/{account_id}"]["get"]
     assert {"200", "401", "404"} <= set(account["responses"])
     assert "longest_call_seconds" in document["components"]["schemas"]["AccountView"]["properties"]
+
+
+def test_docs_load_everything_from_the_daemon_itself(api: Api):
+    """Issue 14, item 9: /docs loaded Swagger UI from a CDN, so it was blank offline. Every script, stylesheet and
+    icon it names is served by the daemon."""
+    page = api.client.get("/docs")
+    assert page.status_code == 200
+    assert "text/html" in page.headers["content-type"]
+    assets = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page.text)
+    assert assets, page.text
+    for asset in assets:
+        assert asset.startswith("/"), f"{asset} is not on this server"
+        response = api.client.get(asset)
+        assert response.status_code == 200, asset
+        assert len(response.content) > 500, asset  # the real files, not an error page
+    assert "/openapi.json" in page.text
 
 
 # --- unknown routes and methods -----------------------------------------------------------------------------

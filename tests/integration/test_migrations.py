@@ -117,3 +117,43 @@ def test_0006_keeps_the_ledger_and_its_partial_indexes_and_accepts_reversals(db_
         context = MigrationContext.configure(connection, opts={"compare_type": True})
         assert compare_metadata(context, Base.metadata) == []
     db.close()
+
+
+def test_the_schema_check_reads_what_alembic_reads(db):
+    """`require_current` reads the version table and the scripts without Alembic (slow to import): the same
+    revisions as Alembic's, before and after a downgrade."""
+    from alembic import command
+
+    def alembic_current() -> str | None:
+        with db.engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+
+    assert db.head_revision() == db.alembic_head_revision() == db.current_revision() == alembic_current()
+    with db.engine.begin() as connection:
+        config = db._alembic()
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0005_state_checks")
+    assert db.current_revision() == alembic_current() == "0005_state_checks"
+    with pytest.raises(DatabaseError, match=f"is at schema 0005_state_checks, not {db.head_revision()}"):
+        db.require_current()
+
+
+def _scripts(folder, *revisions: tuple[str, str]) -> None:
+    folder.mkdir(exist_ok=True)
+    for n, (revision, down) in enumerate(revisions):
+        (folder / f"{n:04d}.py").write_text(f'"""A migration."""\n\nrevision = {revision}\ndown_revision = {down}\n')
+
+
+def test_the_head_is_read_from_a_plain_chain_and_left_to_alembic_otherwise(tmp_path):
+    from recharged.store.engine import _chain_head, migrations_dir
+
+    assert _chain_head(migrations_dir() / "versions") == Database("sqlite://").alembic_head_revision()
+    _scripts(tmp_path / "chain", ('"a"', "None"), ("'b'", '"a"'), ('"c"', '"b"'))
+    assert _chain_head(tmp_path / "chain") == "c"
+    _scripts(tmp_path / "branch", ('"a"', "None"), ('"b"', '"a"'), ('"c"', '"a"'))
+    _scripts(tmp_path / "merge", ('"a"', "None"), ('"b"', '"a"'), ('"c"', '("a", "b")'))
+    _scripts(tmp_path / "computed", ('"a"', "None"), ('"b"', "PREVIOUS"))
+    _scripts(tmp_path / "dangling", ('"a"', "None"), ('"c"', '"b"'))
+    for unreadable in ("branch", "merge", "computed", "dangling"):
+        assert _chain_head(tmp_path / unreadable) is None, unreadable
+    assert _chain_head(tmp_path / "nothing") is None

@@ -5,6 +5,7 @@ changes. SQLite and PostgreSQL."""
 from __future__ import annotations
 
 from datetime import timedelta
+from decimal import Decimal
 
 import pytest
 from sqlalchemy import select
@@ -16,8 +17,9 @@ from recharged.mail.templating import render
 from recharged.payments import CardInfo
 from recharged.planning import plan_accounts
 from recharged.recharge import RechargeService
-from recharged.store.models import Account, AuditRecord, OutboxMessage
-from tests.helpers import add_account, busy_account, mail_settings
+from recharged.store.models import Account, AuditRecord, OutboxMessage, Recharge
+from recharged.usage import UsageRecorder
+from tests.helpers import add_account, busy_account, call, mail_settings
 
 ACTOR = "Jane Doe"
 CARD_NOTICES = ("settings_changed",)
@@ -108,11 +110,13 @@ def test_a_declined_purchase_says_nothing_was_charged(db, mail, gateway_factory,
 
 
 def test_low_balance_with_auto_recharge_off_is_told_once_per_episode(db, mail, clock):
-    add_account(db, mail, clock, opening_balance="3.00")  # under the $5.00 minimum reserve
+    add_account(db, mail, clock, opening_balance="10.00")  # above the $5.00 minimum reserve
 
     def run() -> int:
         return notify_from_plans(db, clock.now(), plan_accounts(db, mail, clock.now()))
 
+    assert run() == 0
+    adjust_balance(db, "acme", -700_000, reason="usage", actor=ACTOR, clock=clock)  # $3.00: under it
     assert run() == 1
     assert run() == 0  # the same episode: not again every cycle
     [low] = notices(db, "balance_low")
@@ -131,21 +135,70 @@ def test_low_balance_with_auto_recharge_off_is_told_once_per_episode(db, mail, c
     assert len(notices(db, "balance_low")) == 2
 
 
+def test_an_account_created_at_or_below_the_line_is_told_nothing_until_it_crosses_it(db, mail, clock):
+    """Issue 13 item 13: a new account with zero balance and auto-recharge off was told its balance had run out
+    the moment it was created. Notices are for crossings the customer caused, once per crossing."""
+    add_account(db, mail, clock, "acme")  # $0.00: at the line of "run out"
+    add_account(db, mail, clock, "birch", opening_balance="3.00")  # under the $5.00 minimum reserve
+
+    def cycle() -> int:
+        clock.advance(timedelta(hours=4))
+        return notify_from_plans(db, clock.now(), plan_accounts(db, mail, clock.now()))
+
+    assert [cycle(), cycle()] == [0, 0]
+    assert notices(db) == []
+
+    adjust_balance(db, "acme", 5_000_000, reason="first payment", actor=ACTOR, clock=clock)  # $50.00: above
+    assert cycle() == 0
+    # The customer calls for 2,500 minutes at 2 cents: $50.00, all of it. That crossing is told, once.
+    UsageRecorder(db, mail, clock).record([call("long", account="acme", seconds=150_000)])
+    assert [cycle(), cycle()] == [1, 0]
+    [out] = notices(db)
+    assert (out.kind, out.to_address) == ("balance_exhausted", "billing@acme.example")
+    assert "has run out: it is $0.00" in text_of(mail, out)
+
+    UsageRecorder(db, mail, clock).record([call("short", account="birch", seconds=60)])  # $2.98: lower still
+    assert cycle() == 0  # birch never was above its line: it crossed nothing
+    adjust_balance(db, "birch", -400_000, reason="fee", actor=ACTOR, clock=clock)  # -$1.02: under "run out"
+    assert cycle() == 1  # its $3.00 was above 0: crossing that line is told
+    assert [m.kind for m in notices(db)] == ["balance_exhausted", "balance_exhausted"]
+
+
 def test_a_spend_cap_reached_is_told_once(db, mail, clock):
     add_account(db, mail, clock, opening_balance="1.00", auto_recharge=True)
     card = CardInfo("cus_1", "pm_1", "visa", "4242", 12, 2030)
     add_source(db, "acme", card, actor=ACTOR, clock=clock)
-    change_account(db, "acme", actor=ACTOR, clock=clock, settings=mail, overrides={"max_charged_per_day": "0"})
+    overrides = {"max_recharge": "20", "max_charged_per_day": "20"}
+    change_account(db, "acme", actor=ACTOR, clock=clock, settings=mail, overrides=overrides)
+    with db.transaction() as s:  # an automatic recharge charged the card $20.00 an hour ago: the day's limit
+        at = clock.now() - timedelta(hours=1)
+        s.add(
+            Recharge(
+                account_id="acme",
+                kind="auto",
+                phase="finished",
+                currency="USD",
+                amount=1_667_000,
+                vat=333_000,
+                total=2_000_000,
+                vat_percent=Decimal(20),
+                balance_before=100_000,
+                created_at=at,
+                updated_at=at,
+            )
+        )
     plans = list(plan_accounts(db, mail, clock.now()))
     assert plans[0].decision.reason == "cap_reached"
     assert notify_from_plans(db, clock.now(), plans) == 1
     assert notify_from_plans(db, clock.now(), plans) == 0
     [cap] = notices(db, "spend_cap_reached")
-    assert "your spending limit of $0.00 per 24 hours" in text_of(mail, cap)
+    assert "your spending limit of $20.00 per 24 hours" in text_of(mail, cap)
 
 
 def test_admin_changes_are_told_with_what_when_and_who(db, mail, clock):
+    """Each change here comes after the last one's notice window (see test_admin_notices for changes within one)."""
     add_account(db, mail, clock)
+    at = clock.now()
     change_account(
         db,
         "acme",
@@ -155,19 +208,21 @@ def test_admin_changes_are_told_with_what_when_and_who(db, mail, clock):
         auto_recharge=True,
         overrides={"max_recharge": "250", "threshold_days": "5"},
     )
+    window = timedelta(minutes=mail.outbox.admin_notice_delay_minutes)
+    clock.advance(window)
     change_account(db, "acme", actor=ACTOR, clock=clock, settings=mail, email="ap@acme.example")  # not a notice
     visa = add_source(db, "acme", CardInfo("cus_1", "pm_1", "visa", "4242", 12, 2030), actor=ACTOR, clock=clock)
+    clock.advance(window)
     amex = add_source(db, "acme", CardInfo("cus_1", "pm_2", "amex", "0005", 1, 2031), actor=ACTOR, clock=clock)
+    clock.advance(window)
     make_default(db, "acme", amex.id, actor=ACTOR, clock=clock)
+    clock.advance(window)
     remove_source(db, "acme", visa.id, actor=ACTOR, clock=clock)
     changed = notices(db, "settings_changed")
     assert len(changed) == 5
     first = text_of(mail, changed[0])
     assert "Your automatic recharge settings for account acme changed" in first
-    assert (
-        f"Jane Doe changed the automatic recharge settings of account acme on {clock.now():%d %b %Y, %H:%M} UTC"
-        in first
-    )
+    assert f"Jane Doe changed the automatic recharge settings of account acme on {at:%d %b %Y, %H:%M} UTC" in first
     for line in (
         "- Automatic recharge: off -> on",
         "- Largest single recharge: standard setting -> $250.00",

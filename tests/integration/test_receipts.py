@@ -10,13 +10,14 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from tenacity import wait_none
 
+from recharged.accounts import adjust_balance
 from recharged.mail.outbox import OutboxSender
 from recharged.mail.receipts import list_receipts, receipt_text, resend_copy
 from recharged.recharge import RechargeService
 from recharged.store.ledger import next_receipt_number
 from recharged.store.models import OutboxMessage, Receipt, Recharge
 from recharged.verify import verify
-from tests.helpers import busy_account, mail_settings
+from tests.helpers import busy_account, mail_settings, with_amounts
 
 ACTOR = "Jane Doe"
 
@@ -93,6 +94,42 @@ def test_the_receipt_email_as_the_server_received_it(db, mail, service, clock, s
     for expected in ("Receipt R-000001", "<strong>$100.80</strong>", "Visa ending in 4242", "4,250 dialer minutes"):
         assert expected in html, expected
     assert receipt.content["business"]["name"] == "Dialer Co Ltd"  # kept as issued
+
+
+def test_a_shortfall_receipt_shows_the_nominal_figures_then_what_changed_the_amount(
+    db, mail, service, clock, stripe_client
+):
+    """Issue 13, item 6: the receipt said "we keep at least 7 days ($42.00) and add 14 days ($626.00)": the
+    nominal recharge replaced by the amount charged. It now shows the nominal figures, then in plain words the
+    shortfall, all read from the decision kept with the recharge."""
+    busy_account(db, mail, clock, stripe_client, "pm_card_visa")
+    adjust_balance(db, "acme", -58_500_000, reason="calls billed late", actor=ACTOR, clock=clock)  # $1.00 -> -$584.00
+    service.run_cycle()
+    [receipt] = receipts(db)
+    text = receipt_text(mail, receipt)
+    assert (
+        "your average daily usage over the last 30 days was $6.00; we keep at least 7 days ($42.00) and add 14 days "
+        "($84.00) when the balance falls below that." in text
+    )
+    assert "This time we added $626.00, to bring your balance of -$584.00 back above the least we keep." in text
+    with db.transaction() as s:
+        recharge = s.scalars(select(Recharge)).one()
+        assert recharge.limited_by == "shortfall"
+        assert recharge.decision is not None
+        assert (recharge.decision["nominal_recharge"], recharge.decision["charge_amount"]) == (8_400_000, 62_600_000)
+        recharge.decision = {**recharge.decision, "charge_amount": 8_400_000}  # tampered with: verify notices
+    assert any("its decision does not recompute" in problem for problem in verify(db).violations)
+
+
+def test_a_capped_receipt_says_which_cap_and_what_it_counted(db, mail, gateway_factory, clock, stripe_client):
+    capped = with_amounts(mail, max_recharge="60")
+    busy_account(db, mail, clock, stripe_client, "pm_card_visa")
+    RechargeService(db, capped, gateway_factory, clock).run_cycle()
+    [receipt] = receipts(db)
+    text = receipt_text(capped, receipt)
+    assert "add 14 days ($84.00)" in text
+    assert "This time we added $50.00: one automatic recharge charges your card at most $60.00." in text
+    assert receipt.total == 6_000_000  # $50.00 + $10.00 VAT: the cap bounds what the card paid
 
 
 def test_a_purchase_receipt_without_vat_has_no_reason(db, mail, service, clock, stripe_client):

@@ -7,14 +7,15 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from recharged.accounts import change_account
+from recharged.accounts import adjust_balance, change_account
 from recharged.errors import ConflictError
 from recharged.funding import add_source, remove_source
 from recharged.planning import plan_accounts
 from recharged.recharge import RechargeService
+from recharged.states import RechargeKind
 from recharged.store.models import Account, Entry, FundingSource, Recharge
 from recharged.verify import verify
-from tests.helpers import busy_account, card_on_file
+from tests.helpers import busy_account, card_on_file, with_amounts
 
 ACTOR = "Jane Doe"
 
@@ -92,10 +93,13 @@ def test_all_sources_declining_backs_off_then_suspends(db, settings, service, cl
         start + timedelta(hours=4),
     )
     assert next(plan_accounts(db, settings, clock.now())).decision.reason == "backing_off"
-    # 4 h later the only card is still resting (1 try per 24 h after a decline): nothing is sent, no step is used
+    # 4 h later the only card is still resting (1 try per 24 h after a decline): the plan says so and when it
+    # may be tried, and nothing is claimed (a failed recharge used to be claimed every cycle), no step is used
     clock.advance(timedelta(hours=4, minutes=1))
-    [rested] = service.run_cycle().charged
-    assert rested.outcome == "no funding source can be charged now"
+    plan = next(plan_accounts(db, settings, clock.now())).decision
+    assert (plan.action, plan.reason, plan.next_try_at) == ("skip", "cards_resting", start + timedelta(hours=24))
+    report = service.run_cycle()
+    assert (report.charged, report.not_claimed) == ([], [])
     assert account_row(db).failed_cycles == 1
     # then one declined try per step of the schedule (4 h, 24 h, 72 h), each past the card's 24 h rest
     for expected_cycles, wait in (
@@ -111,6 +115,8 @@ def test_all_sources_declining_backs_off_then_suspends(db, settings, service, cl
     assert next(plan_accounts(db, settings, clock.now())).decision.reason == "suspended"
     change_account(db, "acme", actor=ACTOR, clock=clock, settings=settings, auto_recharge=True)  # an admin lifts it
     assert (account_row(db).recharge_state, account_row(db).failed_cycles) == ("ok", 0)
+    assert next(plan_accounts(db, settings, clock.now())).decision.reason == "cards_resting"  # declined just now
+    clock.advance(timedelta(hours=24, minutes=1))
     assert next(plan_accounts(db, settings, clock.now())).decision.action == "charge"
     assert len(stripe_client.intents()) == 4  # one declined attempt per failed cycle, never more
     assert succeeded(stripe_client) == []
@@ -238,15 +244,22 @@ def test_a_card_is_left_alone_after_its_declines_per_30_days(db, settings, gatew
     payments = settings.payments.model_copy(
         update={"max_declines_per_card_30_days": 2, "card_retry_after_decline_hours": 1}
     )
-    capped = RechargeService(db, settings.model_copy(update={"payments": payments}), gateway_factory, clock)
+    capped_settings = settings.model_copy(update={"payments": payments})
+    capped = RechargeService(db, capped_settings, gateway_factory, clock)
     busy_account(db, settings, clock, stripe_client, "pm_card_chargeDeclinedInsufficientFunds")
-    outcomes = []
-    for _ in range(3):
+    first = clock.now()
+    for _ in range(2):
         [report] = capped.run_cycle().charged
-        outcomes.append(report.outcome)
+        assert report.outcome == "every funding source declined"
         clock.advance(timedelta(hours=account_row(db).failed_cycles * 24 + 1))  # past each back-off step
-    assert outcomes == ["every funding source declined"] * 2 + ["no funding source can be charged now"]
+    # The card is at its limit (2 declines in 30 days): the plan says so, and until when; the cycle claims nothing
+    # (it used to claim a failed recharge every cycle, with no back-off and no notice).
+    plan = next(plan_accounts(db, capped_settings, clock.now())).decision
+    assert (plan.reason, plan.next_try_at) == ("cards_resting", first + timedelta(days=30))
+    assert capped.run_cycle().charged == []
     assert len(stripe_client.intents()) == 2  # the third cycle sent nothing
+    clock.advance(first + timedelta(days=30, seconds=1) - clock.now())
+    assert next(plan_accounts(db, capped_settings, clock.now())).decision.action == "charge"
 
 
 def test_verify_finds_a_credit_without_a_recharge(db, settings, service, clock, stripe_client):
@@ -258,3 +271,28 @@ def test_verify_finds_a_credit_without_a_recharge(db, settings, service, clock, 
     problems = verify(db).violations
     assert any("no ledger credit for pi_other" in p for p in problems)
     assert any("no credited recharge paid by it" in p for p in problems)
+
+
+def test_the_daily_cap_counts_a_recharge_recovered_in_the_same_cycle(
+    db, settings, gateway_factory, clock, stripe_client
+):
+    """Issue 13, item 3: the cycle took `at` before recovering, and the caps counted credits by posting time up to
+    `at`, so a recharge its own recovery credited was left out: max_charged_per_day 100, 160 charged. The caps now
+    count every recharge that can still take money, by claim time, under the claim lock."""
+    capped_settings = with_amounts(settings, max_charged_per_day="100", max_charged_per_30_days="10000")
+    capped = RechargeService(db, capped_settings, gateway_factory, clock)
+    busy_account(db, settings, clock, stripe_client, "pm_card_visa")  # $1.00, threshold $42, recharge $84, 20% VAT
+    adjust_balance(db, "acme", -10_100_000, reason="calls billed late", actor=ACTOR, clock=clock)  # -$100.00
+    left_open = capped.claim("acme", 5_000_000, kind=RechargeKind.AUTO)  # $50 + VAT: a worker died after its claim
+    assert left_open is not None
+    report = capped.run_cycle()
+    assert [r.phase for r in report.recovered] == ["finished"]
+    charged = [pi["amount"] for pi in stripe_client.intents() if pi["status"] == "succeeded"]
+    assert sum(charged) <= 100_00, charged  # cents: what the cards paid in these 24 hours
+    assert sorted(charged) == [40_00, 60_00]  # the recovered $60.00, then the $40.00 the cap still allowed
+    with db.transaction() as s:
+        last = s.scalars(select(Recharge).order_by(Recharge.id.desc())).first()
+        assert last is not None
+        assert last.limited_by == "max_charged_per_day"
+        assert last.decision is not None
+        assert last.decision["inputs"]["charged_last_day"] == 6_000_000  # the recovered recharge, kept with it

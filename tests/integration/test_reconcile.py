@@ -72,7 +72,7 @@ def test_a_charge_made_outside_recharged_is_a_charge_without_credit(charged, db,
     report = run(db, gateway_factory, clock)
     [problem] = report.problems
     assert (problem.kind, problem.payment_intent, problem.account) == ("charge_without_credit", stray.id, "birch")
-    assert "5000 USD minor units" in problem.detail
+    assert "50.00 USD charged on" in problem.detail  # in the currency's own form, not in cents
     assert "recharge 999" in problem.detail
     assert report.matched == 2
 
@@ -109,9 +109,10 @@ def test_tampered_amounts_currencies_and_accounts_are_reported(charged, db, gate
         (True, "currency_mismatch"),  # charged in USD, the recharge says EUR
     ]
     details = " | ".join(p.detail for p in report.problems)
-    assert "charged 10080 USD minor units, but recharge" in details
-    assert "100.81000 EUR" in details
-    assert "credited 83.00000, but recharge" in details
+    assert "charged 100.80 USD, but recharge" in details
+    assert "total is 100.81 EUR" in details
+    assert "credited 83.00 USD, but recharge" in details
+    assert "minor units" not in details
     assert "names account birch, but account acme was credited" in details
     assert report.matched == 0
 
@@ -121,6 +122,7 @@ def test_charges_before_the_date_are_not_reported(charged, stripe_server, db, ga
     report = run(db, gateway_factory, clock, since=clock.now() + timedelta(hours=1))
     assert report.ok
     assert (report.charges, report.succeeded) == (0, 0)
+    assert (report.charged, report.credited) == ({}, {})  # nor their credits: charged = credited + VAT
 
 
 def test_list_payments_pages_through_every_page(stripe_server, stripe_client, gateway_factory, clock):

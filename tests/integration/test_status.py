@@ -186,7 +186,7 @@ def test_everything_needing_attention_is_listed(db, settings, clock):
         states = {
             "auth": ("action_required", "visa ...3155 needs the customer to authenticate", None),
             "broke": ("suspended", "suspended after 4 failed recharge cycles", None),
-            "later": ("backing_off", "1 failed recharge cycle(s)", NOW + 3 * HOUR),
+            "later": ("backing_off", "1 failed recharge cycle", NOW + 3 * HOUR),
         }
         for account_id, (state, reason, retry) in states.items():
             row = s.get(Account, account_id)
@@ -238,9 +238,9 @@ def test_everything_needing_attention_is_listed(db, settings, clock):
     assert by_kind["backing_off"].at == NOW + 3 * HOUR
     assert "visa ...0002" in by_kind["unusable_source"].detail
     assert "lost_card" in by_kind["unusable_source"].detail
-    assert "1 emails failed for good" in by_kind["mail_failed"].detail
+    assert "1 email failed for good" in by_kind["mail_failed"].detail
     assert "550" in by_kind["mail_failed"].detail
-    assert "1 emails pending" in by_kind["mail_late"].detail
+    assert "1 email pending" in by_kind["mail_late"].detail
     assert "connection refused" in by_kind["mail_late"].detail
     assert "still charging" in by_kind["recharge_stuck"].detail
     assert report.as_json()["attention"][0] == {

@@ -10,12 +10,24 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from recharged.balance import AccountFigures, Policy, Window, decide, history_days, runway_days
-from recharged.money import CURRENCIES
+from recharged.balance import (
+    AccountFigures,
+    Policy,
+    Window,
+    contradictions,
+    decide,
+    history_days,
+    recompute,
+    runway_days,
+    stored_decision,
+    stored_mismatches,
+)
+from recharged.money import CURRENCIES, with_vat
 
 AT = datetime(2026, 11, 22, 15, 30, tzinfo=UTC)
 MIDNIGHT = datetime(2026, 11, 22, tzinfo=UTC)
 LONG_AGO = datetime(2020, 1, 1, tzinfo=UTC)
+DAY_SECONDS = 86_400
 NO_FLOORS = Policy()  # window 30, threshold 7 days, recharge 14 days, no floors, no caps
 
 # 30.00 USD over a full 30-day window: 1.00 a day, threshold 7.00, recharge 14.00.
@@ -84,11 +96,44 @@ def test_young_account_divides_by_its_full_days() -> None:
     assert decision.recharge_amount == 1_400_000
 
 
-def test_account_created_mid_day_counts_only_full_days() -> None:
-    created = datetime(2026, 11, 19, 10, 0, tzinfo=UTC)  # 2 days 14 hours before midnight -> 2
-    assert history_days(AT, created, None, 30) == 2
-    decision = decide(figures(created_at=created, window_usage=300_000), AT)
-    assert decision.average_daily == 150_000  # 3.00 / 2
+def test_account_created_mid_day_divides_by_the_time_its_usage_covers() -> None:
+    # The window holds the usage from 19 Nov 10:00 on: 2 days 14 hours, not 2 full days.
+    created = datetime(2026, 11, 19, 10, 0, tzinfo=UTC)
+    assert history_days(AT, created, None, 30) == Decimal("2.58")
+    decision = decide(figures(created_at=created, window_usage=310_000), AT)
+    assert decision.average_daily == 120_000  # 3.10 / (2 + 14/24) days
+
+
+# Usage at exactly 1.00 a day since the account's creation: the average must say 1.00, whatever the hour.
+def _steady_usage(created: datetime, at: datetime) -> int:
+    covered = Window.before(at, 30).end - max(created, Window.before(at, 30).start)
+    return int(Decimal(100_000) * Decimal(covered.total_seconds()) / 86_400)
+
+
+@pytest.mark.parametrize(
+    ("created", "at"),
+    [
+        (datetime(2026, 11, 20, 0, 0, tzinfo=UTC), datetime(2026, 11, 22, 0, 0, tzinfo=UTC)),  # at midnight
+        (datetime(2026, 11, 20, 12, 0, tzinfo=UTC), datetime(2026, 11, 22, 0, 0, tzinfo=UTC)),  # created mid-day
+        (datetime(2026, 11, 20, 1, 0, tzinfo=UTC), datetime(2026, 11, 22, 9, 0, tzinfo=UTC)),  # created at 01:00
+        (datetime(2026, 10, 23, 12, 0, tzinfo=UTC), datetime(2026, 11, 22, 9, 0, tzinfo=UTC)),  # day 30
+        (datetime(2026, 10, 22, 12, 0, tzinfo=UTC), datetime(2026, 11, 22, 9, 0, tzinfo=UTC)),  # day 31: full window
+    ],
+)
+def test_young_accounts_average_is_the_rate_of_their_usage(created: datetime, at: datetime) -> None:
+    """A young account's average was up to ~2x too high when its creation day's usage was divided by the full
+    days only (the second day of an account created at 01:00: 1.96 days of usage over 1 day)."""
+    decision = decide(figures(created_at=created, window_usage=_steady_usage(created, at)), at)
+    assert decision.average_daily == 100_000
+    assert decision.recharge_amount == 1_400_000
+
+
+def test_account_on_its_first_full_day_divides_by_one_day_at_least() -> None:
+    # Created 21 Nov 18:00, usage of 6 hours in the window: never divided by less than a day (a short stretch
+    # would make a large rate from little usage); the average stays below the rate, the safe side.
+    created = datetime(2026, 11, 21, 18, 0, tzinfo=UTC)
+    assert history_days(AT, created, None, 30) == 1
+    assert decide(figures(created_at=created, window_usage=25_000), AT).average_daily == 25_000
 
 
 def test_account_created_today_has_one_day() -> None:
@@ -113,6 +158,7 @@ def test_history_is_capped_at_window() -> None:
     assert history_days(AT, datetime(2026, 10, 22, tzinfo=UTC), None, 30) == 30  # 31 full days
     assert history_days(AT, datetime(2026, 10, 23, tzinfo=UTC), None, 30) == 30  # exactly 30
     assert history_days(AT, datetime(2026, 10, 24, tzinfo=UTC), None, 30) == 29
+    assert history_days(AT, datetime(2026, 10, 22, 12, tzinfo=UTC), None, 30) == 30  # the window, not 30.5
     decision = decide(figures(window_usage=USAGE_1_PER_DAY), AT)
     assert decision.history_days == 30
     assert decision.average_daily == 100_000
@@ -316,26 +362,26 @@ def test_policy_overrides_replace_only_given_fields() -> None:
 
 
 def test_runway_is_balance_over_average() -> None:
-    assert runway_days(500_000, USAGE_1_PER_DAY, 30) == Decimal("5.0")
+    assert runway_days(500_000, USAGE_1_PER_DAY, 30 * DAY_SECONDS) == Decimal("5.0")
     assert decide(figures(balance=500_000), AT).runway_days == Decimal("5.0")
 
 
 def test_runway_rounds_down_to_a_tenth() -> None:
     # 1.23456 / 1.00 a day = 1.23456 days -> 1.2; 0.19999 -> 0.1
-    assert runway_days(123_456, USAGE_1_PER_DAY, 30) == Decimal("1.2")
-    assert runway_days(19_999, USAGE_1_PER_DAY, 30) == Decimal("0.1")
+    assert runway_days(123_456, USAGE_1_PER_DAY, 30 * DAY_SECONDS) == Decimal("1.2")
+    assert runway_days(19_999, USAGE_1_PER_DAY, 30 * DAY_SECONDS) == Decimal("0.1")
     # 3.00 over 3 days with 2.99999 balance: 2.99999 -> 2.9, not 3.0
-    assert runway_days(299_999, 300_000, 3) == Decimal("2.9")
+    assert runway_days(299_999, 300_000, 3 * DAY_SECONDS) == Decimal("2.9")
 
 
 def test_runway_is_none_without_usage() -> None:
-    assert runway_days(500_000, 0, 30) is None
+    assert runway_days(500_000, 0, 30 * DAY_SECONDS) is None
     assert decide(figures(balance=500_000, window_usage=0), AT).runway_days is None
 
 
 @pytest.mark.parametrize("balance", [0, -1, -500_000])
 def test_runway_is_zero_when_balance_is_not_positive(balance: int) -> None:
-    assert runway_days(balance, USAGE_1_PER_DAY, 30) == Decimal("0")
+    assert runway_days(balance, USAGE_1_PER_DAY, 30 * DAY_SECONDS) == Decimal("0")
 
 
 def test_runway_uses_history_days_of_a_young_account() -> None:
@@ -399,8 +445,10 @@ def test_a_charge_is_on_a_minor_unit_and_reaches_the_threshold(account: AccountF
 def test_threshold_and_recharge_follow_the_average(account: AccountFigures) -> None:
     decision = decide(account, AT)
     policy = account.policy
-    days = decision.history_days
+    assert decision.inputs is not None
+    days = Decimal(decision.inputs.history_seconds) / DAY_SECONDS  # exact: the shown history_days is rounded
     assert 1 <= days <= policy.window_days
+    assert abs(decision.history_days - days) <= Decimal("0.005")
     exact_threshold = Decimal(account.window_usage) * policy.threshold_days / days
     assert decision.threshold == max(
         policy.min_threshold, int(exact_threshold.quantize(Decimal(1), rounding=ROUND_HALF_UP))
@@ -430,6 +478,7 @@ def test_never_charges_when_auto_recharge_is_off(account: AccountFigures) -> Non
     st.none() | st.integers(min_value=0, max_value=10**9),
     st.integers(min_value=0, max_value=10**9),
     st.integers(min_value=0, max_value=10**9),
+    st.sampled_from([Decimal(0), Decimal("7.7"), Decimal(20), Decimal("27")]),
 )
 def test_a_charge_stays_within_max_recharge_and_caps(
     account: AccountFigures,
@@ -438,7 +487,10 @@ def test_a_charge_stays_within_max_recharge_and_caps(
     per_30_days: int | None,
     charged_day: int,
     charged_30_days: int,
+    vat: Decimal,
 ) -> None:
+    """The caps bound what the card is charged: the amount plus VAT (they used to bound the amount alone, so a
+    20% VAT account with max_recharge 20.00 paid 24.00)."""
     step = STEPS[account.currency]
     if max_recharge is not None:
         # configured in whole minor units, at least one: with max_recharge below one minor unit decide()
@@ -447,19 +499,95 @@ def test_a_charge_stays_within_max_recharge_and_caps(
     policy = replace(
         account.policy, max_recharge=max_recharge, max_charged_per_day=per_day, max_charged_per_30_days=per_30_days
     )
-    decision = decide(
-        replace(account, policy=policy, charged_last_day=charged_day, charged_last_30_days=charged_30_days), AT
+    account = replace(
+        account, policy=policy, charged_last_day=charged_day, charged_last_30_days=charged_30_days, vat_percent=vat
     )
+    decision = decide(account, AT)
+    assert decision.inputs is not None
+    assert recompute(decision.inputs) == decision  # what a recharge keeps gives the same decision again
     if decision.action != "charge":
         return
     assert decision.charge_amount % step == 0
     assert decision.charge_amount >= step
+    charged = with_vat(decision.charge_amount, vat, account.currency)
     if max_recharge is not None:
-        assert decision.charge_amount <= max_recharge
+        assert charged <= max_recharge
     if per_day is not None:
-        assert charged_day + decision.charge_amount <= per_day
+        assert charged_day + charged <= per_day
     if per_30_days is not None:
-        assert charged_30_days + decision.charge_amount <= per_30_days
+        assert charged_30_days + charged <= per_30_days
+
+
+def test_max_recharge_bounds_the_amount_plus_vat() -> None:
+    policy = Policy(max_recharge=2_000_000)  # 20.00
+    decision = decide(replace(figures(policy=policy, balance=0, window_usage=30_000_000), vat_percent=Decimal(20)), AT)
+    assert decision.action == "charge"
+    assert decision.limited_by == "max_recharge"
+    assert decision.charge_amount == 1_667_000  # 16.67 + 3.33 VAT = 20.00
+    assert with_vat(decision.charge_amount, Decimal(20), "USD") == 2_000_000
+
+
+def test_daily_cap_counts_what_the_card_paid() -> None:
+    # 2,000 a day, with 20% VAT: 1,200 charged already (1,000 + VAT) leaves 800 for the card, 666.67 + VAT.
+    policy = Policy(max_charged_per_day=200_000_000, recharge_days=14)
+    account = replace(
+        figures(policy=policy, balance=0, window_usage=300_000_000),
+        vat_percent=Decimal(20),
+        charged_last_day=120_000_000,
+    )
+    decision = decide(account, AT)
+    assert decision.limited_by == "max_charged_per_day"
+    assert decision.charge_amount == 66_667_000
+    assert 120_000_000 + with_vat(decision.charge_amount, Decimal(20), "USD") <= 200_000_000
+
+
+def test_a_decision_keeps_its_nominal_figures_and_recomputes() -> None:
+    # 10.00 a day: nominal reserve 70.00, nominal recharge 140.00; a balance of -600.00 needs 670.00.
+    policy = Policy(min_threshold=500_000, min_recharge=1_000_000)
+    decision = decide(figures(policy=policy, balance=-60_000_000, window_usage=30_000_000), AT)
+    assert (decision.nominal_threshold, decision.threshold) == (7_000_000, 7_000_000)
+    assert (decision.nominal_recharge, decision.recharge_amount) == (14_000_000, 14_000_000)
+    assert (decision.charge_amount, decision.limited_by) == (67_000_000, "shortfall")
+    assert decision.inputs is not None
+    stored = stored_decision(decision, AT)
+    assert stored_mismatches(stored) == []
+    assert stored_mismatches({**stored, "charge_amount": 14_000_000}) == [
+        "charge_amount 14000000 (recomputed 67000000)"
+    ]
+
+
+def test_cards_resting_after_declines_skip_until_usable() -> None:
+    until = AT + timedelta(hours=5)
+    decision = decide(replace(figures(balance=0), cards_resting_until=until), AT)
+    assert (decision.action, decision.reason, decision.next_try_at) == ("skip", "cards_resting", until)
+    assert decide(replace(figures(balance=0), cards_resting_until=until), until + timedelta(seconds=1)).action == (
+        "charge"
+    )
+
+
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        (Policy(min_recharge=2_000_000, max_recharge=1_000_000), "min_recharge 20.00 USD is above max_recharge 10.00"),
+        (
+            Policy(max_recharge=3_000_000, max_charged_per_day=2_000_000),
+            "max_recharge 30.00 USD is above max_charged_per_day 20.00 USD",
+        ),
+        (
+            Policy(max_charged_per_day=3_000_000, max_charged_per_30_days=2_000_000),
+            "max_charged_per_day 30.00 USD is above max_charged_per_30_days 20.00 USD",
+        ),
+        (Policy(max_recharge=3_000_000, max_charged_per_30_days=2_000_000), "max_recharge 30.00 USD is above max_c"),
+        (Policy(max_recharge=30_000), "max_recharge 0.30 USD is below the processor's minimum charge of 0.50 USD"),
+        (Policy(min_threshold=-1), "min_threshold -0.00001 USD is negative"),
+    ],
+)
+def test_contradictions_name_both_settings(policy: Policy, message: str) -> None:
+    assert any(message in problem for problem in contradictions(policy, "USD")), contradictions(policy, "USD")
+
+
+def test_a_coherent_policy_has_no_contradictions() -> None:
+    assert contradictions(Policy(500_000, 1_000_000, 100_000_000, 200_000_000, 1_000_000_000), "USD") == []
 
 
 def test_a_balance_runs_out_within_a_wait_shorter_than_its_runway_only() -> None:

@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "recharged"
 
-CORE = {"money", "rating", "sms", "balance", "clock", "errors", "states"}
+CORE = {"money", "rating", "sms", "balance", "clock", "errors", "states", "words", "cards"}
 BESIDE_CORE = {"config", "credentials", "logs", "faults"}
 ADAPTERS = {"store", "mail", "payments"}
 SERVICES = {
@@ -30,6 +30,7 @@ SERVICES = {
     "status",
     "charts",
     "csvfiles",
+    "datacheck",
 }
 ENTRY_POINTS = {"cli", "daemon", "demo", "__main__", "__init__"}
 TESTING = {"testing"}

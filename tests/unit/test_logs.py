@@ -147,6 +147,31 @@ def test_redaction_by_key_and_in_nested_values() -> None:
     assert "abc.def" not in stream.getvalue()
 
 
+def test_message_ids_and_eml_files_stay_readable_and_addresses_are_still_masked() -> None:
+    """Issue 13 item 13: Message-IDs and .eml names were masked as if they were addresses (`<r***@example.com>`),
+    so a receipt could not be followed through the logs."""
+    stream = json_logs()
+    structlog.get_logger("recharged.mail.outbox").info(
+        "outbox.sent",
+        message_id="<receipt-42.abc@recharged.example>",
+        answer="written to outbox/recharged.receipt.R-000042@recharged.example.eml",
+        to="alice@example.com",
+        error="550 5.1.1 <alice@example.com>: Recipient address rejected",
+    )
+    structlog.get_logger("recharged.mail.outbox").info(
+        "resent Message-ID: <receipt-42.abc@recharged.example> to alice@example.com as receipt-42.abc@recharged.EML"
+    )
+    sent, resent = lines(stream)
+    assert sent["message_id"] == "<receipt-42.abc@recharged.example>"
+    assert sent["answer"] == "written to outbox/recharged.receipt.R-000042@recharged.example.eml"
+    assert sent["to"] == "a***@example.com"
+    assert sent["error"] == "550 5.1.1 <a***@example.com>: Recipient address rejected"
+    assert resent["event"] == (
+        "resent Message-ID: <receipt-42.abc@recharged.example> to a***@example.com as receipt-42.abc@recharged.EML"
+    )
+    assert "alice@" not in stream.getvalue()
+
+
 def test_redaction_in_exception_text() -> None:
     stream = json_logs()
     log = structlog.get_logger("recharged.payments")

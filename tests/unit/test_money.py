@@ -514,9 +514,10 @@ def test_jpy_and_huf_recharges_are_raised_to_their_minimums() -> None:
 def test_a_ceiling_below_the_minimum_means_nothing_is_charged() -> None:
     capped = decide(account(policy=Policy(max_recharge=major("0.30"))), AT)
     assert (capped.action, capped.reason, capped.limited_by) == ("skip", "cap_reached", "max_recharge")
-    daily = decide(account(policy=Policy(max_charged_per_day=major("0.41"))), AT)
+    # The caps bound what the card pays: 0.42 + 20% VAT = 0.50, Stripe's minimum, needs a cap of 0.50.
+    daily = decide(account(policy=Policy(max_charged_per_day=major("0.49"))), AT)
     assert (daily.action, daily.reason, daily.limited_by) == ("skip", "cap_reached", "max_charged_per_day")
-    room = decide(account(policy=Policy(max_charged_per_day=major("0.42"))), AT)
+    room = decide(account(policy=Policy(max_charged_per_day=major("0.50"))), AT)
     assert (room.action, room.charge_amount, room.limited_by) == ("charge", major("0.42"), "processor_minimum")
 
 
