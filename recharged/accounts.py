@@ -269,7 +269,8 @@ def _columns(
 
 def _conflicts(session: Session, pairs: Sequence[tuple[NewAccount, Account]]) -> list[tuple[NewAccount, str]]:
     """Each account to create that exists with other settings: where it was given, and every column that differs
-    with its recorded and given values. A row without created_at compares only the rest (it meant "now")."""
+    with its recorded and given values. A row without created_at compares only the rest (it meant "now"); a row
+    without a card, all but the card (cards are managed with `sources` once the account exists)."""
     ids = [old.id for _, old in pairs]
     if not ids:
         return []
@@ -294,6 +295,9 @@ def _conflicts(session: Session, pairs: Sequence[tuple[NewAccount, Account]]) ->
         given = _columns(new, new.opening_balance, new.card)
         if new.created_at is None:
             del given["created_at"]
+        if new.card is None:  # no card in the row says nothing of the cards added since (`sources add`)
+            for name in CARD_COLUMNS:
+                given.pop(name, None)
         differing = [
             f"{name}: recorded {recorded[name] or '(none)'}, given {value or '(none)'}"
             for name, value in given.items()
