@@ -180,6 +180,10 @@ class _DuplicateKey(ValueError):
     pass
 
 
+def _not_json(constant: str) -> object:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """A JSON object's members, refusing a key given twice (json.loads would keep the last one silently)."""
     members: dict[str, Any] = {}
@@ -195,7 +199,7 @@ def _parse_json(body: bytes) -> Any:
     nesting past the recursion limit), for an object that gives a key twice, and for strings with lone surrogate
     escapes, which no answer could echo."""
     try:
-        data = json.loads(body, object_pairs_hook=_unique_keys)
+        data = json.loads(body, object_pairs_hook=_unique_keys, parse_constant=_not_json)
     except _DuplicateKey as exc:
         raise ApiError(
             400, f"the body is not valid JSON: the key {str(exc)[:100]!r} appears twice in one object"

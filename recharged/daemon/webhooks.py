@@ -39,7 +39,7 @@ def verified_event(payload: bytes, header: str | None, secret: str, tolerance_se
     except stripe.SignatureVerificationError as exc:
         raise SignatureError(f"signature check failed: {exc.user_message or exc}") from None
     try:
-        event = json.loads(text)
+        event = json.loads(text, parse_constant=_not_json)  # NaN and Infinity are not JSON: PostgreSQL refuses them
         json.dumps(event, ensure_ascii=False).encode()  # a lone surrogate escape could be neither stored nor echoed
     except (ValueError, RecursionError) as exc:  # also past the integer digit and nesting limits
         raise InputError(f"the body is not JSON: {str(exc)[:200]}") from None
@@ -50,3 +50,7 @@ def verified_event(payload: bytes, header: str | None, secret: str, tolerance_se
     if not _STRIPE_TYPE.fullmatch(event["type"]):
         raise InputError("the event type must be 1 to 80 printable ASCII characters")
     return event
+
+
+def _not_json(constant: str) -> object:
+    raise ValueError(f"{constant} is not a JSON number")

@@ -360,3 +360,15 @@ def test_fuzzed_signed_events_are_never_a_500_and_credit_nothing(api: Api, event
     assert response.status_code in (200, 400), response.text
     with api.db.transaction() as s:
         assert s.scalar(select(func.count()).select_from(Entry)) == 0
+
+
+@pytest.mark.parametrize("constant", ["Infinity", "-Infinity", "NaN"])
+def test_a_signed_event_with_a_non_json_number_is_a_400_not_a_500(api: Api, constant):
+    """Found by the fuzzed test above on PostgreSQL: Python's json reads Infinity and NaN, PostgreSQL's JSON type
+    refuses them, and storing the event was a 500."""
+    body = f'{{"id": "evt_inf", "type": "payment_intent.canceled", "data": {{"object": {{"amount": {constant}}}}}}}'
+    response = deliver(api, body.encode())
+    assert response.status_code == 400, response.text
+    assert f"{constant} is not a JSON number" in response.text
+    with api.db.transaction() as s:
+        assert s.scalar(select(func.count()).select_from(ProcessorEvent)) == 0
