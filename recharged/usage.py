@@ -199,9 +199,10 @@ class UsageRecorder:
         where = list(positions) if positions is not None else list(range(len(raws)))
         now = self._clock.now()
         outcomes: list[Outcome | None] = [None] * len(raws)
-        parsed: list[tuple[int, UsageEvent]] = []
-        seen: dict[str, tuple[int, UsageEvent]] = {}
-        repeats: list[tuple[int, int]] = []  # (index, index of the same event earlier in the batch)
+        # The k-th copy of an event id goes in round k: each round is recorded after the ones before it, in the same
+        # transaction, so every copy is judged against what is recorded by then, this batch's earlier copies included.
+        rounds: list[list[tuple[int, UsageEvent]]] = []
+        copies: dict[str, int] = {}
         for i, raw in enumerate(raws):
             if not isinstance(raw, Mapping):  # an API batch may hold anything
                 outcomes[i] = Outcome(where[i], None, "rejected", "an event must be a JSON object")
@@ -212,64 +213,56 @@ class UsageRecorder:
             except ValueError as exc:
                 outcomes[i] = Outcome(where[i], event_id, "rejected", str(exc))
                 continue
-            earlier = seen.get(event.event_id)
-            if earlier is not None:
-                if earlier[1].content == event.content:
-                    repeats.append((i, earlier[0]))
-                else:
-                    reason = "event_id appears earlier in this batch with other content"
-                    outcomes[i] = Outcome(where[i], event.event_id, "rejected", reason)
-                continue
-            seen[event.event_id] = (i, event)
-            parsed.append((i, event))
+            k = copies[event.event_id] = copies.get(event.event_id, -1) + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append((i, event))
 
-        if parsed:
+        if rounds:
             new_rate_ids: dict[tuple[str, str, Rate], int] = {}
             with self._db.transaction() as session:
-                accounts = lock_accounts(session, (event.account_id for _, event in parsed))
+                accounts = lock_accounts(session, (event.account_id for parsed in rounds for _, event in parsed))
                 closed = closings(session, accounts)
-                pending: list[tuple[int, UsageEvent]] = []
-                rows: list[UsageRow] = []
-                for i, event in parsed:
-                    try:
-                        kind_rate, plan = self._rate_for(event, accounts.get(event.account_id))
-                        _check_open(event, closed.get(event.account_id))
-                        check_against_rate(event, kind_rate, plan)
-                        rated = rate_event(kind_rate, duration_seconds=event.duration_seconds, quantity=event.quantity)
-                        cost = event.cost if event.cost is not None else rated.cost
-                        # a price in config.toml can make one event cost more than the ledger takes (money.MAX_AMOUNT)
-                        check_amount(cost, accounts[event.account_id].currency, what="cost")
-                    except ValueError as exc:
-                        outcomes[i] = Outcome(where[i], event.event_id, "rejected", str(exc))
-                        continue
-                    key = (plan, event.kind, kind_rate)
-                    rid = self._rate_ids.get(key) or new_rate_ids.get(key)
-                    if rid is None:
-                        rid = new_rate_ids[key] = rate_id(session, plan, event.kind, rate_snapshot(kind_rate))
-                    pending.append((i, event))
-                    rows.append(
-                        (
-                            event.account_id,
-                            event.event_id,
-                            -cost,
-                            event.started_at,
-                            now,
-                            event.kind,
-                            event.duration_seconds,
-                            event.quantity,
-                            rated.billable_quantity,
-                            None if event.cost is not None else rid,
+                for parsed in rounds:
+                    pending: list[tuple[int, UsageEvent]] = []
+                    rows: list[UsageRow] = []
+                    for i, event in parsed:
+                        try:
+                            kind_rate, plan = self._rate_for(event, accounts.get(event.account_id))
+                            _check_open(event, closed.get(event.account_id))
+                            check_against_rate(event, kind_rate, plan)
+                            rated = rate_event(
+                                kind_rate, duration_seconds=event.duration_seconds, quantity=event.quantity
+                            )
+                            cost = event.cost if event.cost is not None else rated.cost
+                            # a price in config.toml can make one event cost more than the ledger takes
+                            check_amount(cost, accounts[event.account_id].currency, what="cost")
+                        except ValueError as exc:
+                            outcomes[i] = Outcome(where[i], event.event_id, "rejected", str(exc))
+                            continue
+                        key = (plan, event.kind, kind_rate)
+                        rid = self._rate_ids.get(key) or new_rate_ids.get(key)
+                        if rid is None:
+                            rid = new_rate_ids[key] = rate_id(session, plan, event.kind, rate_snapshot(kind_rate))
+                        pending.append((i, event))
+                        rows.append(
+                            (
+                                event.account_id,
+                                event.event_id,
+                                -cost,
+                                event.started_at,
+                                now,
+                                event.kind,
+                                event.duration_seconds,
+                                event.quantity,
+                                rated.billable_quantity,
+                                None if event.cost is not None else rid,
+                            )
                         )
-                    )
-                rows.sort(key=lambda row: row[1])  # one lock order for concurrent writers
-                inserted = record_usage(session, rows)
-                self._settle(session, pending, inserted, outcomes, where)
+                    rows.sort(key=lambda row: row[1])  # one lock order for concurrent writers
+                    inserted = record_usage(session, rows)
+                    self._settle(session, pending, inserted, outcomes, where)
             self._rate_ids.update(new_rate_ids)  # only after the commit: a rolled-back id is no id
-        for i, first in repeats:  # a repeat within the batch shares its first copy's fate
-            original = outcomes[first]
-            assert original is not None
-            status: Status = "rejected" if original.status == "rejected" else "duplicate"
-            outcomes[i] = Outcome(where[i], original.event_id, status, original.reason)
         return [outcome for outcome in outcomes if outcome is not None]
 
     def _rate_for(self, event: UsageEvent, account: AccountRef | None) -> tuple[Rate, str]:

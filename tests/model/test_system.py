@@ -86,7 +86,7 @@ from tenacity import wait_none
 
 from recharged.accounts import adjust_balance, change_account, create_accounts, new_account
 from recharged.clock import FixedClock
-from recharged.config import RechargeSettings, Settings, load_settings
+from recharged.config import Settings, load_settings
 from recharged.errors import ConflictError, InputError
 from recharged.events import EventService
 from recharged.funding import add_source, remove_source
@@ -149,9 +149,9 @@ CRASH_POINTS = (
     "after_response",
     "after_credit",
 )
+OUTBOX_POINTS = ("outbox_after_claim", "outbox_before_data", "outbox_after_journal", "outbox_before_commit")
 # A 5xx Stripe asks us to retry; one stored against the key; one after the charge was made; 429; the connection
 # dropped after the charge; and a real timeout after the charge (the answer comes later than we wait).
-OUTBOX_POINTS = ("outbox_after_claim", "outbox_before_data", "outbox_after_journal", "outbox_before_commit")
 FAULTS = ("http_500", "http_500_stored", "http_500_after_commit", "http_429", "drop_after_commit", "timeout")
 TIMEOUT = 0.3  # seconds the impatient gateway waits for an answer; the late answer comes after LATE
 LATE = 0.8
@@ -244,28 +244,18 @@ def budget(database: str) -> tuple[hypothesis_settings, float]:
 class Place:
     """A fresh, migrated, empty database for each example, and the test's configuration."""
 
-    def __init__(
-        self, fresh: Callable[[], str], settings: Settings, defaults: dict[str, ref.Policy], smtp: SmtpTestServer
-    ) -> None:
-        self.fresh, self.settings, self.defaults, self.smtp = fresh, settings, defaults, smtp
+    def __init__(self, fresh: Callable[[], str], settings: Settings, smtp: SmtpTestServer) -> None:
+        self.fresh, self.settings, self.smtp = fresh, settings, smtp
         self.tally = Tally()
 
 
-def write_config(folder: Path, smtp_port: int) -> tuple[Settings, dict[str, ref.Policy]]:
-    """The test's config.toml: a plan per currency, small recharge amounts per currency so the caps bite, mail to
-    the SMTP server on `smtp_port` with the outbox's journal in `folder`. Returns the settings and the amounts the
-    model takes as the config's."""
-    lines = ["[recharge]"]
-    per_currency = "currencies" in RechargeSettings.model_fields
-    # TODO(issue 13, item 4): once recharge amounts are per currency everywhere, drop the bare form below.
-    if per_currency:
-        defaults = dict(ref.DEFAULT_POLICIES)
-        for code in CURRENCIES:
-            lines.append(f"[recharge.currencies.{code}]")
-            lines += [f'{name} = "{value}"' for name, value in ref.policy_table(code).items()]
-    else:  # before item 4: one set of bare amounts for every currency
-        defaults = dict.fromkeys(CURRENCIES, ref.DEFAULT_POLICIES["USD"])
-        lines += [f'{name} = "{value}"' for name, value in ref.policy_table("USD").items()]
+def write_config(folder: Path, smtp_port: int) -> Settings:
+    """The test's config.toml: a plan per currency, the model's recharge amounts per currency (small, so the caps
+    bite), mail to the SMTP server on `smtp_port` with the outbox's journal in `folder`."""
+    lines = []
+    for code in CURRENCIES:
+        lines.append(f"[recharge.currencies.{code}]")
+        lines += [f'{name} = "{value}"' for name, value in ref.policy_table(code).items()]
     for plan in ref.PLANS.values():
         lines += [
             f"[plans.{plan.name}]",
@@ -283,12 +273,12 @@ def write_config(folder: Path, smtp_port: int) -> tuple[Settings, dict[str, ref.
     lines += ["[smtp]", 'host = "127.0.0.1"', f"port = {smtp_port}", 'security = "none"', "timeout_seconds = 5"]
     path = folder / "model.toml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return load_settings(path, environ={}), defaults
+    return load_settings(path, environ={})
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def place(request: pytest.FixtureRequest, tmp_path: Path, smtp_server: SmtpTestServer) -> Iterator[Place]:
-    settings, defaults = write_config(tmp_path, smtp_server.port)
+    settings = write_config(tmp_path, smtp_server.port)
     if request.param == "sqlite":
         template = request.getfixturevalue("sqlite_template")
         made: list[Path] = []
@@ -302,7 +292,7 @@ def place(request: pytest.FixtureRequest, tmp_path: Path, smtp_server: SmtpTestS
             made.append(path)
             return f"sqlite:///{path}"
 
-        yield Place(fresh_sqlite, settings, defaults, smtp_server)
+        yield Place(fresh_sqlite, settings, smtp_server)
         return
 
     database_url = request.getfixturevalue("pg_database")
@@ -322,7 +312,7 @@ def place(request: pytest.FixtureRequest, tmp_path: Path, smtp_server: SmtpTestS
         return url
 
     try:
-        yield Place(fresh_postgres, settings, defaults, smtp_server)
+        yield Place(fresh_postgres, settings, smtp_server)
     finally:
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
@@ -377,7 +367,7 @@ def _die_at(
     service = RechargeService(db, settings, gateway, clock)
     try:
         if op == "cycle":
-            service.run_cycle()
+            service.run_cycle(plans_seen=lambda plans: notify_from_plans(db, at, plans))
         else:
             service.topup(*args, ACTOR)
     except (ConflictError, InputError):
@@ -401,13 +391,15 @@ def pick(items: list[Any], which: int) -> Any:
 
 
 class SystemModel(RuleBasedStateMachine):
+    """The rules drive the real services of one World; the reference model and a few records of what the rules did
+    (events delivered, pauses seen, cards removed) are what the invariants compare it with."""
+
     place: ClassVar[Place]
 
     def __init__(self) -> None:
         super().__init__()
         self.w = World(self.place)
         self.model = ref.Model(start=self.w.clock.now())
-        self.defaults = self.place.defaults
         self.delivered: set[str] = set()
         # Accounts a dispute paused, with the last recharge id when the pause was seen: no automatic recharge may be
         # claimed after it until an admin enables automatic recharge again.
@@ -592,7 +584,7 @@ class SystemModel(RuleBasedStateMachine):
             created,
             ref.units(balance) if balance else 0,
             customer,
-            default=self.defaults[currency],
+            default=ref.DEFAULT_POLICIES[currency],
             fields=fields,
             auto_recharge=auto,
         )
