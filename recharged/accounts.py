@@ -82,6 +82,8 @@ class NewAccount:
     auto_recharge: bool = False
     card: CardInfo | None = None  # a card already on file at the processor, brought over as the default source
     source: str | None = field(default=None, compare=False)  # where it was read, e.g. "customers.csv:3"
+    # auto_recharge was given (true or false), not left out: only then is an existing account's compared with it
+    auto_recharge_given: bool = field(default=True, compare=False)
     card_checked: bool = field(default=False, compare=False)  # the processor holds `card` as given (`import_accounts`)
 
 
@@ -136,7 +138,18 @@ def new_account(fields: Mapping[str, str | None], settings: Settings, now: datet
     if opening is not None:
         check_amount(opening, currency, what="opening_balance")
     auto = _bool(get("auto_recharge"), "auto_recharge")
-    return NewAccount(account_id, email, plan, currency, vat, created_at, opening, auto, _card(get))
+    return NewAccount(
+        account_id,
+        email,
+        plan,
+        currency,
+        vat,
+        created_at,
+        opening,
+        auto,
+        _card(get),
+        auto_recharge_given=bool(get("auto_recharge")),
+    )
 
 
 CARD_COLUMNS = ("stripe_customer", "payment_method", "card_brand", "card_last4", "card_exp")
@@ -270,7 +283,8 @@ def _columns(
 def _conflicts(session: Session, pairs: Sequence[tuple[NewAccount, Account]]) -> list[tuple[NewAccount, str]]:
     """Each account to create that exists with other settings: where it was given, and every column that differs
     with its recorded and given values. A row without created_at compares only the rest (it meant "now"); a row
-    without a card, all but the card (cards are managed with `sources` once the account exists)."""
+    without a card, all but the card (cards are managed with `sources` once the account exists); a row without
+    auto_recharge, all but it (turned on later with `auto-recharge`)."""
     ids = [old.id for _, old in pairs]
     if not ids:
         return []
@@ -295,6 +309,8 @@ def _conflicts(session: Session, pairs: Sequence[tuple[NewAccount, Account]]) ->
         given = _columns(new, new.opening_balance, new.card)
         if new.created_at is None:
             del given["created_at"]
+        if not new.auto_recharge_given:  # left out: says nothing of automatic recharge turned on since
+            del given["auto_recharge"]
         if new.card is None:  # no card in the row says nothing of the cards added since (`sources add`)
             for name in CARD_COLUMNS:
                 given.pop(name, None)
@@ -322,8 +338,9 @@ def _conflict_error(conflicts: Sequence[str]) -> ConflictError:
         listing += f"\n  ... and {len(conflicts) - MAX_LISTED_PROBLEMS} more"
     return ConflictError(
         f"{plural(len(conflicts), 'account')} already {'exists' if len(conflicts) == 1 else 'exist'} "
-        "with other settings; nothing was written. Change them "
-        "with `recharged accounts update`, `auto-recharge` or `sources`, or correct the input:\n  " + listing
+        "with other settings; nothing was written. Change them (`recharged accounts update`, `auto-recharge`, "
+        "`sources`; over HTTP PATCH /v1/accounts/{id}, PUT .../auto-recharge, .../funding-sources), or correct the "
+        "input:\n  " + listing
     )
 
 
@@ -580,10 +597,12 @@ def change_account(
                 {k: before[k] for k in changed},
                 {k: after[k] for k in changed},
             )
-            from recharged.mail import notices  # lazy: the outbox and its templates, only for a change
+            from recharged.mail import notices, webhooks  # lazy: the outbox and its templates, only for a change
 
             # tells the customer about automatic recharge changes, gathered with the account's next ones
             notices.settings_changed(session, record, settings.outbox.admin_notice_delay)
+            # and the CRM, when an automatic recharge setting changed
+            webhooks.auto_recharge_changed(session, record)
     return before, after
 
 

@@ -16,6 +16,7 @@ from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -33,6 +34,7 @@ from recharged.credentials import SECRET_NAMES, env_name
 from recharged.errors import ConfigError
 from recharged.money import PLACES, check_currency, parse_amount
 from recharged.rating import CountRate, Rate, TimeRate
+from recharged.states import WebhookEventType
 
 ENV_PREFIX = "RECHARGED_"
 _SECRET_KEY = re.compile(r"(password|passwd|secret|api_key|apikey|token|tokens)$", re.IGNORECASE)
@@ -381,6 +383,77 @@ class OutboxSettings(_Section):
         return timedelta(minutes=self.admin_notice_delay_minutes)
 
 
+ALL_EVENTS = "*"
+
+
+def _event_type(value: str) -> str:
+    if value != ALL_EVENTS and value not in {t.value for t in WebhookEventType}:
+        raise ValueError(f'not an event type; one of {", ".join(t.value for t in WebhookEventType)}, or "*" for all')
+    return value
+
+
+def _webhook_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return value
+
+
+class WebhookEndpointSettings(_Section):
+    """One receiver of signed events (`[[webhooks.endpoints]]`). Its signing secret comes only from
+    RECHARGED_WEBHOOK_SECRET_<NAME> or the credential webhook_secret_<name> (`recharged.mail.webhook_sender`)."""
+
+    name: KindName
+    url: Annotated[str, Field(max_length=2000), AfterValidator(_webhook_url)]
+    # Event types (WebhookEventType) this endpoint receives, or ["*"] for all of them.
+    events: list[Annotated[str, AfterValidator(_event_type)]] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secrets(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        if any(isinstance(key, str) and _SECRET_KEY.search(key) for key in data):
+            raise ValueError(
+                "secrets never go in config.toml: set the endpoint's signing secret in RECHARGED_WEBHOOK_SECRET_<NAME> "
+                "or the credential webhook_secret_<name>"
+            )
+        url = data.get("url")
+        if isinstance(url, str) and "@" in urlsplit(url).netloc:  # refused here, so the message never repeats it
+            raise ValueError("url: a user or password in the URL is a secret, and secrets never go in config.toml")
+        return data
+
+    def wants(self, event_type: str) -> bool:
+        return ALL_EVENTS in self.events or event_type in self.events
+
+
+class WebhooksSettings(_Section):
+    """Signed events to the CRM (Standard Webhooks): where they go, how long one request may take, and the retry
+    schedule of a delivery that failed."""
+
+    endpoints: list[WebhookEndpointSettings] = Field(default_factory=list, max_length=20)
+    timeout_seconds: float = Field(15.0, gt=0, le=60)
+    # After a failed attempt, wait this long before the next, one step per attempt; failed after the last step.
+    retry_after_seconds: list[Annotated[float, Field(gt=0, le=7 * 86_400)]] = Field(
+        default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0], min_length=1, max_length=20
+    )
+    # How often the daemon looks for events and deliveries that are due.
+    send_interval_seconds: int = Field(5, ge=1, le=3600)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> WebhooksSettings:
+        names = [endpoint.name for endpoint in self.endpoints]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"endpoint names must be unique: {', '.join(twice)} given more than once")
+        return self
+
+    @property
+    def lease(self) -> timedelta:
+        """How long a sender holds a delivery before another may take it over: well past one request's timeout."""
+        return timedelta(seconds=max(60.0, 4 * self.timeout_seconds))
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -400,6 +473,7 @@ class Settings(_Section):
     receipts: ReceiptsSettings = ReceiptsSettings()
     smtp: SmtpSettings = SmtpSettings()
     outbox: OutboxSettings = OutboxSettings()
+    webhooks: WebhooksSettings = WebhooksSettings()
     logging: LoggingSettings = LoggingSettings()
     _path: Path | None = PrivateAttr(default=None)  # the file these were read from (load_settings), not a setting
 

@@ -52,11 +52,11 @@ from recharged.accounts import audit_change
 from recharged.clock import Clock
 from recharged.errors import ConflictError, RetryLater
 from recharged.funding import describe
-from recharged.mail import notices
+from recharged.mail import notices, webhooks
 from recharged.money import credit_reversed, format_amount, format_ledger, from_minor_units
 from recharged.payments import ChargeRecord, DisputeRecord, MethodRecord, PaymentGateway, RefundRecord
 from recharged.recharge import RechargeService
-from recharged.states import EntryType, EventStatus, Phase, RechargeState
+from recharged.states import AttemptStatus, EntryType, EventStatus, Phase, RechargeState
 from recharged.store.charging import lock_recharge, recharge_of_payment
 from recharged.store.engine import Database
 from recharged.store.ledger import existing_entries, lock_account, post_entry
@@ -96,6 +96,7 @@ DISPUTE_EVENTS = frozenset(
         "charge.dispute.closed",
     }
 )
+CLOSED_DISPUTES = frozenset({"won", "lost"})  # a dispute decided, one way or the other
 CARD_EVENTS = frozenset({"payment_method.detached", "payment_method.updated", "payment_method.automatically_updated"})
 CUSTOMER_EVENTS = frozenset({"customer.deleted"})
 HANDLED_EVENTS = PAYMENT_INTENT_EVENTS | REFUND_EVENTS | DISPUTE_EVENTS | CARD_EVENTS | CUSTOMER_EVENTS
@@ -321,7 +322,13 @@ class EventService:
         if recharge_id is None:  # someone else's payment: no need to ask the processor about it
             return Outcome("not_ours", f"payment {intent_id} is not one of our recharges")
         current = self.gateway.retrieve(intent_id)  # the processor's state now, not the event's
-        report = self._recharges.process(recharge_id)
+        # a payment the customer authenticated after its recharge failed waiting for them is credited now
+        report = (
+            self._recharges.authenticated(recharge_id, intent_id)
+            if current.outcome == AttemptStatus.SUCCEEDED
+            else None
+        )
+        report = report or self._recharges.process(recharge_id)
         return Outcome(
             "handled", f"recharge {recharge_id} {report.phase} (payment {current.outcome})", report.account_id
         )
@@ -383,6 +390,7 @@ class EventService:
                 session, recharge.account_id, EntryType.REFUND, refund.id, -share, now, note, payment_intent=pi
             ):
                 notices.refund_posted(session, recharge, refund.id, given_back, -share, now)
+                webhooks.refund_created(session, recharge, refund.id, given_back, -share, now)
                 return [f"refund {refund.id} {format_ledger(-share)}"]
         elif refund.status in REFUND_UNDONE:
             posted = existing_entries(session, EntryType.REFUND, [refund.id]).get(refund.id)
@@ -413,6 +421,7 @@ class EventService:
                 notices.dispute_movement(
                     session, recharge, dispute.id, "withdrawn", amount, -share, dispute.reason, now
                 )
+                webhooks.dispute_created(session, recharge, dispute.id, amount, -share, dispute.reason, now)
                 done.append(f"dispute {dispute.id} withdrawn {format_ledger(-share)}")
         if dispute.funds_reinstated:
             note = f"dispute {dispute.id} of {pi} won: {format_amount(amount, currency)} reinstated"
@@ -421,6 +430,9 @@ class EventService:
                     session, recharge, dispute.id, "reinstated", amount, share, dispute.reason, now
                 )
                 done.append(f"dispute {dispute.id} reinstated {format_ledger(share)}")
+        if dispute.status in CLOSED_DISPUTES:  # told once, however often its events come
+            reinstated = share if dispute.funds_reinstated else 0
+            webhooks.dispute_closed(session, recharge, dispute.id, dispute.status, amount, reinstated, now)
         return done
 
     def _pause(
@@ -554,6 +566,7 @@ def _make_unusable(session: Session, source: FundingSource, why: str, event_id: 
         before,
         {**describe(source), "event": event_id},
     )
+    webhooks.funding_source_unusable(session, source, now)
     notices.cards_changed(  # told at once, on its own: the customer must add a card
         session,
         record,

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal, Protocol
@@ -84,6 +84,15 @@ class ChargeRequest:
     currency: str
     description: str
     metadata: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Authentication:
+    """A payment waiting for the customer to authenticate: its client secret and next action, for Stripe.js."""
+
+    payment_intent: str
+    client_secret: str | None = field(repr=False)
+    next_action: dict[str, Any] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +202,12 @@ class PaymentGateway(Protocol):
 
     def retrieve(self, payment_intent: str) -> PaymentResult:
         """The current state of a known payment."""
+        ...
+
+    def authentication(self, payment_intent: str) -> Authentication | None:
+        """What the customer's browser needs to authenticate a payment (its client secret for Stripe.js, and the
+        next action when Stripe gives one); None when the payment no longer waits for them (paid, processing,
+        cancelled)."""
         ...
 
     def card(self, customer: str, payment_method: str) -> CardInfo:
@@ -637,6 +652,20 @@ class StripeGateway:
             "retrieve", lambda: _from_intent(self._client.v1.payment_intents.retrieve(payment_intent))
         )
         return result
+
+    def authentication(self, payment_intent: str) -> Authentication | None:
+        def look() -> Authentication | None:
+            intent = self._client.v1.payment_intents.retrieve(payment_intent)
+            # Off-session, Stripe fails a payment that needs authentication (requires_payment_method, with the
+            # error authentication_required); on-session it waits in requires_action. Either way the customer's
+            # browser confirms it with the client secret (Stripe.js confirmCardPayment / handleNextAction).
+            if intent.status not in ("requires_action", "requires_payment_method", "requires_confirmation"):
+                return None
+            action = intent.next_action
+            return Authentication(intent.id, intent.client_secret, None if action is None else action.to_dict())
+
+        found: Authentication | None = self._call("retrieve", look)
+        return found
 
     def card(self, customer: str, payment_method: str) -> CardInfo:
         def look() -> CardInfo:

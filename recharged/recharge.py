@@ -41,7 +41,7 @@ from recharged.errors import (
     TransientPaymentError,
 )
 from recharged.faults import crashpoint
-from recharged.mail import notices
+from recharged.mail import notices, webhooks
 from recharged.mail.receipts import issue_receipt
 from recharged.money import Units, check_amount, check_balance, check_charge, format_ledger, percent_of, to_minor_units
 from recharged.payments import NOT_HELD, ChargeRequest, PaymentGateway, PaymentResult, card_label
@@ -390,26 +390,70 @@ class RechargeService:
             ]
         for attempt_id, key, started, customer in abandoned:
             found = self.gateway.find(customer, key, started)
-            if found is None or found.outcome != AttemptStatus.SUCCEEDED:
+            if found is None or found.outcome != AttemptStatus.SUCCEEDED or found.payment_intent is None:
                 continue
-            with self._db.transaction() as session:
-                recharge = self._lock(session, recharge_id)
-                if recharge.phase != Phase.FAILED:
-                    break  # another worker got there first
-                if recharge.account_id in accounts_with_open_recharge(session, [recharge.account_id]):
-                    raise ConflictError(
-                        f"account {recharge.account_id} has another recharge in progress; "
-                        f"reclaim {recharge_id} after it"
-                    )
-                attempt = session.get(ChargeAttempt, attempt_id)
-                assert attempt is not None
-                attempt.status, attempt.payment_intent = AttemptStatus.SUCCEEDED, found.payment_intent
-                recharge.phase, recharge.payment_intent = Phase.PAID, found.payment_intent
-                recharge.outcome = f"paid by {found.payment_intent}, found after the attempt was abandoned"
-                recharge.updated_at = self._clock.now()
+            outcome = f"paid by {found.payment_intent}, found after the attempt was abandoned"
+            if not self._paid_after_failure(recharge_id, attempt_id, found.payment_intent, outcome, "reclaim it"):
+                break  # another worker got there first
             log.warning("recharge.reclaimed", recharge=recharge_id, payment_intent=found.payment_intent)
             return self.process(recharge_id, Phase.PAID)
         return self.report(recharge_id)
+
+    def authenticated(self, recharge_id: int, payment_intent: str) -> RechargeReport | None:
+        """A payment the customer authenticated after its recharge failed waiting for them (its attempt ended
+        action_required, and the CRM let the customer confirm it with Stripe.js): when the processor says it
+        succeeded, the same recharge is marked paid by it and credited, once (the credit is unique per
+        PaymentIntent), and an automatic recharge paused for the customer resumes. None when the recharge did
+        not fail that way or the payment has not succeeded; ConflictError while another recharge of the account
+        is open (the event is handled again later)."""
+        with self._db.reading() as session:
+            recharge = session.get(Recharge, recharge_id)
+            if recharge is None or recharge.phase != Phase.FAILED:
+                return None
+            waited = session.scalars(
+                select(ChargeAttempt.id).where(
+                    ChargeAttempt.recharge_id == recharge_id,
+                    ChargeAttempt.status == AttemptStatus.ACTION_REQUIRED,
+                    ChargeAttempt.payment_intent == payment_intent,
+                )
+            ).first()
+        if waited is None or self.gateway.retrieve(payment_intent).outcome != AttemptStatus.SUCCEEDED:
+            return None
+        outcome = f"paid by {payment_intent} once the customer authenticated it"
+        if not self._paid_after_failure(recharge_id, waited, payment_intent, outcome, "it is credited", resume=True):
+            return self.report(recharge_id)  # another worker credited it meanwhile
+        log.info("recharge.authenticated", recharge=recharge_id, payment_intent=payment_intent)
+        return self.process(recharge_id, Phase.PAID)
+
+    def _paid_after_failure(
+        self, recharge_id: int, attempt_id: int, payment_intent: str, outcome: str, then: str, *, resume: bool = False
+    ) -> bool:
+        """A failed recharge turns out paid by `payment_intent` under its attempt `attempt_id`: mark the attempt
+        succeeded and the recharge paid by it (by that attempt's card), for `process` to credit; with `resume`, an
+        automatic recharge paused waiting for the customer resumes. False when it is no longer failed (another
+        worker got there first); ConflictError while another recharge of the account is open (`then`: what to do
+        after it)."""
+        with self._db.transaction() as session:
+            recharge = self._lock(session, recharge_id)
+            if recharge.phase != Phase.FAILED:
+                return False
+            if recharge.account_id in accounts_with_open_recharge(session, [recharge.account_id]):
+                raise ConflictError(
+                    f"account {recharge.account_id} has another recharge in progress; recharge {recharge_id} was "
+                    f"paid by {payment_intent} after all: {then} when the other has finished"
+                )
+            attempt = session.get(ChargeAttempt, attempt_id)
+            assert attempt is not None
+            now = self._clock.now()
+            attempt.status, attempt.payment_intent = AttemptStatus.SUCCEEDED, payment_intent
+            attempt.finished_at = attempt.finished_at or now
+            recharge.phase, recharge.payment_intent, recharge.source_id = Phase.PAID, payment_intent, attempt.source_id
+            recharge.outcome, recharge.updated_at = outcome, now
+            account = session.get(Account, recharge.account_id)
+            assert account is not None
+            if resume and account.recharge_state == RechargeState.ACTION_REQUIRED:
+                account.recharge_state, account.state_reason = RechargeState.OK, None
+        return True
 
     def clock_skew_problem(self) -> str | None:
         """Why no charge may start now because our clock is too far from the processor's, or None. Recovery looks
@@ -421,8 +465,11 @@ class RechargeService:
         side = "ahead of" if skew > timedelta(0) else "behind"
         return f"our clock is {abs(skew)} {side} the processor's (over {limit}): no charge is started; fix the clock"
 
-    def topup(self, account_id: str, amount: Units, actor: str) -> RechargeReport:
-        """A one-time purchase charged now through the same flow."""
+    def topup(
+        self, account_id: str, amount: Units, actor: str, *, on_claim: Callable[[Session, int], None] | None = None
+    ) -> RechargeReport:
+        """A one-time purchase charged now through the same flow. `on_claim` writes what belongs with the claim
+        (the API's idempotency key) in the claim's own transaction."""
         with self._db.transaction() as session:
             account = session.get(Account, account_id)
             if account is None:
@@ -442,7 +489,7 @@ class RechargeService:
         skewed = self.clock_skew_problem()
         if skewed is not None:
             raise PaymentError(skewed)
-        recharge_id = self.claim(account_id, amount, kind=RechargeKind.TOPUP, actor=actor)
+        recharge_id = self.claim(account_id, amount, kind=RechargeKind.TOPUP, actor=actor, on_claim=on_claim)
         if recharge_id is None:
             raise ConflictError(f"account {account_id} has a recharge in progress; try again when it has finished")
         return self.process(recharge_id)
@@ -469,7 +516,15 @@ class RechargeService:
             crashpoint("after_claim")
         return Claim(recharge_id)
 
-    def claim(self, account_id: str, amount: Units, *, kind: RechargeKind, actor: str | None = None) -> int | None:
+    def claim(
+        self,
+        account_id: str,
+        amount: Units,
+        *,
+        kind: RechargeKind,
+        actor: str | None = None,
+        on_claim: Callable[[Session, int], None] | None = None,
+    ) -> int | None:
         """Record a recharge of a given amount as open; None if the account already has an open one."""
         with self._db.transaction() as session:
             account = lock_account(session, account_id)
@@ -495,6 +550,8 @@ class RechargeService:
                         },
                     )
                 )
+            if recharge_id is not None and on_claim is not None:
+                on_claim(session, recharge_id)
             crashpoint("before_claim_commit")
         if recharge_id is not None:
             crashpoint("after_claim")
@@ -713,6 +770,7 @@ class RechargeService:
                         f"{result.code} on {now:%Y-%m-%d}: the processor does not hold this card for this customer; "
                         "our record of the card is wrong, not the customer's card: check its ids and add it again"
                     )[:200]
+                    webhooks.funding_source_unusable(session, source, now)
                 log.error(
                     "charge.integration_error",
                     recharge=recharge_id,
@@ -735,6 +793,7 @@ class RechargeService:
                 recharge.phase, recharge.outcome = Phase.CLAIMED, f"{card} declined ({why}); trying the next source"
                 if result.decline_class == DeclineClass.HARD:
                     source.unusable_reason = f"{why} on {now:%Y-%m-%d}"
+                    webhooks.funding_source_unusable(session, source, now)
                 notices.declined_attempt(session, recharge, attempt_id, source, now, self._payments)
             log.info(
                 "charge.attempt",
@@ -746,6 +805,8 @@ class RechargeService:
                 outcome=status,
                 decline=None if result is None else result.decline_code or result.code,
             )
+            if recharge.phase == Phase.FAILED:  # no payment found, or our request refused
+                webhooks.recharge_failed(session, recharge, now)
             self._observer.attempted(status, None if result is None else result.decline_class)
             return recharge.phase
 
@@ -812,9 +873,11 @@ class RechargeService:
                 account.recharge_state = RechargeState.ACTION_REQUIRED
                 account.state_reason = f"{card} needs the customer to authenticate; automatic recharge paused"
             notices.action_required(session, recharge, needs_customer.id, source, now)
+            webhooks.recharge_action_required(session, recharge, needs_customer.id, now)
             return
         if recharge.kind != RechargeKind.AUTO or not tried:
             notices.recharge_failed(session, recharge, now)
+            webhooks.recharge_failed(session, recharge, now)
             return
         schedule = self._payments.retry_schedule_hours
         account.failed_cycles += 1
@@ -829,6 +892,9 @@ class RechargeService:
                 f"next try {account.retry_at:%Y-%m-%d %H:%M} UTC"
             )
         notices.recharge_failed(session, recharge, now)
+        webhooks.recharge_failed(session, recharge, now)
+        if account.recharge_state == RechargeState.SUSPENDED:
+            webhooks.auto_recharge_suspended(session, recharge, now)
 
     def _release(self, recharge_id: int, outcome: str) -> None:
         with self._db.transaction() as session:

@@ -118,3 +118,32 @@ class JobStatus(StrEnum):
     STOPPED = "stopped"  # cut short by a shutdown: the next start runs it again at once
     FAILED = "failed"
     INTERRUPTED = "interrupted"  # the process died mid-run
+
+
+class WebhookEventType(StrEnum):
+    """What recharged tells the CRM's webhook endpoints (`[[webhooks.endpoints]]`), one event per occurrence."""
+
+    BALANCE_LOW = "balance.low"  # below the threshold with automatic recharge off or failing, once per crossing
+    BALANCE_RECOVERED = "balance.recovered"  # back at or above the threshold after balance.low
+    BALANCE_DEPLETED = "balance.depleted"  # at or below zero, with automatic recharge off or failing
+    RECHARGE_SUCCEEDED = "recharge.succeeded"  # an automatic recharge or a one-time purchase credited
+    RECHARGE_FAILED = "recharge.failed"  # nothing was charged
+    RECHARGE_ACTION_REQUIRED = "recharge.action_required"  # the card needs the customer to authenticate
+    AUTO_RECHARGE_CHANGED = "auto_recharge.changed"  # an admin changed the settings
+    AUTO_RECHARGE_SUSPENDED = "auto_recharge.suspended"  # the retry schedule ran out
+    FUNDING_SOURCE_UNUSABLE = "funding_source.unusable"  # a hard decline, or the processor removed the card
+    REFUND_CREATED = "refund.created"
+    DISPUTE_CREATED = "dispute.created"
+    DISPUTE_CLOSED = "dispute.closed"
+    CAP_REACHED = "cap.reached"  # a spend cap stops automatic recharge
+    STATEMENT_ISSUED = "statement.issued"
+
+
+class WebhookStatus(StrEnum):
+    """One event's delivery to one endpoint: pending -> sending (claimed, leased) -> delivered | pending (retried
+    later) | failed (the retry schedule ran out); `webhooks replay` makes it pending again."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    DELIVERED = "delivered"
+    FAILED = "failed"

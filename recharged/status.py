@@ -21,6 +21,7 @@ from recharged.clock import parse_instant
 from recharged.config import Settings
 from recharged.credentials import read_secret
 from recharged.events import WAITING_TOO_LONG
+from recharged.mail.webhook_deliveries import undelivered
 from recharged.money import Units, format_ledger
 from recharged.payments import card_label
 from recharged.states import JobStatus, OutboxStatus, RechargeState
@@ -38,6 +39,7 @@ from recharged.store.reads import (
     unusable_sources,
 )
 from recharged.store.runs import failing_events, last_job_run, pending_events_received_before
+from recharged.tokens import presented_secret
 from recharged.words import plural
 
 HEALTH_TIMEOUT_SECONDS = 1.0
@@ -102,9 +104,7 @@ def api_token(environ: Mapping[str, str] | None = None) -> str | None:
     """The first of the API tokens (RECHARGED_API_TOKENS or the credential api_tokens), when this command has them:
     /healthz shows its checks' details only to a token holder."""
     secret = read_secret("api_tokens", environ)
-    if secret is None:
-        return None
-    return next((t.strip() for t in secret.value.replace("\n", ",").split(",") if t.strip()), None)
+    return None if secret is None else presented_secret(secret.value)
 
 
 def ask_daemon(settings: Settings, timeout: float = HEALTH_TIMEOUT_SECONDS) -> DaemonAnswer:
@@ -220,6 +220,8 @@ ATTENTION_KINDS = {
     "recovery_failing": "a recharge whose recovery keeps failing (retried with backoff)",
     "event_failing": "a processor event (refund, dispute, card change, payment) that could not be handled yet",
     "events_waiting": "processor events nobody has handled: is the daemon running? `recharged events process`",
+    "webhook_failed": "events the CRM's webhook endpoint never accepted (the retry schedule ran out)",
+    "webhook_late": "events waiting for over an hour to reach the CRM's webhook endpoint",
 }
 
 
@@ -376,6 +378,18 @@ def status_report(db: Database, settings: Settings, now: datetime, daemon: Daemo
                     waiting_since,
                 )
             )
+        for hooks in undelivered(session, now - MAIL_LATE):
+            failed = hooks.status == "failed"
+            what = "failed for good" if failed else "waiting for over an hour"
+            hint = f"`recharged webhooks list --status {'failed' if failed else 'pending'}`" + (
+                ", then `recharged webhooks replay ID`" if failed else ""
+            )
+            since = f"the oldest from {hooks.oldest:%Y-%m-%d %H:%M} UTC"
+            detail = f"{plural(hooks.count, 'event')} {what}, {since}; see {hint}"
+            if hooks.last_error:
+                detail += f"; last error: {hooks.last_error}"
+            kind = "webhook_failed" if failed else "webhook_late"
+            attention.append(Attention(kind, f"webhook endpoint {hooks.endpoint}", detail, None, hooks.oldest))
         for recharge in open_recharges_claimed_before(session, now - lease):
             attention.append(
                 Attention(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import psycopg
 import pytest
 import structlog
 from fastapi.testclient import TestClient
+from structlog._config import BoundLoggerLazyProxy
 from tenacity import wait_none
 
 from recharged.clock import FixedClock
@@ -172,6 +174,31 @@ def stripe_client(stripe_backend: StripeBackend):
     return stripe_backend
 
 
+@pytest.fixture(autouse=True)
+def _logging_left_as_found():
+    """A test that configures logging as `recharged run` does (a daemon's reload, a command run in-process) must
+    not leave it so for the tests after it in the same worker: structlog's configuration, the root logger's handlers
+    and levels, and the module loggers structlog cached meanwhile (`cache_logger_on_first_use`) are put back."""
+    configured, config = structlog.is_configured(), structlog.get_config()
+    root, ours = logging.getLogger(), logging.getLogger("recharged")
+    handlers, levels = root.handlers[:], (root.level, ours.level)
+    yield
+    if structlog.is_configured() == configured and structlog.get_config() == config:
+        return
+    if configured:
+        structlog.configure(**config)
+    else:
+        structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(levels[0])
+    ours.setLevel(levels[1])
+    for name, module in list(sys.modules.items()):
+        if name.startswith("recharged"):
+            for value in list(vars(module).values()):
+                if isinstance(value, BoundLoggerLazyProxy):
+                    vars(value).pop("bind", None)  # cached under the configuration the test set
+
+
 @pytest.fixture
 def quiet_logs():
     """Warnings and errors only: every charge logs info lines, which would bury a test's summary under -s."""
@@ -189,12 +216,13 @@ def quiet_logs():
 
 
 @pytest.fixture
-def make_api(gateway_factory, clock: FixedClock, db_url: str, monkeypatch: pytest.MonkeyPatch):
+def make_api(gateway_factory, clock: FixedClock, db_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """Build daemons and their API clients on the test database; the Stripe SDK talks to the stripe_backend.
 
     `tokens` / `webhook_secret` of None leave RECHARGED_API_TOKENS / RECHARGED_STRIPE_WEBHOOK_SECRET unset;
-    `overrides` are RECHARGED_<SECTION>__<KEY> settings. Small body and batch limits keep the size tests quick.
-    The Stripe backend comes first, so a run without real Stripe skips before it creates a database."""
+    `overrides` are RECHARGED_<SECTION>__<KEY> settings, `config` the text of a config.toml. Small body and batch
+    limits keep the size tests quick. The Stripe backend comes first, so a run without real Stripe skips before it
+    creates a database."""
 
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
@@ -204,6 +232,7 @@ def make_api(gateway_factory, clock: FixedClock, db_url: str, monkeypatch: pytes
         tokens: str | None = API_TOKEN,
         webhook_secret: str | None = WEBHOOK_SECRET,
         daemon_class: type[Daemon] = Daemon,
+        config: str | None = None,
         **overrides: str,
     ) -> Api:
         for name, value in (("RECHARGED_API_TOKENS", tokens), ("RECHARGED_STRIPE_WEBHOOK_SECRET", webhook_secret)):
@@ -217,7 +246,11 @@ def make_api(gateway_factory, clock: FixedClock, db_url: str, monkeypatch: pytes
             "RECHARGED_HTTP__MAX_EVENTS_PER_REQUEST": "50",
             **{f"RECHARGED_{key.upper()}": value for key, value in overrides.items()},
         }
-        settings = load_settings(None, environ=environ)
+        path = None
+        if config is not None:  # a config.toml of the test's own (e.g. [[webhooks.endpoints]])
+            path = tmp_path / f"config-{len(built)}.toml"
+            path.write_text(config, encoding="utf-8")
+        settings = load_settings(path, environ=environ)
         daemon = daemon_class(None, settings, clock, gateway=lambda _settings: gateway_factory())
         built.append(daemon)
         daemon.prepare()

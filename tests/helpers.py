@@ -3,13 +3,18 @@ these; tests import from here, never from a conftest."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import threading
 from datetime import UTC, datetime
 from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import stripe
 from prometheus_client.parser import text_string_to_metric_families
+from standardwebhooks import Webhook
 
 from recharged.accounts import adjust_balance, create_accounts, new_account
 from recharged.clock import FixedClock
@@ -219,3 +224,62 @@ def mail_settings(tmp_path: Path, server=None, **environ: str) -> Settings:
             "RECHARGED_SMTP__TIMEOUT_SECONDS": "5",
         }
     return load_settings(None, environ=env | environ)
+
+
+# --- webhooks to the CRM ---------------------------------------------------------------------------------------
+
+SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()  # a Standard Webhooks signing secret
+OTHER_SECRET = "whsec_" + base64.b64encode(bytes(range(100, 132))).decode()
+
+
+class Receiver:
+    """A real HTTP endpoint on 127.0.0.1: records each request, answers with the next of `answers` (the last one
+    repeats), after `hang` seconds when set (released early when the test ends)."""
+
+    def __init__(self, answers: tuple[int, ...] = (200,), hang: float = 0.0) -> None:
+        self.answers, self.hang = list(answers), hang
+        self.requests: list[tuple[dict[str, str], str]] = []
+        self._lock, self._arrived, self._release = threading.Lock(), threading.Condition(), threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+                with receiver._arrived:
+                    receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                    status = receiver.answers.pop(0) if len(receiver.answers) > 1 else receiver.answers[0]
+                    receiver._arrived.notify_all()
+                if receiver.hang:
+                    receiver._release.wait(receiver.hang)
+                self.send_response(status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                with contextlib.suppress(OSError):  # the sender gave up waiting
+                    self.wfile.write(b"ok")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hooks"
+
+    def __enter__(self) -> Receiver:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._release.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> bool:
+        with self._arrived:
+            return self._arrived.wait_for(lambda: len(self.requests) >= count, timeout)
+
+    def events(self, secret: str = SECRET) -> list[dict]:
+        """Every body received, each verified as a Standard Webhooks receiver does (raises on a bad signature)."""
+        return [Webhook(secret).verify(body, headers) for headers, body in self.requests]
+
+    def types(self, secret: str = SECRET) -> list[str]:
+        return [e["type"] for e in self.events(secret)]

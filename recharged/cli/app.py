@@ -64,6 +64,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "topup": ("charging", "Charge a one-time purchase of AMOUNT (plus VAT) now and credit the balance."),
     "usage": ("usage", "Record usage: one event, or a CSV of call-detail records."),
     "verify": ("ops", "Prove the ledger's invariants: balances, rating, daily totals, first usage."),
+    "webhooks": ("webhooks", "Signed events to the CRM's webhook endpoints: `list` the deliveries, `send` what is..."),
 }
 
 _consoles: dict[str, Console] = {}

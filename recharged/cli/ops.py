@@ -16,9 +16,11 @@ from recharged.cli.app import App, main, out, pass_app
 from recharged.cli.render import utc
 from recharged.datacheck import data_problems
 from recharged.errors import ConfigError, RechargedError
+from recharged.mail.webhook_sender import describe_secrets
 from recharged.money import format_customer
 from recharged.status import StatusReport, ask_daemon, status_report
 from recharged.store.engine import masked_url, sqlite_file
+from recharged.tokens import configured_tokens
 from recharged.verify import verify as verify_ledger
 from recharged.words import plural
 
@@ -35,6 +37,8 @@ def check_config(app: App, config_path: Path | None, as_json: bool) -> None:
     effective = settings.model_dump(mode="json")
     effective["database"]["url"] = masked_url(settings.database.url)
     effective["secrets"] = {name: secrets.describe(name) for name in secrets.SECRET_NAMES}
+    effective["secrets"] |= describe_secrets(settings)  # each webhook endpoint's; ConfigError when one lacks it
+    effective["api_tokens"] = {token.name: "+".join(sorted(token.scopes)) for token in configured_tokens()}
     if as_json:
         problems, _ = _data_problems(app)
         if problems:

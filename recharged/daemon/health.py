@@ -84,6 +84,7 @@ class Health:
     mail: Callable[[], Mapping[str, Any] | None] | None = None
     events: Callable[[], Mapping[str, Any]] | None = None  # the inbox of processor events
     disputes: Callable[[], Mapping[str, Any]] | None = None  # accounts paused by a dispute
+    webhooks: Callable[[], Mapping[str, Any]] | None = None  # deliveries of events to the CRM
     service_id: str = ""
     version: str = ""
     _logged: dict[str, tuple[tuple[Status, Any], ...]] = field(default_factory=dict, init=False, repr=False)
@@ -213,6 +214,8 @@ class Health:
             checks["events:inbox"] = [{**inbox, "time": _iso(now)}]
         if self.disputes is not None and db_status == "pass":
             checks["accounts:disputed"] = [{**self.disputes(), "time": _iso(now)}]
+        if self.webhooks is not None and db_status == "pass":  # failed deliveries: the CRM missed events
+            checks["webhooks:deliveries"] = [{**self.webhooks(), "time": _iso(now)}]
 
         mail = None
         if self.mail is not None:  # the outbox is in the database: not read while the database fails its ping

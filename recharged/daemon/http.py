@@ -1,5 +1,7 @@
-"""The daemon's HTTP API on FastAPI: health and metrics for ops, usage and account reads for the dialer
-platform, and Stripe webhooks. The OpenAPI document is at /openapi.json.
+"""The daemon's HTTP API on FastAPI: health and metrics for ops, usage for the dialer platform, the CRM's billing
+page (`api/routes.py`: accounts, automatic recharge, top-ups, cards, receipts, statements, the ledger, the audit
+trail), and Stripe webhooks. Tokens have names and scopes (`recharged.tokens`). The OpenAPI document is at
+/openapi.json.
 
 Every bad request gets a clear 4xx in one JSON shape, `{"error": {"status": ..., "message": ...}}`; nothing
 is written for a request that is refused. Bodies are read with a size limit before anything parses them.
@@ -7,11 +9,9 @@ is written for a request that is refused. Bodies are read with a size limit befo
 
 from __future__ import annotations
 
-import hmac
 import json
-import re
-from datetime import datetime
-from typing import Any, Literal, Protocol
+import time
+from typing import Any, Literal
 
 import structlog
 from fastapi import FastAPI, Request
@@ -24,57 +24,38 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
 
-from recharged import __version__, accounts
-from recharged.clock import Clock
+from recharged import __version__
+from recharged.daemon.api.common import (
+    ApiError,
+    Backend,
+    authorize,
+    error_response,
+    errors,
+    json_body,
+    read_body,
+)
+from recharged.daemon.api.routes import add_routes
 from recharged.daemon.health import CONTENT_TYPE as HEALTH_CONTENT_TYPE
-from recharged.daemon.health import Health
 from recharged.daemon.health import public as public_health
 from recharged.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from recharged.daemon.metrics import Metrics
-from recharged.daemon.runtime import Runtime
 from recharged.daemon.webhooks import verified_event
-from recharged.errors import DatabaseError, InputError, NotFoundError, SignatureError
-from recharged.money import format_ledger
-from recharged.rating import TimeRate, longest_call
-from recharged.store.engine import Database
+from recharged.errors import (
+    ActorError,
+    ConflictError,
+    DatabaseError,
+    InputError,
+    NotFoundError,
+    PaymentError,
+    SignatureError,
+    TransientPaymentError,
+)
+from recharged.tokens import USAGE_WRITE
+from recharged.topups import InFlight
 from recharged.usage import FIELDS
 
 log = structlog.get_logger("recharged.http")
-DIALER_KIND = "dialer"
-_ACCOUNT_ID = re.compile(r"[\x21-\x7e]{1,64}")  # what accounts.new_account allows
 
-
-class Backend(Protocol):
-    """What the HTTP API needs from the daemon."""
-
-    db: Database
-    metrics: Metrics
-    health: Health
-
-    @property
-    def clock(self) -> Clock: ...
-
-    def runtime(self) -> Runtime: ...
-
-    def alive(self) -> tuple[bool, str]: ...
-
-    def ready(self) -> tuple[bool, str]: ...
-
-    def next_cycle(self) -> datetime | None: ...
-
-    def usage_recorded(self, account_ids: set[str]) -> None: ...
-
-    def events_stored(self) -> None: ...
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"status": status, "message": message}}, status_code=status, headers=headers)
+__all__ = ["Backend", "create_app"]
 
 
 # --- schemas (they make the OpenAPI document) --------------------------------------------------------------
@@ -100,6 +81,11 @@ class UsageBatch(BaseModel):
     )
 
 
+class Probe(BaseModel):
+    status: Literal["pass", "fail"]
+    output: str
+
+
 class EventResult(BaseModel):
     index: int
     event_id: str | None
@@ -114,105 +100,6 @@ class UsageResult(BaseModel):
     results: list[EventResult]
 
 
-class AccountView(BaseModel):
-    account_id: str
-    currency: str
-    as_of: datetime
-    balance: str = Field(description="in currency units with 5 decimals, as the ledger keeps it")
-    threshold: str
-    recharge_amount: str
-    average_daily: str
-    runway_days: str | None = Field(description="null when there is no usage to wear the balance down")
-    auto_recharge: bool
-    recharge_state: str
-    state_reason: str | None
-    retry_at: datetime | None
-    due_since: datetime | None
-    next_cycle_at: datetime | None
-    decision: str = Field(description="what the next cycle would do: charge or skip")
-    decision_reason: str
-    dialer_rate_per_minute: str | None
-    longest_call_seconds: int | None = Field(
-        description="the longest call the balance pays for now at the account's dialer rate (null: no dialer rate)"
-    )
-
-
-class ErrorBody(BaseModel):
-    status: int
-    message: str
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
-        400: "malformed request",
-        401: "missing or unknown bearer token",
-        404: "no such account",
-        413: "body or batch too large",
-        422: "well-formed but invalid",
-        503: "the API is not configured, the database is unavailable, or the daemon is stopping",
-    }.items()
-}
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise ApiError(400, "Content-Length is not a number")
-        if int(declared) > limit:
-            raise ApiError(413, f"the body is {declared} bytes; at most {limit} are accepted")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"the body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _not_json(constant: str) -> object:
-    raise ValueError(f"{constant} is not a JSON number")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object's members, refusing a key given twice (json.loads would keep the last one silently)."""
-    members: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in members:
-            raise _DuplicateKey(key)
-        members[key] = value
-    return members
-
-
-def _parse_json(body: bytes) -> Any:
-    """The body's JSON; a 400 for anything json.loads refuses (including integers past Python's digit limit and
-    nesting past the recursion limit), for an object that gives a key twice, and for strings with lone surrogate
-    escapes, which no answer could echo."""
-    try:
-        data = json.loads(body, object_pairs_hook=_unique_keys, parse_constant=_not_json)
-    except _DuplicateKey as exc:
-        raise ApiError(
-            400, f"the body is not valid JSON: the key {str(exc)[:100]!r} appears twice in one object"
-        ) from None
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ApiError(400, f"the body is not valid JSON: {str(exc)[:200]}") from None
-    try:
-        json.dumps(data, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        raise ApiError(400, "the body is not valid JSON: a string holds a lone surrogate escape") from None
-    return data
-
-
 def create_app(backend: Backend) -> FastAPI:
     app = FastAPI(
         title="recharged",
@@ -222,6 +109,28 @@ def create_app(backend: Backend) -> FastAPI:
         redoc_url=None,
     )
     app.mount("/docs/assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.middleware("http")
+    async def _odd_paths(request: Request, call_next: Any) -> Response:
+        # No id of ours holds a control character or is longer than 255 characters: such a path names nothing
+        # (and PostgreSQL refuses NUL in a query), whichever endpoint it is under.
+        path = request.url.path
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path) or any(len(part) > 255 for part in path.split("/")):
+            return error_response(404, "no such resource")
+        started = time.monotonic()
+        response: Response = await call_next(request)
+        if path.startswith("/v1/") and path != "/v1/webhooks/stripe":
+            # Who asked what, by the token's name (never the token); reads and usage at debug, changes at info.
+            quiet = request.method in ("GET", "HEAD") or path == "/v1/usage"
+            (log.debug if quiet else log.info)(
+                "http.request",
+                method=request.method,
+                path=path,
+                status=response.status_code,
+                caller=getattr(request.state, "token", None),
+                ms=round((time.monotonic() - started) * 1000, 1),
+            )
+        return response
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> Response:
@@ -235,7 +144,30 @@ def create_app(backend: Backend) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.message, exc.headers)
+        return error_response(exc.status, exc.message, exc.headers)
+
+    # What the services refuse, in the API's words: nothing was changed by any of these.
+    @app.exception_handler(NotFoundError)
+    async def _not_found(_request: Request, exc: NotFoundError) -> JSONResponse:
+        return error_response(404, str(exc))
+
+    @app.exception_handler(ConflictError)
+    async def _conflict(_request: Request, exc: ConflictError) -> JSONResponse:
+        return error_response(409, str(exc), {"Retry-After": "5"} if isinstance(exc, InFlight) else None)
+
+    @app.exception_handler(InputError)
+    async def _invalid_input(_request: Request, exc: InputError) -> JSONResponse:
+        message = str(exc).replace("--actor", "actor") if isinstance(exc, ActorError) else str(exc)
+        return error_response(422, message)
+
+    @app.exception_handler(TransientPaymentError)
+    async def _processor_down(request: Request, exc: TransientPaymentError) -> JSONResponse:
+        log.warning("http.processor_unavailable", path=request.url.path, error=str(exc))
+        return error_response(503, f"the payment processor cannot be reached: {exc}", {"Retry-After": "30"})
+
+    @app.exception_handler(PaymentError)
+    async def _payment_refused(_request: Request, exc: PaymentError) -> JSONResponse:
+        return error_response(422, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -244,46 +176,44 @@ def create_app(backend: Backend) -> FastAPI:
             where = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
             problems.append(f"{where}: {error.get('msg')}")
         status = 400 if any(e.get("type") == "json_invalid" for e in exc.errors()) else 422
-        return _error(status, "; ".join(problems))
+        return error_response(status, "; ".join(problems))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(DatabaseError)
     async def _database_down(request: Request, exc: DatabaseError) -> JSONResponse:
         log.error("http.database_unavailable", path=request.url.path, error=str(exc))
-        return _error(503, "the database is unavailable; try again later", {"Retry-After": "5"})
+        return error_response(503, "the database is unavailable; try again later", {"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("http.error", path=request.url.path, error=str(exc))
-        return _error(500, "internal error; the daemon's log has the details")
-
-    def authorize(request: Request) -> Runtime:
-        runtime = backend.runtime()
-        if not runtime.api_tokens:
-            raise ApiError(
-                503, "the API has no tokens configured: set RECHARGED_API_TOKENS or the credential api_tokens"
-            )
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        challenge = {"WWW-Authenticate": 'Bearer realm="recharged"'}
-        if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, "an Authorization: Bearer <token> header is required", challenge)
-        given = token.strip().encode()
-        if not any(hmac.compare_digest(given, known.encode()) for known in runtime.api_tokens):
-            raise ApiError(401, "the bearer token is not valid", challenge)
-        return runtime
+        return error_response(500, "internal error; the daemon's log has the details")
 
     # --- ops ---------------------------------------------------------------------------------------------
 
-    @app.get("/livez", tags=["ops"], summary="The process is alive (restart it when this fails)")
+    probe: dict[int | str, dict[str, Any]] = {503: {"model": Probe, "description": "fail: `output` says why"}}
+
+    @app.get(
+        "/livez",
+        tags=["ops"],
+        summary="The process is alive (restart it when this fails)",
+        response_model=Probe,
+        responses=probe,
+    )
     def livez() -> JSONResponse:
         ok, why = backend.alive()
         return JSONResponse({"status": "pass" if ok else "fail", "output": why}, status_code=200 if ok else 503)
 
-    @app.get("/readyz", tags=["ops"], summary="Ready for traffic: database reachable at the current schema")
+    @app.get(
+        "/readyz",
+        tags=["ops"],
+        summary="Ready for traffic: database reachable at the current schema",
+        response_model=Probe,
+        responses=probe,
+    )
     def readyz() -> JSONResponse:
         ok, why = backend.ready()
         return JSONResponse({"status": "pass" if ok else "fail", "output": why}, status_code=200 if ok else 503)
@@ -292,19 +222,31 @@ def create_app(backend: Backend) -> FastAPI:
         "/healthz",
         tags=["ops"],
         summary="Health in application/health+json: each check's status; its details with a bearer token",
+        response_class=Response,
+        responses={
+            200: {"description": "pass or warn", "content": {HEALTH_CONTENT_TYPE: {"schema": {"type": "object"}}}},
+            503: {"description": "fail", "content": {HEALTH_CONTENT_TYPE: {"schema": {"type": "object"}}}},
+            401: errors(401)[401],
+        },
     )
     def healthz(request: Request) -> Response:
         # Anyone may ask; only the holders of an API token read the details (errors, ids, the database address).
         detailed = "authorization" in request.headers
         if detailed:
-            authorize(request)
+            authorize(backend, request, None)
         report = backend.health.report()
         status = 503 if report["status"] == "fail" else 200
         if not detailed:
             report = public_health(report)
         return Response(json.dumps(report), status_code=status, media_type=HEALTH_CONTENT_TYPE)
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"description": "the text exposition format", "content": {"text/plain": {}}}},
+    )
     def metrics() -> Response:
         return Response(backend.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
@@ -315,7 +257,7 @@ def create_app(backend: Backend) -> FastAPI:
         tags=["usage"],
         summary="Record a batch of usage events (idempotent by event_id)",
         response_model=UsageResult,
-        responses=ERRORS,
+        responses=errors(400, 403, 413, 415, 422),
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -324,13 +266,9 @@ def create_app(backend: Backend) -> FastAPI:
         },
     )
     async def post_usage(request: Request) -> UsageResult:
-        runtime = authorize(request)
-        settings = runtime.settings.http
-        content_type = request.headers.get("content-type", "")
-        if content_type.split(";")[0].strip().lower() != "application/json":
-            raise ApiError(415, "the body must be application/json")
-        body = await _read_body(request, settings.max_body_bytes)
-        data = _parse_json(body)
+        caller = authorize(backend, request, USAGE_WRITE)
+        runtime, settings = caller.runtime, caller.runtime.settings.http
+        data = await json_body(request, caller)
         if not isinstance(data, dict) or not isinstance(data.get("events"), list):
             raise ApiError(422, 'the body must be an object with an "events" array')
         events = data["events"]
@@ -357,22 +295,6 @@ def create_app(backend: Backend) -> FastAPI:
             accepted=counts["accepted"], duplicate=counts["duplicate"], rejected=counts["rejected"], results=results
         )
 
-    @app.get(
-        "/v1/accounts/{account_id}",
-        tags=["accounts"],
-        summary="Balance, runway, threshold, auto-recharge state and the longest call the balance allows",
-        response_model=AccountView,
-        responses=ERRORS,
-    )
-    def get_account_view(account_id: str, request: Request) -> AccountView:
-        runtime = authorize(request)
-        if not _ACCOUNT_ID.fullmatch(account_id):  # never a valid id: no need to ask the database
-            raise ApiError(404, "no such account")
-        try:
-            return account_view(backend, runtime, account_id)
-        except NotFoundError:
-            raise ApiError(404, f"no account {account_id!r}") from None
-
     @app.post(
         "/v1/webhooks/stripe",
         tags=["webhooks"],
@@ -380,13 +302,13 @@ def create_app(backend: Backend) -> FastAPI:
         description="The event is kept in the inbox in one transaction and answered `stored` (to be handled), "
         "`duplicate` (this id came before) or `ignored` (a type recharged does not act on). Handling re-reads "
         "from Stripe whatever the event is about; `recharged events list` shows how each ended.",
-        responses=ERRORS,
+        responses=errors(400, 413, bearer=False),
     )
     async def stripe_webhook(request: Request) -> JSONResponse:
         runtime = backend.runtime()
         if runtime.webhook_secret is None:
             raise ApiError(503, "webhooks are not configured: set RECHARGED_STRIPE_WEBHOOK_SECRET")
-        body = await _read_body(request, runtime.settings.http.max_body_bytes)
+        body = await read_body(request, runtime.settings.http.max_body_bytes)
         try:
             event = verified_event(
                 body,
@@ -406,32 +328,5 @@ def create_app(backend: Backend) -> FastAPI:
             backend.events_stored()  # handled off the request path, right away
         return JSONResponse({"received": True, "event": stored.event_id, "outcome": stored.outcome})
 
+    add_routes(app, backend)
     return app
-
-
-def account_view(backend: Backend, runtime: Runtime, account_id: str) -> AccountView:
-    view = accounts.account_view(backend.db, runtime.settings, account_id, backend.clock.now())
-    account, decision = view.account, view.plan.decision
-    rates = runtime.settings.plans.get(account.plan)
-    dialer = rates.rate_table().get(DIALER_KIND) if rates is not None else None
-    longest = longest_call(decision.balance, dialer) if isinstance(dialer, TimeRate) else None
-    return AccountView(
-        account_id=account.id,
-        currency=account.currency,
-        as_of=view.at,
-        balance=format_ledger(decision.balance),
-        threshold=format_ledger(decision.threshold),
-        recharge_amount=format_ledger(decision.recharge_amount),
-        average_daily=format_ledger(decision.average_daily),
-        runway_days=None if decision.runway_days is None else str(decision.runway_days),
-        auto_recharge=account.auto_recharge,
-        recharge_state=account.recharge_state,
-        state_reason=account.state_reason,
-        retry_at=account.retry_at,
-        due_since=account.due_since,
-        next_cycle_at=backend.next_cycle(),
-        decision=decision.action,
-        decision_reason=decision.reason,
-        dialer_rate_per_minute=format_ledger(dialer.price_per_minute) if isinstance(dialer, TimeRate) else None,
-        longest_call_seconds=longest,
-    )

@@ -8,7 +8,7 @@ Prometheus scrapes, by the function given to `watch`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -64,6 +64,36 @@ class BacklogCollector(Collector):
                 outbox.add_metric([status], count)
             oldest.add_metric([], backlog.oldest_pending_seconds)
         return [attention, outbox, oldest]
+
+
+class WebhookCollector(Collector):
+    """Deliveries of events to the CRM not delivered yet, by endpoint and status, read at each scrape (left out of
+    a scrape when the database cannot be read)."""
+
+    def __init__(self, read: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        self._read = read
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family({})]
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            counts = self._read()
+        except Exception as exc:
+            log.warning("metrics.webhooks_unread", error=f"{type(exc).__name__}: {exc}"[:300])
+            return []
+        return [self._family(counts)]
+
+    @staticmethod
+    def _family(counts: Mapping[tuple[str, str], int]) -> Metric:
+        family = GaugeMetricFamily(
+            "recharged_webhook_deliveries",
+            "Webhook deliveries not delivered yet, by endpoint and status: pending, sending, failed (for good)",
+            labels=["endpoint", "status"],
+        )
+        for (endpoint, status), count in sorted(counts.items()):
+            family.add_metric([endpoint, status], count)
+        return family
 
 
 class Metrics:
@@ -170,6 +200,10 @@ class Metrics:
     def watch(self, read: Callable[[], Backlog]) -> None:
         """Show the accounts needing attention and the outbox's backlog, as `read` finds them at each scrape."""
         self.registry.register(BacklogCollector(read))
+
+    def watch_webhooks(self, read: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        """Show the webhook deliveries not delivered yet, as `read` finds them at each scrape."""
+        self.registry.register(WebhookCollector(read))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

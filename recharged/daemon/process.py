@@ -49,12 +49,15 @@ from recharged.mail.admin import last_delivery_check
 from recharged.mail.notices import notify_from_plans
 from recharged.mail.outbox import OutboxSender
 from recharged.mail.statements import issue_monthly_statements
+from recharged.mail.webhook_deliveries import delivery_backlog, webhooks_check
+from recharged.mail.webhook_sender import WebhookSender, configured_endpoints
 from recharged.money import format_ledger
 from recharged.payments import PaymentGateway
 from recharged.states import JobStatus
 from recharged.status import backlog
 from recharged.store.engine import Database, masked_url, sqlite_file
 from recharged.store.runs import instance_name, last_job_run
+from recharged.tokens import LEGACY_NAME
 from recharged.words import plural
 
 log = structlog.get_logger("recharged.daemon")
@@ -153,6 +156,10 @@ class Daemon:
         self._events_idle.set()
         self._jobs = JobRecorder(self.db, clock, self.metrics, self.instance)
         self._sender = OutboxSender(self.db, settings, clock)
+        self._webhooks: WebhookSender | None = None  # built with the secrets by prepare() and reload()
+        self.metrics.watch_webhooks(
+            lambda: delivery_backlog(self.db, [e.name for e in self._webhooks.endpoints] if self._webhooks else [])
+        )
         self._server: uvicorn.Server | None = None
         self._server_thread: threading.Thread | None = None
         self._last_status = "starting"
@@ -169,6 +176,7 @@ class Daemon:
             mail=lambda: last_delivery_check(self.db),
             events=lambda: inbox_check(self.db, clock.now()),
             disputes=lambda: disputes_check(self.db),
+            webhooks=lambda: webhooks_check(self.db, clock.now()),
             service_id=self.instance,
             version=__version__,
         )
@@ -265,6 +273,10 @@ class Daemon:
     def wait_events_idle(self, timeout: float = 10.0) -> bool:
         """Wait until no wake-up drain of the inbox runs (tests, shutdown); False if `timeout` passed."""
         return self._events_idle.wait(timeout)
+
+    def wait_webhooks_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until no webhook worker runs (tests); False if `timeout` passed."""
+        return self._webhooks is None or self._webhooks.wait_idle(timeout)
 
     # --- jobs -------------------------------------------------------------------------------------------------
 
@@ -364,6 +376,17 @@ class Daemon:
 
         self._job("mail", body)
 
+    def _send_webhooks(self) -> None:
+        """Route new events and start a worker for each endpoint that has none running: returns at once, so a slow
+        endpoint holds up neither this job nor another endpoint's queue (`recharged.mail.webhook_sender`)."""
+        sender = self._webhooks
+        if sender is not None:
+            self._job("webhooks", lambda: {"started": sender.start()})
+
+    def _webhook_sender(self, settings: Settings) -> WebhookSender:
+        """The sender of the configured endpoints; ConfigError when one has no valid signing secret."""
+        return WebhookSender(self.db, settings, self._clock, configured_endpoints(settings), stop=self._stop)
+
     def _statements(self) -> None:
         settings = self.runtime().settings
         self._job(
@@ -379,6 +402,7 @@ class Daemon:
             "maintenance": self._maintain,
             "mail": self._send_mail,
             "statements": self._statements,
+            "webhooks": self._send_webhooks,
         }
 
     # --- lifecycle --------------------------------------------------------------------------------------------
@@ -399,6 +423,7 @@ class Daemon:
             self._clock.now(),
             None if last is None else last.finished_at,
             mail_interval_seconds=settings.outbox.send_interval_seconds,
+            webhook_interval_seconds=settings.webhooks.send_interval_seconds,
         )
 
     def _bind(self, settings: Settings) -> socket.socket:
@@ -440,8 +465,15 @@ class Daemon:
         self._runtime = build_runtime(
             self._settings, self.db, self._clock, self.metrics, self._processor, self._gateway
         )
+        self._webhooks = self._webhook_sender(self._settings)
         if not self._runtime.api_tokens:
             log.warning("http.no_tokens", hint="set RECHARGED_API_TOKENS: /v1/ answers 503 until then")
+        if any(token.legacy for token in self._runtime.api_tokens):
+            log.warning(
+                "http.legacy_token",
+                name=LEGACY_NAME,
+                hint="a bare secret in api_tokens has every scope; give it a name and scopes: NAME:SCOPES:SECRET",
+            )
         return self._runtime
 
     def run(self) -> int:
@@ -503,6 +535,8 @@ class Daemon:
         self._scheduler.shutdown()
         self._urgent.shutdown(wait=False, cancel_futures=True)
         self._events_pool.shutdown(wait=False, cancel_futures=True)
+        if self._webhooks is not None:
+            self._webhooks.close()
         if self._server_thread is not None:
             self._server_thread.join(timeout=max(1.0, timeout))
         self.db.close()
@@ -518,6 +552,7 @@ class Daemon:
                 raise ConfigError(f"{', '.join(changed)} cannot change while running; restart the service instead")
             _refuse_lacking(data_problems(self.db, fresh, self._clock.now().date()))
             runtime = build_runtime(fresh, self.db, self._clock, self.metrics, self._processor, self._gateway)
+            webhooks = self._webhook_sender(fresh)
         except RechargedError as exc:
             log.error("config.reload_refused", error=str(exc), kept="the running configuration")
             sdnotify.ready(f"reload refused, running with the previous configuration: {exc}"[:200])
@@ -526,8 +561,11 @@ class Daemon:
         self._settings, self._runtime = fresh, runtime  # one assignment each; readers take `runtime()` once
         configure(fresh.logging)
         self._sender = OutboxSender(self.db, fresh, self._clock)
-        if fresh.daemon != old.daemon or fresh.outbox != old.outbox:
-            self._scheduler.reschedule(self._specs(fresh), ("cycle", "completer", "mail"))
+        previous, self._webhooks = self._webhooks, webhooks
+        if previous is not None:
+            previous.close()  # its workers finish the delivery in hand; the new sender's take the rest
+        if fresh.daemon != old.daemon or fresh.outbox != old.outbox or fresh.webhooks != old.webhooks:
+            self._scheduler.reschedule(self._specs(fresh), ("cycle", "completer", "mail", "webhooks"))
         log.info("config.reloaded", path=str(self._config_path), next_cycle=str(self.next_cycle()))
         sdnotify.ready(f"configuration reloaded; {self._last_status}"[:200])
         return True

@@ -20,6 +20,7 @@ from recharged.events import EventService
 from recharged.payments import PaymentGateway, RateLimiter, StripeGateway
 from recharged.recharge import RechargeService
 from recharged.store.engine import Database
+from recharged.tokens import ApiToken, configured_tokens
 from recharged.usage import UsageRecorder
 
 
@@ -29,20 +30,8 @@ class Runtime:
     recharges: RechargeService
     usage: UsageRecorder
     events: EventService
-    api_tokens: tuple[str, ...]
+    api_tokens: tuple[ApiToken, ...]
     webhook_secret: str | None
-
-
-def api_tokens() -> tuple[str, ...]:
-    """Bearer tokens for /v1/: RECHARGED_API_TOKENS or the credential api_tokens, comma- or line-separated."""
-    secret = secrets.read_secret("api_tokens")
-    if secret is None:
-        return ()
-    tokens = tuple(t.strip() for t in secret.value.replace("\n", ",").split(",") if t.strip())
-    short = [t for t in tokens if len(t) < 16]
-    if short:
-        raise ConfigError(f"api_tokens ({secret.source}): every token must have at least 16 characters")
-    return tokens
 
 
 def stripe_gateway(
@@ -104,6 +93,6 @@ def build_runtime(
         recharges=recharges,
         usage=UsageRecorder(db, settings, clock),
         events=EventService(db, recharges, clock, observer=metrics),
-        api_tokens=api_tokens(),
+        api_tokens=configured_tokens(),
         webhook_secret=None if webhook_secret is None else webhook_secret.value,
     )

@@ -33,7 +33,12 @@ class JobSpec:
 
 
 def job_specs(
-    settings: DaemonSettings, now: datetime, last_cycle: datetime | None, *, mail_interval_seconds: int = 60
+    settings: DaemonSettings,
+    now: datetime,
+    last_cycle: datetime | None,
+    *,
+    mail_interval_seconds: int = 60,
+    webhook_interval_seconds: int = 5,
 ) -> dict[str, JobSpec]:
     """When each job runs. The first cycle runs one interval after the last successful one (whichever
     instance ran it), or at once when that is already past, so restarts never skip a cycle."""
@@ -64,6 +69,12 @@ def job_specs(
             IntervalTrigger(seconds=mail_interval_seconds, timezone=UTC),
             mail_interval_seconds,
             now + timedelta(seconds=2),
+        ),
+        # Events to the CRM's webhooks: routes new ones and starts a worker per endpoint, without waiting for them.
+        "webhooks": JobSpec(
+            IntervalTrigger(seconds=webhook_interval_seconds, timezone=UTC),
+            webhook_interval_seconds,
+            now + timedelta(seconds=3),
         ),
         # The first of each month at 06:00 UTC, so late usage imports of the last day land first; a daemon that
         # was down then issues them when it starts later that day (statements are idempotent per account and month).

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from recharged.balance import AccountPlan
 from recharged.config import PaymentsSettings
+from recharged.mail import webhooks
 from recharged.mail.outbox import enqueue, gathering
 from recharged.money import Units, format_customer, parse_amount
 from recharged.states import EntryType, RechargeState
@@ -207,7 +208,9 @@ def notify_from_plans(db: Database, at: datetime, plans: Iterable[AccountPlan]) 
     queued = 0
     with db.transaction() as session:
         open_episodes: dict[str, set[str]] = {}
-        for account_id, kind in session.execute(select(NoticeEpisode.account_id, NoticeEpisode.kind)):
+        for account_id, kind in session.execute(
+            select(NoticeEpisode.account_id, NoticeEpisode.kind).where(NoticeEpisode.kind.in_(NOTICE_EPISODES))
+        ):
             if account_id in wanted:
                 open_episodes.setdefault(account_id, set()).add(kind)
         for account_id, (plan, active) in wanted.items():
@@ -232,10 +235,12 @@ def notify_from_plans(db: Database, at: datetime, plans: Iterable[AccountPlan]) 
             # that never was above its line did not cross it: its episode is kept, untold.
             if started and (started[0] not in BALANCE_LINES or _can_have_crossed(session, plan, started[0])):
                 queued += _episode_notice(session, plan, started[0], at)
+        webhooks.from_plans(session, [plan for plan, _ in wanted.values()], at)  # the CRM's events, by its own rules
     return queued
 
 
 BALANCE_LINES = ("balance_exhausted", "balance_low")
+NOTICE_EPISODES = ("spend_cap_reached", *BALANCE_LINES)  # the webhooks' episodes share the table (`webhooks.py`)
 _CREDITS = tuple(kind for kind in EntryType if kind != EntryType.USAGE)
 
 

@@ -20,6 +20,7 @@ from recharged.balance import DecisionInputs, stored_mismatches
 from recharged.clock import Clock
 from recharged.config import Settings, TimeRateSettings
 from recharged.errors import ConflictError, NotFoundError
+from recharged.mail import webhooks
 from recharged.mail.outbox import enqueue
 from recharged.mail.templating import common_context, render
 from recharged.money import CURRENCIES, Units, format_customer, parse_amount
@@ -95,6 +96,7 @@ def issue_receipt(session: Session, settings: Settings, recharge: Recharge, at: 
         at=at,
         account_id=account.id,
     )
+    webhooks.recharge_succeeded(session, recharge, receipt, at)
     return receipt
 
 

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from recharged.clock import Clock, midnight
 from recharged.config import Settings, TimeRateSettings
 from recharged.errors import InputError, NotFoundError
+from recharged.mail import webhooks
 from recharged.mail.outbox import enqueue
 from recharged.money import MINOR_EXPONENT, Units, format_ledger, to_display_decimal
 from recharged.states import REVERSAL_TYPES, EntryType
@@ -233,6 +234,7 @@ def issue_monthly_statements(db: Database, settings: Settings, clock: Clock, at:
                     at=at,
                     account_id=account_id,
                 )
+                webhooks.statement_issued(session, account, month, content, at)
                 issued += 1
     return issued
 

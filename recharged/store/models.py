@@ -28,6 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from recharged.audit import current_via
 from recharged.states import (
     CLOSED_PHASES,
     CREDIT_TYPES,
@@ -42,6 +43,8 @@ from recharged.states import (
     Phase,
     RechargeKind,
     RechargeState,
+    WebhookEventType,
+    WebhookStatus,
 )
 
 if TYPE_CHECKING:
@@ -402,6 +405,27 @@ class AuditRecord(Base):
     action: Mapped[str] = mapped_column(String(40))
     before: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     after: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # the API token that made the change ("api:crm"); NULL for the CLI. Filled from `recharged.audit.via` when not
+    # given, so every service writes it without knowing of the API.
+    via: Mapped[str | None] = mapped_column(String(64), default=lambda: current_via())
+
+
+class ApiIdempotency(Base):
+    """An `Idempotency-Key` of the HTTP API: the request it first came with (a fingerprint), the recharge it
+    claimed, written in the claim's transaction, and the answer once that recharge has finished."""
+
+    __tablename__ = "api_idempotency"
+    __table_args__ = (UniqueConstraint("token", "key"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    token: Mapped[str] = mapped_column(String(64))  # the token's name: each token has its own keys
+    key: Mapped[str] = mapped_column(String(255))
+    fingerprint: Mapped[str] = mapped_column(String(64))  # sha256 of the method, path and body
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
+    recharge_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("recharges.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    response_status: Mapped[int | None] = mapped_column(Integer)
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class JobRun(Base):
@@ -569,3 +593,57 @@ class Statement(Base):
     opening_balance: Mapped[int] = mapped_column(BigInteger)
     closing_balance: Mapped[int] = mapped_column(BigInteger)
     content: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+# --- events out: webhooks to the CRM ---------------------------------------------------------------------------
+
+
+class WebhookEvent(Base):
+    """An event for the CRM's webhook endpoints, written in the same transaction as what it reports (the outbox of
+    events): a rolled-back cause takes its event with it. Its body is fixed when written, so every delivery and
+    every retry sends the same bytes under the same id. The sender routes it to the endpoints that take its type
+    (`routed_at`), one delivery each."""
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (
+        Index(
+            "ix_webhook_events_unrouted",
+            "created_at",
+            postgresql_where=text("routed_at IS NULL"),
+            sqlite_where=text("routed_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # evt_..., the webhook-id of every delivery
+    key: Mapped[str] = mapped_column(String(200), unique=True)  # what it is about: one event per key
+    type: Mapped[WebhookEventType] = mapped_column(StateText(WebhookEventType, 40))
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    body: Mapped[str] = mapped_column(Text)  # the JSON sent, as signed
+    routed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class WebhookDelivery(Base):
+    """One event to one endpoint (by its configured name): pending -> sending (claimed, leased) -> delivered |
+    pending (retried at next_attempt_at) | failed (the retry schedule ran out)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("event_id", "endpoint"),
+        Index("ix_webhook_deliveries_due", "endpoint", "status", "next_attempt_at"),
+        CheckConstraint(one_of("status", WebhookStatus), name="known_status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(ForeignKey("webhook_events.id"))
+    endpoint: Mapped[str] = mapped_column(String(40))
+    status: Mapped[WebhookStatus] = mapped_column(StateText(WebhookStatus, 10))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    claimed_by: Mapped[str | None] = mapped_column(String(120))  # host:pid of the sender holding it
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_status_code: Mapped[int | None] = mapped_column(Integer)  # the endpoint's answer; NULL: none came
+    last_error: Mapped[str | None] = mapped_column(String(500))

@@ -3003,6 +3003,40 @@ class StripeTestServer:
                 self._decline(None, pi, pm, charge, failure)
             return copy.deepcopy(pi)
 
+    def authenticate(self, pi_id: str, *, succeed: bool = True) -> JSON:
+        """Test hook: the customer answers the authentication challenge (3D Secure) of a PaymentIntent in
+        ``requires_action``, as Stripe.js does after ``confirmCardPayment`` with its client secret. Passed, the
+        payment goes through (``charge.succeeded``, ``payment_intent.succeeded``); failed, the PaymentIntent
+        returns to ``requires_payment_method`` with ``last_payment_error.code``
+        ``payment_intent_authentication_failure`` and no charge (``payment_intent.payment_failed``), as
+        docs.stripe.com/payments/3d-secure describes. Returns the PaymentIntent."""
+        with self._lock:
+            pi = self._payment_intents.get(pi_id)
+            if pi is None:
+                raise KeyError(pi_id)
+            if pi["status"] != "requires_action":
+                raise ValueError(f"PaymentIntent {pi_id} is {pi['status']}, not requires_action")
+            pm = self._payment_methods[pi["payment_method"]]
+            if succeed:
+                charge = self._new_charge(int(self.clock()), pi, pm, None)
+                self._succeed(None, pi, pm, charge)
+            else:
+                pi.update(
+                    status="requires_payment_method",
+                    payment_method=None,
+                    next_action=None,
+                    last_payment_error={
+                        "code": "payment_intent_authentication_failure",
+                        "doc_url": _doc_url("payment_intent_authentication_failure"),
+                        "message": "The provided PaymentMethod has failed authentication. You can provide "
+                        "payment_method_data or a new PaymentMethod to attempt to fulfill this PaymentIntent again.",
+                        "payment_method": copy.deepcopy(pm.obj),
+                        "type": "invalid_request_error",
+                    },
+                )
+                self._emit("payment_intent.payment_failed", pi, None)
+            return copy.deepcopy(pi)
+
     def update_card(
         self, pm_id: str, *, exp_month: int | None = None, exp_year: int | None = None, last4: str | None = None
     ) -> JSON:

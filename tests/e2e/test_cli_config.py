@@ -57,3 +57,14 @@ def test_check_config_on_a_fresh_directory_creates_no_database(run, tmp_path):
     result = run("check-config", RECHARGED_DATABASE__URL=f"sqlite:///{tmp_path / 'none.db'}")
     assert "not checked against a database" in ok(result)
     assert not (tmp_path / "none.db").exists()
+
+
+def test_check_config_names_the_api_tokens_and_their_scopes_never_their_secrets(run):
+    secret = "crm-secret-0123456789abcdef"
+    shown = ok(run("check-config", RECHARGED_API_TOKENS=f"crm:billing:write+accounts:read:{secret}"))
+    assert 'api_tokens.crm = "accounts:read+billing:write"' in shown
+    assert secret not in shown
+    refused = run("check-config", RECHARGED_API_TOKENS=f"crm:billing:wrte:{secret}")
+    assert refused.returncode == 78
+    assert "unknown scope 'billing:wrte'" in refused.stderr
+    assert secret not in refused.stderr

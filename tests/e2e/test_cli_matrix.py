@@ -126,6 +126,9 @@ MATRIX: dict[str, list[tuple[str, int, str]]] = {
         ("usage record --event-id e1 --kind dialer --started-at 2026-11-20T10:00:00Z", 2, "which account"),
     ],
     "verify": [("verify --fix", 2, "No such option")],
+    "webhooks list": [("webhooks list --status lost", 2, "lost"), ("webhooks list --limit 0", 2, "limit")],
+    "webhooks replay": [("webhooks replay", 2, "Missing argument"), ("webhooks replay evt_nope", 3, "evt_nope")],
+    "webhooks send": [("webhooks send --all", 2, "No such option")],
 }
 
 

@@ -186,13 +186,15 @@ def test_each_copy_in_a_batch_is_judged_against_what_is_recorded(db, settings, c
     assert recorder.record([call("c1", seconds=70)])[0].status == "accepted"
     outcomes = recorder.record([call("c1", seconds=300), call("c1", seconds=70), call("c1", seconds=5)])
     assert [o.status for o in outcomes] == ["rejected", "duplicate", "rejected"]
-    assert "duration_seconds" in outcomes[0].reason and "duration_seconds" in outcomes[2].reason
+    assert "duration_seconds" in outcomes[0].reason
+    assert "duration_seconds" in outcomes[2].reason
     # an id new to the database: the first good copy is recorded, the rest are judged against it
     outcomes = recorder.record(
         [{**call("c2"), "kind": "telex"}, call("c2", seconds=10), call("c2", seconds=10), call("c2", seconds=20)]
     )
     assert [o.status for o in outcomes] == ["rejected", "accepted", "duplicate", "rejected"]
-    assert "unknown kind" in outcomes[0].reason and "duration_seconds" in outcomes[3].reason
+    assert "unknown kind" in outcomes[0].reason
+    assert "duration_seconds" in outcomes[3].reason
     assert balance(db) == -4_000 - 2_000  # c1's two minutes, then c2's one minute
     assert count_entries(db) == 2
 

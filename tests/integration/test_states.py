@@ -8,7 +8,16 @@ import pytest
 from sqlalchemy import CheckConstraint, inspect, text
 from sqlalchemy.exc import IntegrityError, StatementError
 
-from recharged.states import AttemptStatus, EventStatus, JobStatus, Phase, RechargeKind, RechargeState
+from recharged.states import (
+    AttemptStatus,
+    EventStatus,
+    JobStatus,
+    Phase,
+    RechargeKind,
+    RechargeState,
+    WebhookEventType,
+    WebhookStatus,
+)
 from recharged.store.charging import insert_recharge
 from recharged.store.models import Account, Base, JobRun, StateText
 from recharged.store.runs import start_job_run
@@ -89,4 +98,6 @@ def test_the_models_state_columns_use_the_vocabulary():
     assert typed["charge_attempts.status"] is AttemptStatus
     assert typed["accounts.recharge_state"] is RechargeState
     assert typed["processor_events.status"] is EventStatus
-    assert len(typed) == 11
+    assert typed["webhook_events.type"] is WebhookEventType
+    assert typed["webhook_deliveries.status"] is WebhookStatus
+    assert len(typed) == 13

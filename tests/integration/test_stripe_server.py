@@ -1427,6 +1427,41 @@ def test_processing_payment_fails_later(server: StripeTestServer, client: stripe
     assert client.v1.payment_intents.confirm(pi.id, params={"payment_method": "pm_card_visa"}).status == "succeeded"
 
 
+def test_a_payment_declined_off_session_for_authentication_is_confirmed_on_session_and_authenticated(
+    server: StripeTestServer, client: stripe.StripeClient
+) -> None:
+    customer = new_customer(client)
+    with pytest.raises(stripe.CardError) as declined:
+        client.v1.payment_intents.create(params=recharge_params(customer.id, "pm_card_authenticationRequired"))
+    pi_id = declined.value.error.payment_intent.id
+    pm_id = declined.value.error.payment_intent.last_payment_error.payment_method.id
+    assert client.v1.payment_intents.retrieve(pi_id).status == "requires_payment_method"
+    with pytest.raises(ValueError, match="not requires_action"):
+        server.authenticate(pi_id)
+    # Stripe.js confirmCardPayment(client_secret, {payment_method}): on-session, the bank asks for a challenge
+    waiting = client.v1.payment_intents.confirm(pi_id, params={"payment_method": pm_id})
+    assert (waiting.status, waiting.next_action.type) == ("requires_action", "use_stripe_sdk")
+    passed = server.authenticate(pi_id)
+    assert (passed["status"], passed["amount_received"], passed["next_action"]) == ("succeeded", 2000, None)
+    assert client.v1.charges.retrieve(str(passed["latest_charge"])).status == "succeeded"
+    assert event_types(server)[-2:] == ["charge.succeeded", "payment_intent.succeeded"]
+
+
+def test_a_failed_authentication_leaves_the_payment_waiting_for_another_method(
+    server: StripeTestServer, client: stripe.StripeClient
+) -> None:
+    customer = new_customer(client)
+    params = recharge_params(customer.id, "pm_card_authenticationRequired")
+    del params["off_session"]
+    pi = client.v1.payment_intents.create(params=params)
+    assert pi.status == "requires_action"
+    failed = server.authenticate(pi.id, succeed=False)
+    assert (failed["status"], failed["payment_method"]) == ("requires_payment_method", None)
+    assert failed["last_payment_error"]["code"] == "payment_intent_authentication_failure"
+    assert client.v1.payment_intents.retrieve(pi.id).latest_charge is None  # no charge was made
+    assert event_types(server)[-1] == "payment_intent.payment_failed"
+
+
 # --------------------------------------------------------------------------- idempotency of errors, headers, limits
 
 

@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "recharged"
 
 CORE = {"money", "rating", "sms", "balance", "clock", "errors", "states", "words", "cards"}
-BESIDE_CORE = {"config", "credentials", "logs", "faults"}
+BESIDE_CORE = {"config", "credentials", "logs", "faults", "audit", "tokens"}
 ADAPTERS = {"store", "mail", "payments"}
 SERVICES = {
     "accounts",
@@ -31,6 +31,8 @@ SERVICES = {
     "charts",
     "csvfiles",
     "datacheck",
+    "views",
+    "topups",
 }
 ENTRY_POINTS = {"cli", "daemon", "demo", "__main__", "__init__"}
 TESTING = {"testing"}
