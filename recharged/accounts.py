@@ -243,6 +243,7 @@ def settings_of(account: Account) -> dict[str, Any]:
         "vat_percent": str(account.vat_percent),
         "auto_recharge": account.auto_recharge,
         "recharge_state": account.recharge_state,
+        "overdraft": format_ledger(account.overdraft or 0),
     }
     for name in OVERRIDE_DAYS:
         values[name] = getattr(account, name)
@@ -534,6 +535,7 @@ def change_account(
     vat_percent: str | None = None,
     auto_recharge: bool | None = None,
     overrides: Mapping[str, str | None] | None = None,
+    overdraft: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Change an account's billing settings; returns (before, after). A change that changes nothing is not audited."""
     actor = parse_actor(actor)
@@ -563,6 +565,15 @@ def change_account(
                 raise InputError(str(exc)) from None
         if auto_recharge is not None:
             account.auto_recharge = auto_recharge
+        if overdraft is not None:  # how far below zero calls may be authorized (`recharged.authorizations`)
+            try:
+                units = parse_amount(overdraft, what="overdraft")
+                if units < 0:
+                    raise ValueError(f"overdraft {overdraft!r} must not be negative (0: no overdraft)")
+                check_amount(units, account.currency, what="overdraft")
+            except ValueError as exc:
+                raise InputError(f"account {account_id}: {exc}") from None
+            account.overdraft = units
         if auto_recharge and account.recharge_state in (
             RechargeState.SUSPENDED,
             RechargeState.BACKING_OFF,

@@ -454,6 +454,17 @@ class WebhooksSettings(_Section):
         return timedelta(seconds=max(60.0, 4 * self.timeout_seconds))
 
 
+class AuthorizationSettings(_Section):
+    """Call authorizations (`POST /v1/authorizations`): the longest call authorized when the dialer asks for no
+    length, and how long past its authorized length an unsettled reservation is held before it expires."""
+
+    max_seconds: int = Field(7200, ge=1, le=86_400)
+    grace_seconds: int = Field(300, ge=0, le=86_400)
+    # How often the daemon expires the reservations whose time is up (each account's are also expired as it
+    # authorizes its next call).
+    expire_interval_seconds: int = Field(30, ge=1, le=3600)
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -474,6 +485,7 @@ class Settings(_Section):
     smtp: SmtpSettings = SmtpSettings()
     outbox: OutboxSettings = OutboxSettings()
     webhooks: WebhooksSettings = WebhooksSettings()
+    authorizations: AuthorizationSettings = AuthorizationSettings()
     logging: LoggingSettings = LoggingSettings()
     _path: Path | None = PrivateAttr(default=None)  # the file these were read from (load_settings), not a setting
 

@@ -80,7 +80,9 @@ def plans_in(
         policy = (base or Policy()).overridden(overrides)
         figures = AccountFigures(
             currency=row.currency,
-            balance=row.balance - later.get(row.id, 0),
+            # money held for calls in progress counts as spent (a fully reserved balance is due); what was held
+            # at a past instant is not kept, so a plan as of then sees the ledger alone
+            balance=row.balance - later.get(row.id, 0) - (0 if as_of else row.reserved),
             created_at=row.created_at,
             first_usage_at=row.first_usage_at,
             window_usage=totals[policy.window_days].get(row.id, 0),

@@ -147,3 +147,13 @@ class WebhookStatus(StrEnum):
     SENDING = "sending"
     DELIVERED = "delivered"
     FAILED = "failed"
+
+
+class AuthorizationStatus(StrEnum):
+    """A call's reservation: open (its money held) -> settled (the call's usage arrived), released (the dialer
+    said the call was not placed) or expired (neither came within the authorized time and a grace)."""
+
+    OPEN = "open"
+    SETTLED = "settled"
+    RELEASED = "released"
+    EXPIRED = "expired"

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import requests
 
+from recharged.authorizations import expired_since, held_per_currency
 from recharged.clock import parse_instant
 from recharged.config import Settings
 from recharged.credentials import read_secret
@@ -234,6 +235,8 @@ class StatusReport:
     daemon: DaemonAnswer
     charged: list[Charged] = field(default_factory=list)
     attention: list[Attention] = field(default_factory=list)
+    held: dict[str, tuple[int, int]] = field(default_factory=dict)  # currency -> (open authorizations, money held)
+    expired_last_24h: int = 0  # reservations whose call's usage never came
 
     @property
     def needs_attention(self) -> bool:
@@ -271,6 +274,11 @@ class StatusReport:
                 },
             },
             "attention": [a.as_json() for a in self.attention],
+            "calls": {
+                "open_authorizations": {currency: count for currency, (count, _) in self.held.items()},
+                "held": {currency: format_ledger(units) for currency, (_, units) in self.held.items()},
+                "expired_last_24h": self.expired_last_24h,
+            },
         }
 
 
@@ -433,6 +441,8 @@ def status_report(db: Database, settings: Settings, now: datetime, daemon: Daemo
         daemon=daemon,
         charged=charged,
         attention=cycle_problems + attention,
+        held=held_per_currency(db),
+        expired_last_24h=expired_since(db, now - timedelta(days=1)),
     )
 
 

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from recharged.authorizations import authorizations_of, settle
 from recharged.clock import Clock, parse_instant
 from recharged.config import Settings
 from recharged.csvfiles import batches, check_header, open_csv, shape_problem
@@ -29,8 +30,19 @@ from recharged.store.models import Entry
 from recharged.store.reads import closings
 from recharged.words import plural
 
-FIELDS = ("event_id", "account_id", "kind", "started_at", "duration_seconds", "quantity", "text", "cost")
+FIELDS = (
+    "event_id",
+    "account_id",
+    "kind",
+    "started_at",
+    "duration_seconds",
+    "quantity",
+    "text",
+    "cost",
+    "authorization_id",
+)
 REQUIRED = ("event_id", "account_id", "kind", "started_at")
+CSV_OPTIONAL = ("authorization_id",)  # a CSV file may leave these columns out (files made before they existed)
 _ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces
 _ACCOUNT = re.compile(r"^[\x21-\x7e]{1,64}$")
 _KIND = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
@@ -53,6 +65,7 @@ class UsageEvent:
     quantity: int | None
     has_text: bool
     cost: Units | None
+    authorization_id: int | None = None  # the call's authorization (POST /v1/authorizations), settled by it
 
     @property
     def content(self) -> tuple[object, ...]:
@@ -150,7 +163,8 @@ def parse_event(
             raise ValueError("cost must not be negative")
         if cost > MAX_COST:
             raise ValueError(f"cost {cost_raw!r} is more than {MAX_COST // SCALE} for one event")
-    return UsageEvent(event_id, account_id, kind, started_at, duration, quantity, has_text, cost)
+    authorization_id = _whole(raw, "authorization_id", minimum=1, maximum=2**62)
+    return UsageEvent(event_id, account_id, kind, started_at, duration, quantity, has_text, cost, authorization_id)
 
 
 def check_against_rate(event: UsageEvent, kind_rate: Rate, plan: str) -> None:
@@ -223,6 +237,7 @@ class UsageRecorder:
             with self._db.transaction() as session:
                 accounts = lock_accounts(session, (event.account_id for parsed in rounds for _, event in parsed))
                 closed = closings(session, accounts)
+                held = authorizations_of(session, (e.authorization_id for parsed in rounds for _, e in parsed))
                 for parsed in rounds:
                     pending: list[tuple[int, UsageEvent]] = []
                     rows: list[UsageRow] = []
@@ -231,6 +246,7 @@ class UsageRecorder:
                             kind_rate, plan = self._rate_for(event, accounts.get(event.account_id))
                             _check_open(event, closed.get(event.account_id))
                             check_against_rate(event, kind_rate, plan)
+                            _check_authorization(event, held)
                             rated = rate_event(
                                 kind_rate, duration_seconds=event.duration_seconds, quantity=event.quantity
                             )
@@ -261,6 +277,15 @@ class UsageRecorder:
                         )
                     rows.sort(key=lambda row: row[1])  # one lock order for concurrent writers
                     inserted = record_usage(session, rows)
+                    settle(
+                        session,
+                        [
+                            (e.authorization_id, e.event_id)
+                            for _, e in pending
+                            if e.authorization_id and e.event_id in inserted
+                        ],
+                        now,
+                    )
                     self._settle(session, pending, inserted, outcomes, where)
             self._rate_ids.update(new_rate_ids)  # only after the commit: a rolled-back id is no id
         return [outcome for outcome in outcomes if outcome is not None]
@@ -300,6 +325,17 @@ class UsageRecorder:
                 outcomes[index] = Outcome(where[index], event.event_id, "rejected", reason)
             else:
                 outcomes[index] = Outcome(where[index], event.event_id, "duplicate")
+
+
+def _check_authorization(event: UsageEvent, held: Mapping[int, str]) -> None:
+    """An event naming an authorization names one of its own account's."""
+    if event.authorization_id is None:
+        return
+    owner = held.get(event.authorization_id)
+    if owner is None:
+        raise ValueError(f"authorization_id {event.authorization_id} is no authorization")
+    if owner != event.account_id:
+        raise ValueError(f"authorization_id {event.authorization_id} is another account's")
 
 
 def _check_open(event: UsageEvent, closed_at: datetime | None) -> None:
@@ -358,7 +394,9 @@ def import_csv(
     started = time.perf_counter()
     try:
         with open_csv(path) as (reader, rows, bytes_read):
-            check_header(path, reader.fieldnames, required=FIELDS, known=FIELDS)
+            check_header(
+                path, reader.fieldnames, required=tuple(f for f in FIELDS if f not in CSV_OPTIONAL), known=FIELDS
+            )
             size = path.stat().st_size
             if progress is not None:
                 progress(0, size)

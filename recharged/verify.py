@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime
 
+from recharged.authorizations import reserved_problems
 from recharged.mail.admin import outbox_problems
 from recharged.mail.receipts import receipt_problems
 from recharged.money import format_ledger
@@ -120,4 +121,5 @@ def verify(db: Database, progress: Callable[[int], None] | None = None, limit: i
         report("uniqueness", uniqueness_problems(session))
         report("receipts", receipt_problems(session))
         report("outbox", outbox_problems(session))
+        report("reservations", reserved_problems(session))
     return Report(checked, violations)

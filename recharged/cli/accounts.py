@@ -102,14 +102,21 @@ def accounts_import(app: App, file: Path, created_at: str | None, actor: str) ->
 @click.option("--email")
 @click.option("--plan")
 @click.option("--vat-percent")
+@click.option("--overdraft", help="How far below zero calls may be authorized (an amount; 0: not at all).")
 @actor_option
 @pass_app
 def accounts_update(
-    app: App, account_id: str, email: str | None, plan: str | None, vat_percent: str | None, actor: str
+    app: App,
+    account_id: str,
+    email: str | None,
+    plan: str | None,
+    vat_percent: str | None,
+    overdraft: str | None,
+    actor: str,
 ) -> None:
-    """Change an account's email, plan or VAT rate (signed and audited)."""
-    if email is None and plan is None and vat_percent is None:
-        raise InputError("nothing to change: give --email, --plan or --vat-percent")
+    """Change an account's email, plan, VAT rate or overdraft (signed and audited)."""
+    if email is None and plan is None and vat_percent is None and overdraft is None:
+        raise InputError("nothing to change: give --email, --plan, --vat-percent or --overdraft")
     before, after = accounts_service.change_account(
         app.database(),
         account_id,
@@ -119,6 +126,7 @@ def accounts_update(
         email=email,
         plan=plan,
         vat_percent=vat_percent,
+        overdraft=overdraft,
     )
     _print_change(account_id, before, after)
 
@@ -207,7 +215,10 @@ def accounts_show(app: App, account_id: str, at: datetime | None, as_json: bool)
         out.print_json(json.dumps(shown))
         return
     table = Table(title=f"account {account_id}", show_header=False)
-    table.add_row("balance", format_customer(view.plan.decision.balance, view.plan.currency))
+    held = 0 if at is not None else view.account.reserved  # the decision counts money held for calls as spent
+    table.add_row("balance", format_customer(view.plan.decision.balance + held, view.plan.currency))
+    if held:
+        table.add_row("held for calls", format_customer(held, view.plan.currency))
     policy, currency = view.plan.policy, view.plan.currency
     for key, value in settings.items():
         if value is None and key in accounts_service.OVERRIDES:  # taken from the plan: show what it is

@@ -38,6 +38,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "accounts": ("accounts", "Create, import, change, show, list, search, export, close and reopen accounts."),
     "adjust": ("charging", "Record a manual credit or debit on the balance, audited."),
     "audit": ("accounts", "Who changed billing settings, when, and the values before and after (newest first)."),
+    "authorizations": (
+        "authorizations",
+        "Calls authorized and the money held for them until their usage arrives (POST...",
+    ),
     "auto-recharge": (
         "accounts",
         "Turn automatic recharge on or off, and set this account's own policy (signed and...",

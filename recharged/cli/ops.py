@@ -180,6 +180,12 @@ def _status_tables(report: StatusReport) -> None:
         for c in report.charged
     )
     table.add_row("charged, last 24 h", charged or "nothing")
+    held = "; ".join(
+        f"{plural(count, 'call')} authorized, {format_customer(units, currency)} held"
+        for currency, (count, units) in report.held.items()
+    )
+    expired = f"; {plural(report.expired_last_24h, 'reservation')} expired unsettled in 24 h"
+    table.add_row("calls in progress", (held or "none") + (expired if report.expired_last_24h else ""))
     out.print(table)
     if not report.attention:
         out.print("nothing needs attention")

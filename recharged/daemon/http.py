@@ -25,6 +25,7 @@ from starlette.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
 
 from recharged import __version__
+from recharged.authorizations import NotAuthorized
 from recharged.daemon.api.common import (
     ApiError,
     Backend,
@@ -159,6 +160,11 @@ def create_app(backend: Backend) -> FastAPI:
     async def _invalid_input(_request: Request, exc: InputError) -> JSONResponse:
         message = str(exc).replace("--actor", "actor") if isinstance(exc, ActorError) else str(exc)
         return error_response(422, message)
+
+    @app.exception_handler(NotAuthorized)
+    async def _not_authorized(_request: Request, exc: NotAuthorized) -> JSONResponse:
+        body = {"error": {"status": 402, "message": str(exc), "reason": exc.reason}}
+        return JSONResponse(body, status_code=402)
 
     @app.exception_handler(TransientPaymentError)
     async def _processor_down(request: Request, exc: TransientPaymentError) -> JSONResponse:

@@ -96,6 +96,40 @@ class WebhookCollector(Collector):
         return family
 
 
+class ReservationCollector(Collector):
+    """Open call authorizations and the money they hold, per currency, read at each scrape (left out of a scrape
+    when the database cannot be read)."""
+
+    def __init__(self, read: Callable[[], Mapping[str, tuple[int, int]]]) -> None:
+        self._read = read
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families({})
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            held = self._read()
+        except Exception as exc:
+            log.warning("metrics.reservations_unread", error=f"{type(exc).__name__}: {exc}"[:300])
+            return []
+        return self._families(held)
+
+    @staticmethod
+    def _families(held: Mapping[str, tuple[int, int]]) -> list[Metric]:
+        count = GaugeMetricFamily(
+            "recharged_authorizations_open", "Open call authorizations, per currency", labels=["currency"]
+        )
+        amount = GaugeMetricFamily(
+            "recharged_reserved_amount",
+            "Money held for calls in progress, per currency, in currency units",
+            labels=["currency"],
+        )
+        for currency, (open_count, units) in sorted(held.items()):
+            count.add_metric([currency], open_count)
+            amount.add_metric([currency], float(to_decimal(units)))
+        return [count, amount]
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -176,6 +210,17 @@ class Metrics:
             "Accounts charged between cycles because their runway was too short",
             registry=r,
         )
+        self.authorizations = Counter(
+            "recharged_authorizations",
+            "Call authorizations asked for, by outcome: granted, repeated (the same call again), refused (402)",
+            ["outcome"],
+            registry=r,
+        )
+        self.authorizations_expired = Counter(
+            "recharged_authorizations_expired",
+            "Reservations that expired unsettled (no usage came for the call in its time plus the grace)",
+            registry=r,
+        )
 
     # --- the charge flow's Observer ------------------------------------------------------------------------
 
@@ -204,6 +249,10 @@ class Metrics:
     def watch_webhooks(self, read: Callable[[], Mapping[tuple[str, str], int]]) -> None:
         """Show the webhook deliveries not delivered yet, as `read` finds them at each scrape."""
         self.registry.register(WebhookCollector(read))
+
+    def watch_reservations(self, read: Callable[[], Mapping[str, tuple[int, int]]]) -> None:
+        """Show the open authorizations and the money they hold, as `read` finds them at each scrape."""
+        self.registry.register(ReservationCollector(read))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -31,6 +31,7 @@ import structlog
 import uvicorn
 
 from recharged import __version__
+from recharged.authorizations import expire_due, held_per_currency
 from recharged.balance import AccountPlan
 from recharged.clock import Clock
 from recharged.config import Settings, load_settings
@@ -142,6 +143,7 @@ class Daemon:
         daemon = settings.daemon
         self.db = Database(settings.database.url, connections=daemon.charge_concurrency + 24)
         self.metrics.watch(lambda: backlog(self.db, clock.now()))
+        self.metrics.watch_reservations(lambda: held_per_currency(self.db))
         self._runtime: Runtime | None = None
         self._scheduler = Scheduler(on_missed=lambda job: self.metrics.jobs_missed.labels(job).inc())
         self._urgent = ThreadPoolExecutor(max_workers=4, thread_name_prefix="urgent")
@@ -349,6 +351,14 @@ class Daemon:
         runtime = self.runtime()
         self._job("events", lambda: runtime.events.process_pending(stop=self._stop).summary())
 
+    def _expire_authorizations(self) -> None:
+        def body() -> Mapping[str, Any]:
+            expired = expire_due(self.db, self._clock)
+            self.metrics.authorizations_expired.inc(expired)
+            return {"expired": expired}
+
+        self._job("authorizations", body)
+
     def _maintain(self) -> None:
         """Fresh planner statistics for the plan's queries (`Database.optimize`). Only SQLite needs them asked
         for: on other databases the job does not run at all, so it is neither logged nor counted."""
@@ -403,6 +413,7 @@ class Daemon:
             "mail": self._send_mail,
             "statements": self._statements,
             "webhooks": self._send_webhooks,
+            "authorizations": self._expire_authorizations,
         }
 
     # --- lifecycle --------------------------------------------------------------------------------------------
@@ -424,6 +435,7 @@ class Daemon:
             None if last is None else last.finished_at,
             mail_interval_seconds=settings.outbox.send_interval_seconds,
             webhook_interval_seconds=settings.webhooks.send_interval_seconds,
+            expire_interval_seconds=settings.authorizations.expire_interval_seconds,
         )
 
     def _bind(self, settings: Settings) -> socket.socket:
@@ -564,8 +576,13 @@ class Daemon:
         previous, self._webhooks = self._webhooks, webhooks
         if previous is not None:
             previous.close()  # its workers finish the delivery in hand; the new sender's take the rest
-        if fresh.daemon != old.daemon or fresh.outbox != old.outbox or fresh.webhooks != old.webhooks:
-            self._scheduler.reschedule(self._specs(fresh), ("cycle", "completer", "mail", "webhooks"))
+        if (fresh.daemon, fresh.outbox, fresh.webhooks, fresh.authorizations) != (
+            old.daemon,
+            old.outbox,
+            old.webhooks,
+            old.authorizations,
+        ):
+            self._scheduler.reschedule(self._specs(fresh), ("cycle", "completer", "mail", "webhooks", "authorizations"))
         log.info("config.reloaded", path=str(self._config_path), next_cycle=str(self.next_cycle()))
         sdnotify.ready(f"configuration reloaded; {self._last_status}"[:200])
         return True

@@ -39,6 +39,7 @@ def job_specs(
     *,
     mail_interval_seconds: int = 60,
     webhook_interval_seconds: int = 5,
+    expire_interval_seconds: int = 30,
 ) -> dict[str, JobSpec]:
     """When each job runs. The first cycle runs one interval after the last successful one (whichever
     instance ran it), or at once when that is already past, so restarts never skip a cycle."""
@@ -75,6 +76,12 @@ def job_specs(
             IntervalTrigger(seconds=webhook_interval_seconds, timezone=UTC),
             webhook_interval_seconds,
             now + timedelta(seconds=3),
+        ),
+        # Reservations of calls whose usage never came are released once their time (plus the grace) is up.
+        "authorizations": JobSpec(
+            IntervalTrigger(seconds=expire_interval_seconds, timezone=UTC),
+            expire_interval_seconds,
+            now + timedelta(seconds=4),
         ),
         # The first of each month at 06:00 UTC, so late usage imports of the last day land first; a daemon that
         # was down then issues them when it starts later that day (statements are idempotent per account and month).

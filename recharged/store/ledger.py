@@ -164,6 +164,7 @@ def plan_rows(session: Session, ids: Sequence[str] | None = None, chunk: int = 5
         Account.currency,
         Account.plan,
         Account.balance,
+        Account.reserved,
         Account.created_at,
         Account.first_usage_at,
         Account.auto_recharge,

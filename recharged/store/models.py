@@ -34,6 +34,7 @@ from recharged.states import (
     CREDIT_TYPES,
     REVERSAL_TYPES,
     AttemptStatus,
+    AuthorizationStatus,
     DeclineClass,
     EntryType,
     EventStatus,
@@ -157,6 +158,10 @@ class Account(Base):
     max_charged_per_30_days: Mapped[int | None] = mapped_column(BigInteger)
     # Cached sum of the account's ledger entries; `recharged verify` proves it.
     balance: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    # The sum of the open call authorizations' reservations, kept with each of them (`recharged.authorizations`),
+    # and how far below zero calls may be authorized (an admin's setting; 0: not at all).
+    reserved: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    overdraft: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
     first_usage_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # Where automatic recharge stands: ok, backing_off (until retry_at), suspended, action_required.
     recharge_state: Mapped[RechargeState] = mapped_column(
@@ -647,3 +652,35 @@ class WebhookDelivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_status_code: Mapped[int | None] = mapped_column(Integer)  # the endpoint's answer; NULL: none came
     last_error: Mapped[str | None] = mapped_column(String(500))
+
+
+class Authorization(Base):
+    """A call the dialer asked to place: how long the available balance lets it last at the account's rate, and
+    the money held for it until the call's usage settles it, the dialer releases it, or it expires. One per call
+    (account, call_id); `accounts.reserved` is the sum of the open ones."""
+
+    __tablename__ = "authorizations"
+    __table_args__ = (
+        UniqueConstraint("account_id", "call_id"),
+        CheckConstraint(one_of("status", AuthorizationStatus), name="known_status"),
+        CheckConstraint("reserved_amount >= 0", name="reserved_not_negative"),
+        Index(
+            "ix_authorizations_open_expiry",
+            "expires_at",
+            postgresql_where=text("status = 'open'"),
+            sqlite_where=text("status = 'open'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
+    call_id: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(40))
+    requested_seconds: Mapped[int | None] = mapped_column(Integer)
+    authorized_seconds: Mapped[int] = mapped_column(Integer)
+    reserved_amount: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[AuthorizationStatus] = mapped_column(StateText(AuthorizationStatus, 10))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    usage_event_id: Mapped[str | None] = mapped_column(String(128), unique=True)  # the usage that settled it

@@ -125,6 +125,10 @@ MATRIX: dict[str, list[tuple[str, int, str]]] = {
         ("usage record acme --account bolt --event-id e1 --kind dialer --started-at 2026-11-20T10:00:00Z", 2, "two"),
         ("usage record --event-id e1 --kind dialer --started-at 2026-11-20T10:00:00Z", 2, "which account"),
     ],
+    "authorizations list": [
+        ("authorizations list ghost", 3, "no account 'ghost'"),
+        ("authorizations list", 2, "Missing"),
+    ],
     "verify": [("verify --fix", 2, "No such option")],
     "webhooks list": [("webhooks list --status lost", 2, "lost"), ("webhooks list --limit 0", 2, "limit")],
     "webhooks replay": [("webhooks replay", 2, "Missing argument"), ("webhooks replay evt_nope", 3, "evt_nope")],

@@ -10,6 +10,7 @@ from sqlalchemy.exc import IntegrityError, StatementError
 
 from recharged.states import (
     AttemptStatus,
+    AuthorizationStatus,
     EventStatus,
     JobStatus,
     Phase,
@@ -100,4 +101,5 @@ def test_the_models_state_columns_use_the_vocabulary():
     assert typed["processor_events.status"] is EventStatus
     assert typed["webhook_events.type"] is WebhookEventType
     assert typed["webhook_deliveries.status"] is WebhookStatus
-    assert len(typed) == 13
+    assert typed["authorizations.status"] is AuthorizationStatus
+    assert len(typed) == 14

@@ -33,6 +33,7 @@ SERVICES = {
     "datacheck",
     "views",
     "topups",
+    "authorizations",
 }
 ENTRY_POINTS = {"cli", "daemon", "demo", "__main__", "__init__"}
 TESTING = {"testing"}

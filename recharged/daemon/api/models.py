@@ -58,6 +58,9 @@ class AccountChange(Strict):
     email: str | None = Field(default=None, max_length=254)
     plan: str | None = Field(default=None, max_length=64)
     vat_percent: Number | None = None
+    overdraft: str | None = Field(
+        default=None, description="how far below zero calls may be authorized (0: not at all)", max_length=40
+    )
     actor: str = ACTOR
 
 
@@ -142,6 +145,9 @@ class AccountView(BaseModel):
     currency: str
     as_of: datetime
     balance: str = Field(description="in currency units with 5 decimals, as the ledger keeps it")
+    reserved: str = Field(description="held for calls in progress (open authorizations); counts as spent")
+    overdraft: str = Field(description="how far below zero calls may be authorized")
+    available: str = Field(description="what calls may still spend: balance - reserved + overdraft")
     threshold: str
     recharge_amount: str
     average_daily: str
@@ -156,7 +162,8 @@ class AccountView(BaseModel):
     decision_reason: str
     dialer_rate_per_minute: str | None
     longest_call_seconds: int | None = Field(
-        description="the longest call the balance pays for now at the account's dialer rate (null: no dialer rate)"
+        description="the longest call the available money pays for now at the account's dialer rate (null: no dialer "
+        "rate)"
     )
     email: str
     plan: str
@@ -405,3 +412,47 @@ class CycleSummary(BaseModel):
     halted: str | None = Field(description="why the circuit breaker stopped charging, if it did")
     charged_total: dict[str, str] = Field(description="charged (VAT included), per currency")
     notices: int = Field(description="customer notices and CRM events the plans gave (balance low, caps reached)")
+
+
+class AuthorizationRequest(Strict):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"account_id": "acme", "kind": "dialer", "call_id": "call-7781"}]},
+    )
+
+    account_id: str = Field(max_length=64)
+    kind: str = Field(description="a kind billed by time (the dialer's calls)", max_length=40)
+    call_id: str = Field(description="the dialer's id of the call: the same call again answers its first authorization")
+    requested_seconds: int | None = Field(default=None, description="at most this long (default: [authorizations])")
+
+
+class ExtendRequest(Strict):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"requested_seconds": 1800}]})
+
+    requested_seconds: int | None = Field(default=None, description="the call's whole length wanted now")
+
+
+class AuthorizationView(BaseModel):
+    id: int
+    account_id: str
+    call_id: str
+    kind: str
+    requested_seconds: int | None
+    authorized_seconds: int = Field(description="the longest the call may last: the available money pays for it")
+    reserved_amount: str = Field(description="held until the call's usage (with authorization_id) settles it")
+    currency: str
+    status: Literal["open", "settled", "released", "expired"]
+    created_at: datetime
+    expires_at: datetime = Field(description="an unsettled reservation is released then")
+    ended_at: datetime | None
+    usage_event_id: str | None
+
+
+class RefusalBody(BaseModel):
+    status: int
+    message: str
+    reason: Literal["insufficient_balance", "account_closed"]
+
+
+class Refusal(BaseModel):
+    error: RefusalBody

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from recharged import accounts as accounts_service
 from recharged import funding as sources_service
 from recharged import views
+from recharged.authorizations import Authorizer, NotAuthorized, available
 from recharged.daemon.api import models as m
 from recharged.daemon.api.common import ApiError, Backend, Caller, authorize, call, errors, model_body, request_body
 from recharged.errors import InputError, NotFoundError
@@ -28,7 +29,7 @@ from recharged.money import Units, format_ledger, parse_amount
 from recharged.planning import plans_in
 from recharged.rating import TimeRate, longest_call
 from recharged.store.models import Recharge
-from recharged.tokens import ACCOUNTS_READ, ADMIN, BILLING_WRITE
+from recharged.tokens import ACCOUNTS_READ, ADMIN, BILLING_WRITE, USAGE_WRITE
 from recharged.topups import Topups, check_key, recharge_answer, with_authentication
 
 DIALER_KIND = "dialer"
@@ -56,13 +57,17 @@ def account_detail(backend: Backend, caller: Caller, account_id: str) -> m.Accou
     account, decision = view.account, view.plan.decision
     rates = runtime.settings.plans.get(account.plan)
     dialer = rates.rate_table().get(DIALER_KIND) if rates is not None else None
-    longest = longest_call(decision.balance, dialer) if isinstance(dialer, TimeRate) else None
+    free = available(account)  # what calls may still spend: balance - held for calls + overdraft
+    longest = longest_call(free, dialer) if isinstance(dialer, TimeRate) else None
     settings = view.settings
     return m.AccountView(
         account_id=account.id,
         currency=account.currency,
         as_of=view.at,
-        balance=format_ledger(decision.balance),
+        balance=format_ledger(account.balance),
+        reserved=format_ledger(account.reserved),
+        overdraft=format_ledger(account.overdraft),
+        available=format_ledger(free),
         threshold=format_ledger(decision.threshold),
         recharge_amount=format_ledger(decision.recharge_amount),
         average_daily=format_ledger(decision.average_daily),
@@ -202,6 +207,7 @@ def add_routes(app: FastAPI, backend: Backend) -> None:
             email=body.email,
             plan=body.plan,
             vat_percent=None if body.vat_percent is None else str(body.vat_percent),
+            overdraft=body.overdraft,
         )
         return await run_in_threadpool(account_detail, backend, caller, account_id)
 
@@ -606,6 +612,86 @@ def add_routes(app: FastAPI, backend: Backend) -> None:
             balance=format_ledger(account.balance),
         )
         return _json(result, 201 if recorded else 200)
+
+    # --- call authorizations (the dialer, before each call) -------------------------------------------------
+
+    refused: dict[int | str, dict[str, Any]] = {
+        402: {"model": m.Refusal, "description": "the call may not be placed: `reason` says why"}
+    }
+
+    @app.post(
+        "/v1/authorizations",
+        tags=["authorizations"],
+        summary="May this call be placed, and for how long? Holds its money until its usage settles it",
+        description="201 with the authorization: the longest call the available money (balance - held for calls "
+        "in progress + overdraft) pays for at the account's rate, never longer than asked. The same call_id "
+        "again answers its first authorization (200). 402 when the call may not be placed. Send the call's usage "
+        "with `authorization_id` to settle it; `DELETE` it when the call was not placed.",
+        status_code=201,
+        response_model=m.AuthorizationView,
+        responses={
+            200: {"model": m.AuthorizationView, "description": "this call was authorized before"},
+            **refused,
+            **errors(400, 403, 404, 413, 415, 422),
+        },
+        openapi_extra=request_body(m.AuthorizationRequest),
+    )
+    async def authorize_call(request: Request) -> JSONResponse:
+        caller = authorize(backend, request, USAGE_WRITE)
+        body = await model_body(request, caller, m.AuthorizationRequest)
+        authorizer = Authorizer(db, caller.runtime.settings, backend.clock)
+        try:
+            granted = await call(
+                caller,
+                authorizer.authorize,
+                body.account_id,
+                body.kind.strip().lower(),
+                body.call_id,
+                body.requested_seconds,
+            )
+        except NotAuthorized:
+            backend.metrics.authorizations.labels("refused").inc()
+            raise
+        backend.metrics.authorizations.labels("granted" if granted.created else "repeated").inc()
+        return _json(m.AuthorizationView(**granted.authorization), 201 if granted.created else 200)
+
+    @app.get(
+        "/v1/authorizations/{authorization_id}",
+        tags=["authorizations"],
+        summary="One authorization: open, settled by its call's usage, released or expired",
+        response_model=m.AuthorizationView,
+        responses=errors(403, 404),
+    )
+    def get_authorization(authorization_id: int, request: Request) -> Any:
+        caller = authorize(backend, request, None)
+        if not (caller.token.allows(USAGE_WRITE) or caller.token.allows(ACCOUNTS_READ)):
+            raise ApiError(403, f"token {caller.token.name!r} needs the scope 'usage:write' or 'accounts:read'")
+        return Authorizer(db, caller.runtime.settings, backend.clock).get(authorization_id)
+
+    @app.delete(
+        "/v1/authorizations/{authorization_id}",
+        tags=["authorizations"],
+        summary="The call was not placed: its money is no longer held (again: nothing changes)",
+        response_model=m.AuthorizationView,
+        responses=errors(403, 404, 409),
+    )
+    async def release_authorization(authorization_id: int, request: Request) -> Any:
+        caller = authorize(backend, request, USAGE_WRITE)
+        return await call(caller, Authorizer(db, caller.runtime.settings, backend.clock).release, authorization_id)
+
+    @app.post(
+        "/v1/authorizations/{authorization_id}/extend",
+        tags=["authorizations"],
+        summary="More time for a call in progress, as far as the available money pays",
+        response_model=m.AuthorizationView,
+        responses={**refused, **errors(400, 403, 404, 409, 413, 415, 422)},
+        openapi_extra=request_body(m.ExtendRequest),
+    )
+    async def extend_authorization(authorization_id: int, request: Request) -> Any:
+        caller = authorize(backend, request, USAGE_WRITE)
+        body = await model_body(request, caller, m.ExtendRequest)
+        authorizer = Authorizer(db, caller.runtime.settings, backend.clock)
+        return await call(caller, authorizer.extend, authorization_id, body.requested_seconds)
 
     @app.post(
         "/v1/cycles",
