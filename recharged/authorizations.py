@@ -383,3 +383,26 @@ def expired_since(db: Database, since: datetime) -> int:
             )
             or 0
         )
+
+
+def balance_of(db: Database, settings: Settings, account_id: str, kind: str = "dialer") -> dict[str, Any]:
+    """What a dialer reads before a call, from the account's row alone (one statement by primary key): the
+    balance, what is held for calls, the overdraft, what is available, and the longest call of `kind` that pays."""
+    with db.reading() as session:
+        account = session.get(Account, account_id)
+        if account is None:
+            raise NotFoundError(f"no account {account_id!r}")
+        plan = settings.plans.get(account.plan)
+        rate = plan.rate_table().get(kind) if plan is not None else None
+        free = available(account)
+        return {
+            "account_id": account.id,
+            "currency": account.currency,
+            "balance": format_ledger(account.balance),
+            "reserved": format_ledger(account.reserved),
+            "overdraft": format_ledger(account.overdraft),
+            "available": format_ledger(free),
+            "kind": kind,
+            "longest_call_seconds": longest_call(free, rate) if isinstance(rate, TimeRate) else None,
+            "status": "open" if account.closed_at is None else "closed",
+        }

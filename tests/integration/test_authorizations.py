@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 import uvicorn
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 
 from recharged.authorizations import expire_due
 from recharged.daemon.http import create_app
@@ -304,3 +304,38 @@ def test_status_and_metrics_show_the_calls_in_progress(api: Api):
     assert 'recharged_authorizations_total{outcome="repeated"} 1.0' in metrics
     assert 'recharged_authorizations_open{currency="USD"} 2.0' in metrics
     assert 'recharged_reserved_amount{currency="USD"} 10.0' in metrics
+
+
+def test_the_dialers_balance_read_is_one_row_and_counts_what_calls_hold(api: Api):
+    ask(api, "c-1", requested_seconds=120)
+    statements: list[str] = []
+
+    def record(_conn, _cursor, statement, *_args) -> None:
+        statements.append(statement)
+
+    engine = api.db.engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        read = api.client.get("/v1/accounts/acme/balance", headers=auth())
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert read.status_code == 200
+    assert read.json() == {
+        "account_id": "acme",
+        "currency": "USD",
+        "balance": "10.00000",
+        "reserved": "0.04000",
+        "overdraft": "0.00000",
+        "available": "9.96000",
+        "kind": "dialer",
+        "longest_call_seconds": 498 * 60,
+        "status": "open",
+    }
+    ours = [s for s in statements if "accounts" in s]
+    assert len(ours) == 1, statements  # the account's row by its primary key, nothing else
+    assert (
+        api.client.get("/v1/accounts/acme/balance?kind=sms_out", headers=auth(READER)).json()["longest_call_seconds"]
+        is None
+    )
+    assert api.client.get("/v1/accounts/ghost/balance", headers=auth()).status_code == 404
+    assert api.client.get("/v1/accounts/acme/balance").status_code == 401

@@ -456,3 +456,19 @@ class RefusalBody(BaseModel):
 
 class Refusal(BaseModel):
     error: RefusalBody
+
+
+class BalanceView(BaseModel):
+    """The account's money as a dialer reads it before a call: one row, no usage window."""
+
+    account_id: str
+    currency: str
+    balance: str
+    reserved: str = Field(description="held for calls in progress")
+    overdraft: str
+    available: str = Field(description="balance - reserved + overdraft")
+    kind: str
+    longest_call_seconds: int | None = Field(
+        description="of this kind, at the account's rate (null: not billed by time)"
+    )
+    status: Literal["open", "closed"]

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from recharged import accounts as accounts_service
 from recharged import funding as sources_service
 from recharged import views
-from recharged.authorizations import Authorizer, NotAuthorized, available
+from recharged.authorizations import Authorizer, NotAuthorized, available, balance_of
 from recharged.daemon.api import models as m
 from recharged.daemon.api.common import ApiError, Backend, Caller, authorize, call, errors, model_body, request_body
 from recharged.errors import InputError, NotFoundError
@@ -111,6 +111,13 @@ def _summary(row: accounts_service.AccountSummary, below: bool | None = None) ->
 def add_routes(app: FastAPI, backend: Backend) -> None:
     db = backend.db
 
+    def _dialer_or_reader(request: Request) -> Caller:
+        """The dialer's reads: its own `usage:write` token, or one that reads accounts."""
+        caller = authorize(backend, request, None)
+        if not (caller.token.allows(USAGE_WRITE) or caller.token.allows(ACCOUNTS_READ)):
+            raise ApiError(403, f"token {caller.token.name!r} needs the scope 'usage:write' or 'accounts:read'")
+        return caller
+
     # --- accounts -------------------------------------------------------------------------------------------
 
     @app.post(
@@ -184,6 +191,21 @@ def add_routes(app: FastAPI, backend: Backend) -> None:
     def get_account(account_id: str, request: Request) -> m.AccountView:
         caller = authorize(backend, request, ACCOUNTS_READ)
         return account_detail(backend, caller, account_id)
+
+    @app.get(
+        "/v1/accounts/{account_id}/balance",
+        tags=["authorizations"],
+        summary="The balance, what calls hold and what is available: one row, for the dialer's hot path",
+        response_model=m.BalanceView,
+        responses=errors(403, 404),
+    )
+    def get_balance(
+        account_id: str,
+        request: Request,
+        kind: Annotated[str, Query(max_length=40, description="the kind of call for longest_call_seconds")] = "dialer",
+    ) -> Any:
+        caller = _dialer_or_reader(request)
+        return balance_of(db, caller.runtime.settings, account_id, kind.strip().lower())
 
     @app.patch(
         "/v1/accounts/{account_id}",
@@ -663,9 +685,7 @@ def add_routes(app: FastAPI, backend: Backend) -> None:
         responses=errors(403, 404),
     )
     def get_authorization(authorization_id: int, request: Request) -> Any:
-        caller = authorize(backend, request, None)
-        if not (caller.token.allows(USAGE_WRITE) or caller.token.allows(ACCOUNTS_READ)):
-            raise ApiError(403, f"token {caller.token.name!r} needs the scope 'usage:write' or 'accounts:read'")
+        caller = _dialer_or_reader(request)
         return Authorizer(db, caller.runtime.settings, backend.clock).get(authorization_id)
 
     @app.delete(
