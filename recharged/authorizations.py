@@ -181,28 +181,44 @@ class Authorizer:
             money = available(account)
             limit = requested_seconds or self._limits.max_seconds
             seconds = longest_call(money, rate, limit_seconds=limit)
-            if seconds == 0:
-                raise NotAuthorized(
+            if seconds == 0:  # refused after the commit, which keeps the expiries above
+                refusal = NotAuthorized(
                     "insufficient_balance",
                     f"account {account_id} has {format_ledger(money)} {account.currency} available "
                     f"(balance {format_ledger(account.balance)}, held for calls {format_ledger(account.reserved)}, "
                     f"overdraft {format_ledger(account.overdraft)}): not enough for the shortest {kind} call",
                 )
-            authorization = Authorization(
-                account_id=account_id,
-                call_id=call_id,
-                kind=kind,
-                requested_seconds=requested_seconds,
-                authorized_seconds=seconds,
-                reserved_amount=rate_time(seconds, rate).cost,
-                status=AuthorizationStatus.OPEN,
-                created_at=now,
-                expires_at=now + timedelta(seconds=seconds + self._limits.grace_seconds),
-            )
-            session.add(authorization)
-            account.reserved += authorization.reserved_amount
-            session.flush()
-            return Granted(view(authorization, account.currency), created=True)
+            else:
+                return Granted(self._hold(session, account, kind, call_id, requested_seconds, seconds, rate, now), True)
+        raise refusal
+
+    def _hold(
+        self,
+        session: Session,
+        account: Account,
+        kind: str,
+        call_id: str,
+        requested_seconds: int | None,
+        seconds: int,
+        rate: TimeRate,
+        now: datetime,
+    ) -> dict[str, Any]:
+        """Record the authorization of a call of `seconds` and hold its cost."""
+        authorization = Authorization(
+            account_id=account.id,
+            call_id=call_id,
+            kind=kind,
+            requested_seconds=requested_seconds,
+            authorized_seconds=seconds,
+            reserved_amount=rate_time(seconds, rate).cost,
+            status=AuthorizationStatus.OPEN,
+            created_at=now,
+            expires_at=now + timedelta(seconds=seconds + self._limits.grace_seconds),
+        )
+        session.add(authorization)
+        account.reserved += authorization.reserved_amount
+        session.flush()
+        return view(authorization, account.currency)
 
     def _open_one(self, session: Session, authorization_id: int) -> tuple[Authorization, Account]:
         """The authorization and its account, the account locked first (every writer's order)."""

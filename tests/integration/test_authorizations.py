@@ -198,6 +198,17 @@ def test_an_account_expires_its_stale_reservations_when_it_authorizes_its_next_c
     assert held(api)[1:] == (2_000, 2_000)
 
 
+def test_a_refusal_still_expires_the_stale_reservations_it_found(api: Api):
+    ask(api, "c-1", requested_seconds=60)
+    with api.db.transaction() as s:  # the balance spent meanwhile: nothing left once c-1 is gone either
+        s.execute(update(Account).where(Account.id == "acme").values(balance=0))
+        s.execute(update(Entry).where(Entry.account_id == "acme").values(amount=0))
+    api.clock.advance(timedelta(seconds=60 + 301))
+    assert ask(api, "c-2").status_code == 402
+    assert held(api)[1:] == (0, 0)  # c-1 expired, and that was kept although c-2 was refused
+    assert api.client.get("/v1/authorizations/1", headers=auth()).json()["status"] == "expired"
+
+
 def test_a_settled_authorization_cannot_be_released(api: Api):
     one = ask(api, "c-1", requested_seconds=60).json()
     api.post_usage([{**call("cdr-1", seconds=30), "authorization_id": one["id"]}], token=DIALER)
