@@ -2,10 +2,10 @@
 loop, beside /livez (the HTTP floor), while usage is posted at a fixed rate and a recharge cycle charges accounts
 through a processor answering in 300 ms.
 
-    .venv/bin/python bench/authorize.py [--db sqlite|postgres|both] [--rates 100 500] [--seconds 15]
+    .venv/bin/python bench/authorize.py [--db sqlite|postgres|both] [--rates 100 500] [--seconds 10] [--profile N]
 
-The defaults are a quick check (about 2 minutes a database). The issue's size (1,000 accounts, 500
-authorizations/s, 5,000 usage events/s, a cycle charging 2,000 accounts; about 6 minutes):
+The defaults are a quick check (about 70 s a database). The issue's size (1,000 accounts, 500
+authorizations/s, 5,000 usage events/s, a cycle charging 2,000 accounts; about 5 minutes):
 
     .venv/bin/python bench/authorize.py --db postgres --rates 100 500 --seconds 60 --usage-rate 5000 \\
         --charge-accounts 2000
@@ -18,38 +18,51 @@ end), set up as bench/api.py does it (`db upgrade`, `accounts.create_accounts`, 
 - for each rate, `--charge-accounts` accounts (default 200) with a card at the local Stripe-compatible server
   and 30 days of $6.00 a day, holding $100.00 (above their $42.00 threshold, so the start-up cycle leaves them).
 
-Then a real `recharged --config <dir>/config.toml run` (bench/api.py's DaemonProcess, with scoped tokens
-`dialer:usage:write+accounts:read` and `ops:admin`) behind the Stripe-compatible server in a process of its own,
-and, from this process over HTTP (stdlib http.client, one keep-alive connection per client thread):
+Then a real `recharged --config <dir>/config.toml run` (bench/api.py's DaemonProcess, with the scoped tokens
+`dialer:usage:write+accounts:read` and `ops:admin`) behind the Stripe-compatible server in a process of its own
+(bench/charging.py's), measured from this process over HTTP (stdlib http.client, one keep-alive connection per
+client thread: a fraction of the CPU `requests` takes per request):
 
-1. Alone, one kind at a time at `--calibrate-rate` for `--calibrate-seconds`: /livez, balance reads,
-   authorizations, then usage at `--usage-rate`; the daemon's CPU per request (/proc/PID/stat) and latencies.
+1. The daemon at rest (its own jobs), then alone, one kind at a time at `--calibrate-rate` for
+   `--calibrate-seconds`: /livez, account views, balance reads, authorizations, then usage at `--usage-rate`;
+   their latencies and the daemon's CPU per request (/proc/PID/stat, less the CPU at rest).
 2. For each rate R in `--rates`, for `--seconds`: first a $60.00 call for each of that rate's charge accounts
-   (posted as usage: they fall to $40.00, under the threshold, due but not urgent), then at once, each schedule
-   open loop (request i of a kind is due at start + i / its rate; its latency counts from then, so queueing
-   shows instead of slowing the schedule down; `--workers` client threads):
-   - POST /v1/authorizations at R/s: random account, `kind` dialer, a new `call_id`, `requested_seconds` 60;
-   - GET /v1/accounts/{id} at R x `--reads`/s, random account;
-   - GET /livez at R x `--livez`/s;
-   - 4 threads (`--usage-clients`) posting batches of `--usage-batch` new dialer calls at `--usage-rate`
-     events/s in all; each granted authorization's call is among them, carrying its `authorization_id` (the
-     dialer reporting the call it authorized: the reservation settles), unless `--no-settle`;
+   (posted as usage: they fall to $40.00, under the threshold, due but not urgent), then all at once, each
+   schedule open loop (request i of a kind is due at start + i / its rate, and its latency counts from then, so
+   queueing shows instead of slowing the schedule down; `--workers` client threads):
+   - POST /v1/authorizations at R/s: a random account, `kind` dialer, a new `call_id`, `requested_seconds` 60;
+   - GET /v1/accounts/{id} (the account view), or with `--reads-from balance` GET /v1/accounts/{id}/balance
+     (the dialer's balance read), at R x `--reads`/s (0.5), a random account;
+   - GET /livez at R x `--livez`/s (0.2);
+   - `--usage-clients` threads (4) posting batches of `--usage-batch` (1,000) dialer calls at `--usage-rate`
+     events/s in all; the calls of the authorizations granted so far come first in each batch, with their
+     `authorization_id` (the dialer reporting the call it was authorized: the reservation settles), unless
+     `--no-settle`, then new calls (built before the run);
    - `--cycle-after` seconds in, POST /v1/cycles (the ops token): one cycle, which charges the due accounts
      through the server at `--latency` (0.3 s a request) and `--rate-limit` (100 requests/s).
-   After the schedule, the cycle is waited for: its time and how much of the run it overlapped are printed.
+   What was not sent `--grace` seconds after the schedule's end is dropped and counted ("unsent": a percentile
+   that falls on one prints so). The cycle is then waited for: its time and how much of the run it overlapped.
 3. SIGTERM (the daemon must exit 0), then `recharged.verify.verify` on the database (reservations included).
 
 Printed, per database: p50 / p99 / p99.9 ms from the due time of authorizations, balance reads and /livez (a
-`*` marks a p99.9 over fewer than 1,000 requests), the service time alone (from the send), how late the
-generator sent them (its own lag), the rate reached, the answers (201/200/402/other), the usage rate reached
-and its requests' p50/p99, what the cycle charged and in how long; the CPU of the daemon, of the PostgreSQL
-backends serving the bench database, of this generator and of the Stripe server, beside the whole machine's
-(/proc/stat: what is left is other work on the machine), in cores; the load average.
+`*` marks a p99.9 over fewer than 1,000 requests), the service time alone (from the send), how late the send
+was (no free client thread, or the generator slow), the rate answered, the answers (201/200/402/other/unsent),
+the usage rate reached and its requests' p50/p99, what the cycle charged and in how long; the CPU of the
+daemon, of the PostgreSQL backends serving the bench database (sampled every 0.1 s from pg_stat_activity and
+/proc), of this generator and of the Stripe server, beside the whole machine's (/proc/stat, sampled at clock
+ticks: what is left is other work on the machine), in cores; on PostgreSQL, the sessions the daemon opened and
+how many backends were active and waiting for a lock on average; the load average.
 
-What limits the figures: the daemon is one process, so its Python (HTTP, the API, usage ingestion, the cycle's
-charge threads) shares one GIL, at most one core. The generator and the Stripe server are Python processes on the
-same 2 CPUs: the /livez row is the floor they and uvicorn leave, and the "sent late" row shows when the generator
-itself fell behind.
+Experiments (they change the daemon's process, not recharged, through a sitecustomize.py on its PYTHONPATH):
+
+- `--profile N`: every 10 ms (when the sampler thread gets the GIL: fewer samples than that mean a starved
+  GIL) where each of the daemon's threads is, and every 100 ms the CPU of each thread (/proc/self/task), by
+  thread name, per measured phase; prints the CPU seconds by thread and the N busiest places.
+- `--switch-interval S`: the daemon's `sys.setswitchinterval` (Python's default is 5 ms).
+
+What limits the figures: the daemon is one process, so its Python (the HTTP server's event loop, the API's
+worker threads, usage ingestion, the cycle's charge threads) shares one GIL, at most one core. The generator and
+the Stripe server are Python processes on the same 2 CPUs: the /livez row is the floor they and uvicorn leave.
 """
 
 from __future__ import annotations
@@ -96,9 +109,88 @@ DAYS = 30
 DAY_SECONDS = 300 * 60  # one 300-minute dialer call a day: $6.00 a day on the standard plan (threshold $42.00)
 CHARGE_OPENING = "280.00"  # less 30 days of $6.00: $100.00, above the threshold
 DROP_SECONDS = 3_000 * 60  # one $60.00 call: $40.00 left, under the threshold, 6.7 days of runway (not urgent)
-KINDS = ("auth", "read", "livez")
-LABELS = {"auth": "authorizations", "read": "balance reads", "livez": "/livez"}
+LABELS = {
+    "auth": "authorizations",
+    "read": "account reads (GET /v1/accounts/{id})",
+    "balance": "balance reads (GET /v1/accounts/{id}/balance)",
+    "livez": "/livez",
+}
 USAGE_COUNTS = re.compile(rb'"accepted":(\d+),"duplicate":(\d+),"rejected":(\d+)')
+
+
+# Loaded into the daemon through a sitecustomize.py on its PYTHONPATH (recharged itself is not changed), for
+# --switch-interval and --profile: sets the GIL switch interval; while the file PHASE holds a phase name, samples
+# where every thread of the daemon is (every 10 ms, when the sampler gets the GIL) and the CPU time of each thread
+# (/proc/self/task, every tenth sample), by thread name; writes both at exit.
+PROBE = """
+import atexit, collections, json, os, re, sys, threading, time
+
+_interval = os.environ.get("RECHARGED_BENCH_SWITCH_INTERVAL")
+if _interval:
+    sys.setswitchinterval(float(_interval))
+_phase_file = os.environ.get("RECHARGED_BENCH_PROFILE_PHASE")
+if _phase_file:
+    _counts = collections.defaultdict(collections.Counter)
+    _cpu = collections.defaultdict(collections.Counter)
+    _last = {}
+    _span = {}
+    _ticks = os.sysconf("SC_CLK_TCK")
+
+    def _thread_cpu(phase, roles):
+        for tid, role in roles.items():
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            now = (int(fields[11]) + int(fields[12])) / _ticks
+            if phase:
+                _cpu[phase][role] += now - _last.get(tid, now)
+            _last[tid] = now
+
+    def _where(frame):
+        code = frame.f_code
+        path = re.sub(r".*/(site-packages|lib/python3[.][0-9]+|recharged)/", "", code.co_filename)
+        return f"{code.co_name} ({path}:{frame.f_lineno})"
+
+    def _sample():
+        me = threading.get_ident()
+        for turn in range(2**62):
+            time.sleep(0.01)
+            try:
+                with open(_phase_file) as handle:
+                    phase = handle.read().strip()
+            except OSError:
+                continue
+            threads = threading.enumerate()
+            names = {t.ident: re.sub(r"[-_ ]?[0-9]+(_[0-9]+)?$", "", t.name) for t in threads}
+            if turn % 10 == 0:
+                _thread_cpu(phase, {t.native_id: names[t.ident] for t in threads})
+            if not phase:
+                continue
+            _span.setdefault(phase, [time.monotonic(), 0.0])[1] = time.monotonic()
+            counts = _counts[phase]
+            counts["samples"] += 1
+            for ident, frame in sys._current_frames().items():
+                if ident == me:
+                    continue
+                role = names.get(ident, "?")
+                inner = frame
+                while inner is not None and "/recharged/" not in inner.f_code.co_filename:
+                    inner = inner.f_back
+                ours = _where(inner) if inner is not None else "-"
+                counts[f"{role}\t{_where(frame)}\t{ours}"] += 1
+
+    def _dump():
+        with open(_phase_file + ".json", "w") as handle:
+            places = {phase: dict(counts) for phase, counts in _counts.items()}
+            cpu = {phase: dict(seconds) for phase, seconds in _cpu.items()}
+            spans = {phase: last - first for phase, (first, last) in _span.items()}
+            json.dump({"places": places, "cpu": cpu, "spans": spans}, handle)
+
+    threading.Thread(target=_sample, name="bench-sampler", daemon=True).start()
+    atexit.register(_dump)
+"""
 
 
 def charge_id(n: int) -> str:
@@ -152,7 +244,7 @@ def load(url: str, args: argparse.Namespace, cards: list[dict[str, str]]) -> Non
 class Daemon(DaemonProcess):
     """bench/api.py's daemon, with scoped tokens instead of one full-access secret."""
 
-    def __init__(self, url: str, directory: Path, stripe_url: str) -> None:
+    def __init__(self, url: str, directory: Path, stripe_url: str, args: argparse.Namespace) -> None:
         self.port = api.free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         config = directory / "config.toml"
@@ -170,6 +262,18 @@ class Daemon(DaemonProcess):
             "RECHARGED_PAYMENTS__STRIPE_API_BASE": stripe_url,
         }
         env.pop("NOTIFY_SOCKET", None)
+        self.phase_file: Path | None = None
+        if args.switch_interval or args.profile:
+            probe = directory / "probe"
+            probe.mkdir()
+            (probe / "sitecustomize.py").write_text(PROBE)
+            env["PYTHONPATH"] = str(probe)
+            if args.switch_interval:
+                env["RECHARGED_BENCH_SWITCH_INTERVAL"] = str(args.switch_interval)
+            if args.profile:
+                self.phase_file = directory / "phase"
+                self.phase_file.write_text("")
+                env["RECHARGED_BENCH_PROFILE_PHASE"] = str(self.phase_file)
         self.log_path = directory / "daemon.log"
         self._log = self.log_path.open("w")
         self.process = subprocess.Popen(
@@ -210,6 +314,7 @@ class Backends:
     def __init__(self, url: str | None) -> None:
         self._conn: Any = None
         self._seen: dict[int, float] = {}
+        self.tally: Counter[str] = Counter()  # samples; backends active, and waiting for a lock, summed over them
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -224,8 +329,13 @@ class Backends:
 
     def _sample(self) -> None:
         with self._lock:
-            rows = self._conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (self._name,)).fetchall()
-            for (pid,) in rows:
+            rows = self._conn.execute(
+                "SELECT pid, state, wait_event_type FROM pg_stat_activity WHERE datname = %s", (self._name,)
+            ).fetchall()
+            self.tally["samples"] += 1
+            for pid, state, wait in rows:
+                self.tally["active"] += state == "active"
+                self.tally["lock"] += wait == "Lock"
                 cpu = proc_cpu(pid)
                 if cpu:
                     self._seen[pid] = cpu
@@ -240,6 +350,10 @@ class Backends:
         self._sample()
         with self._lock:
             return dict(self._seen)
+
+    def counts(self) -> Counter[str]:
+        with self._lock:
+            return self.tally.copy()
 
     def sessions(self) -> int:
         if self._conn is None:
@@ -270,6 +384,7 @@ class Meter:
             "daemon": self.daemon.cpu_seconds(),
             "pg": self.backends.cpu(),
             "sessions": self.backends.sessions(),
+            "tally": self.backends.counts(),
             "generator": time.process_time(),
             "machine": machine_jiffies(),
         }
@@ -277,12 +392,15 @@ class Meter:
     @staticmethod
     def between(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
         pg = sum(cpu - before["pg"].get(pid, 0.0) for pid, cpu in after["pg"].items())
+        samples = max(1, after["tally"]["samples"] - before["tally"]["samples"])
         busy = (after["machine"][0] - before["machine"][0]) / TICKS
         return {
             "wall_s": after["wall"] - before["wall"],
             "daemon_s": after["daemon"] - before["daemon"],
             "pg_s": pg,
             "sessions": after["sessions"] - before["sessions"],
+            "pg_active": (after["tally"]["active"] - before["tally"]["active"]) / samples,
+            "pg_lock_waits": (after["tally"]["lock"] - before["tally"]["lock"]) / samples,
             "generator_s": after["generator"] - before["generator"],
             "machine_s": busy,
         }
@@ -345,11 +463,18 @@ def schedule(rates: dict[str, float], seconds: float, accounts: int, run: str) -
             account = account_id(rng.randrange(accounts))
             if kind == "auth":
                 body = json.dumps(
-                    {"account_id": account, "kind": "dialer", "call_id": f"call-{run}-{i}", "requested_seconds": 60}
+                    {
+                        "account_id": account,
+                        "kind": "dialer",
+                        "call_id": f"call-{re.sub(r'[^A-Za-z0-9]+', '-', run)}-{i}",
+                        "requested_seconds": 60,
+                    }
                 ).encode()
                 requests.append((due, kind, "POST", "/v1/authorizations", body, account))
             elif kind == "read":
                 requests.append((due, kind, "GET", f"/v1/accounts/{account}", None, account))
+            elif kind == "balance":
+                requests.append((due, kind, "GET", f"/v1/accounts/{account}/balance", None, account))
             else:
                 requests.append((due, kind, "GET", "/livez", None, None))
     requests.sort(key=lambda r: r[0])
@@ -602,11 +727,15 @@ def measure(
         )
         charging = background.submit(run_cycle, daemon.port, start + args.cycle_after) if cycle else None
         time.sleep(max(0.0, start - perf_counter() - 0.05))
+        if daemon.phase_file is not None:
+            daemon.phase_file.write_text(label)
         before = meter.read()
         loop = open_loop(daemon.port, requests, start, deadline, args.workers, granted)
         usage_result = usage.result() if usage else None
         time.sleep(0.3)  # the daemon's work after the last answers (marking due accounts)
         after = meter.read()
+        if daemon.phase_file is not None:
+            daemon.phase_file.write_text("")
         cycle_result = charging.result() if charging else None
     result: dict[str, Any] = {
         "rates": rates,
@@ -630,6 +759,9 @@ def warm_up(port: int) -> None:
         for n in range(50):
             client.send("GET", "/livez", None, NONE)
             client.send("GET", f"/v1/accounts/{account_id(n)}", None, DIALER)
+            status, data = client.send("GET", f"/v1/accounts/{account_id(n)}/balance", None, DIALER)
+            if status != 200:
+                raise RuntimeError(f"GET /v1/accounts/{{id}}/balance answered {status}: {data[:300]!r}")
             body = json.dumps({"account_id": account_id(n), "kind": "dialer", "call_id": f"warm-{n}"}).encode()
             status, data = client.send("POST", "/v1/authorizations", body, DIALER)
             if status not in (200, 201):
@@ -649,16 +781,19 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             cards = seed_cards(stripe.url, group * len(args.rates)) if group else []
             load(url, args, cards)
             result["setup_s"] = perf_counter() - started
-            daemon = Daemon(url, directory, stripe.url)
+            daemon = Daemon(url, directory, stripe.url, args)
             backends = Backends(url if kind == "postgres" else None)
             try:
                 daemon.wait_ready()
                 stripe.ask("limit", args.latency, args.rate_limit)
                 warm_up(daemon.port)
                 meter = Meter(daemon, backends)
+                print(f"[{kind}] the daemon at rest...", flush=True)
+                result["rest"] = measure(daemon, meter, args, {}, args.calibrate_seconds, label="at rest")
                 calibration = {
                     "livez": {"livez": args.calibrate_rate},
                     "read": {"read": args.calibrate_rate},
+                    "balance": {"balance": args.calibrate_rate},
                     "auth": {"auth": args.calibrate_rate},
                 }
                 for what, rates in calibration.items():
@@ -666,10 +801,11 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                     result[f"alone_{what}"] = measure(
                         daemon, meter, args, rates, args.calibrate_seconds, label=f"alone-{what}"
                     )
-                print(f"[{kind}] usage alone at {args.usage_rate:g} events/s...", flush=True)
-                result["alone_usage"] = measure(
-                    daemon, meter, args, {}, args.calibrate_seconds, label="alone-usage", usage_rate=args.usage_rate
-                )
+                if args.usage_rate:
+                    print(f"[{kind}] usage alone at {args.usage_rate:g} events/s...", flush=True)
+                    result["alone_usage"] = measure(
+                        daemon, meter, args, {}, args.calibrate_seconds, label="alone-usage", usage_rate=args.usage_rate
+                    )
                 for n, rate in enumerate(args.rates):
                     if group:
                         post_drop(daemon.port, n * group, group)
@@ -679,14 +815,14 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                         f"{f' and a cycle charging {group:,}' if group else ''} for {args.seconds:g} s...",
                         flush=True,
                     )
-                    rates = {"auth": rate, "read": rate * args.reads, "livez": rate * args.livez}
+                    rates = {"auth": rate, args.reads_from: rate * args.reads, "livez": rate * args.livez}
                     loaded = measure(
                         daemon,
                         meter,
                         args,
                         rates,
                         args.seconds,
-                        label=f"r{n}",
+                        label=f"{rate:g}/s, all at once",
                         usage_rate=args.usage_rate,
                         cycle=bool(group),
                     )
@@ -701,6 +837,9 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                 log_copy = OUT / f"authorize-{kind}-daemon.log"
                 shutil.copy(daemon.log_path, log_copy)
                 result["log"] = str(log_copy)
+                if daemon.phase_file is not None:
+                    samples = Path(f"{daemon.phase_file}.json")
+                    result["profile"] = json.loads(samples.read_text()) if samples.exists() else {}
             result["log_errors"] = sum(
                 1 for line in daemon.log_path.read_text().splitlines() if '"level": "error"' in line
             )
@@ -745,22 +884,24 @@ def answers(k: dict[str, Any]) -> str:
 
 def cores(cpu: dict[str, float], postgres: bool, stripe_s: float | None = None) -> list[tuple[str, str]]:
     """Where the CPU went during a run, in cores: ours, and the rest of the machine (other work, PostgreSQL's
-    background processes)."""
+    background processes); the same rows for every database ("-" where there is nothing to show)."""
     wall = cpu["wall_s"]
     ours = cpu["daemon_s"] + cpu["pg_s"] + cpu["generator_s"] + (stripe_s or 0.0)
-    parts = [("daemon", cpu["daemon_s"]), ("PG backends", cpu["pg_s"] if postgres else None)]
-    parts += [("generator", cpu["generator_s"]), ("Stripe server", stripe_s)]
-    shown = [(name, value) for name, value in parts if value is not None]
+    parts = [cpu["daemon_s"], cpu["pg_s"] if postgres else None, cpu["generator_s"], stripe_s]
     return [
         (
-            f"  CPU, cores: {' / '.join(name for name, _ in shown)}",
-            " / ".join(f"{value / wall:.2f}" for _, value in shown),
+            "  CPU, cores: daemon / PG backends / generator / Stripe server",
+            " / ".join("-" if value is None else f"{value / wall:.2f}" for value in parts),
         ),
         (
             "  CPU, cores: whole machine / the rest of it",
             f"{cpu['machine_s'] / wall:.2f} of {os.cpu_count()} / {max(0.0, cpu['machine_s'] - ours) / wall:.2f}",
         ),
-        *([("  PG sessions opened (new connections of the daemon)", f"{cpu['sessions']:,}")] if postgres else []),
+        ("  PG sessions opened (new connections of the daemon)", f"{cpu['sessions']:,}" if postgres else "-"),
+        (
+            "  PG backends active / waiting for a lock, on average",
+            f"{cpu['pg_active']:.1f} / {cpu['pg_lock_waits']:.1f}" if postgres else "-",
+        ),
     ]
 
 
@@ -793,53 +934,39 @@ def usage_rows(usage: dict[str, Any], head: str) -> list[tuple[str, str]]:
 def figures(r: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, str]]:
     """One database's column of the table, as (label, value) rows."""
     postgres = r["db"] == "postgres"
-    rows: list[tuple[str, str]] = []
-    for what in ("livez", "read", "auth"):
-        run = r[f"alone_{what}"]
-        n = max(run[what]["n"], 1)
+    both = " / PG backends"
+    rest = r["rest"]["cpu"]["daemon_s"] / r["rest"]["cpu"]["wall_s"]  # the daemon's own jobs, in cores
+
+    def per(run: dict[str, Any], n: int, unit: float, digits: int = 2) -> str:
         cpu = run["cpu"]
-        per = f"{cpu['daemon_s'] / n * 1000:.2f}"
-        per += f" / {cpu['pg_s'] / n * 1000:.2f}" if postgres else ""
+        shown = f"{(cpu['daemon_s'] - rest * cpu['wall_s']) / max(n, 1) * unit:.{digits}f}"
+        return shown + (f" / {cpu['pg_s'] / max(n, 1) * unit:.{digits}f}" if postgres else " / -")
+
+    rows: list[tuple[str, str]] = [("daemon CPU at rest (its own jobs), cores", f"{rest:.3f}")]
+    for what in ("livez", "read", "balance", "auth"):
+        run = r[f"alone_{what}"]
         rows += [
             (f"{LABELS[what]} alone at {args.calibrate_rate:g}/s: p50 / p99 / p99.9 ms", ms(run[what]["latency"])),
-            (f"  daemon{' / PG backends' if postgres else ''} CPU ms per request", per),
+            (f"  daemon{both} CPU ms per request (less the rest)", per(run, run[what]["n"], 1000)),
         ]
-    usage = r["alone_usage"]
-    accepted = max(usage["usage"]["counts"].get("accepted", 0), 1)
-    per = f"{usage['cpu']['daemon_s'] / accepted * 1e6:.0f}"
-    per += f" / {usage['cpu']['pg_s'] / accepted * 1e6:.0f}" if postgres else ""
-    rows += [
-        *usage_rows(usage["usage"], f"usage alone, batches of {args.usage_batch}: events/s reached / asked"),
-        (f"  daemon{' / PG backends' if postgres else ''} CPU ms per 1,000 events", per),
-        ("generator CPU ms per request (/livez alone)", _per_request(r["alone_livez"])),
-    ]
+    rows.append(("  generator CPU ms per request (/livez alone)", _per_request(r["alone_livez"])))
+    if "alone_usage" in r:
+        usage = r["alone_usage"]
+        rows += [
+            *usage_rows(usage["usage"], f"usage alone, batches of {args.usage_batch}: events/s reached / asked"),
+            (
+                f"  daemon{both} CPU ms per 1,000 events (less the rest)",
+                per(usage, usage["usage"]["counts"].get("accepted", 0), 1e6, 0),
+            ),
+        ]
     for rate, run in r["runs"].items():
         rows += [
             (f"AT {rate:g} AUTHORIZATIONS/S, all at once: p50 / p99 / p99.9 ms", ""),
             *kind_rows(run, "auth", "  authorizations"),
-            *kind_rows(run, "read", "  balance reads"),
+            *kind_rows(run, args.reads_from, f"  {LABELS[args.reads_from]}"),
             *kind_rows(run, "livez", "  /livez (the HTTP floor)"),
-            *usage_rows(run["usage"], "  usage: events/s reached / asked"),
-        ]
-        cycle = run["cycle"]
-        if cycle is not None:
-            s = cycle["summary"]
-            took = cycle["ended"] - cycle["started"]
-            overlap = max(0.0, min(cycle["ended"], run["end"]) - max(cycle["started"], run["start"]))
-            rows += [
-                (
-                    "  cycle: charged / due / failed+errors",
-                    f"{s.get('charged', '?')} / {s.get('due', '?')} / {s.get('failed', 0) + s.get('errors', 0)}"
-                    if "error" not in s
-                    else f"HTTP {cycle['status']}: {s['error'][:60]}",
-                ),
-                ("    seconds; share of the run it overlapped", f"{took:.1f}; {overlap / run['cpu']['wall_s']:.0%}"),
-                (
-                    "    processor: PaymentIntents / 429s",
-                    f"{run['stripe']['creates']:,} / {run['stripe']['status_429']:,}",
-                ),
-            ]
-        rows += [
+            *(usage_rows(run["usage"], "  usage: events/s reached / asked") if run["usage"] else []),
+            *cycle_rows(run),
             *cores(run["cpu"], postgres, run["stripe"]["cpu_s"] if "stripe" in run else None),
             ("  generator CPU ms per request", _per_request(run)),
         ]
@@ -855,9 +982,62 @@ def figures(r: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, str]
     ]
 
 
+def cycle_rows(run: dict[str, Any]) -> list[tuple[str, str]]:
+    cycle = run["cycle"]
+    if cycle is None:
+        return []
+    s = cycle["summary"]
+    took = cycle["ended"] - cycle["started"]
+    overlap = max(0.0, min(cycle["ended"], run["end"]) - max(cycle["started"], run["start"]))
+    return [
+        (
+            "  cycle: charged / due / failed+errors",
+            f"{s.get('charged', '?')} / {s.get('due', '?')} / {s.get('failed', 0) + s.get('errors', 0)}"
+            if "error" not in s
+            else f"HTTP {cycle['status']}: {s['error'][:60]}",
+        ),
+        ("    seconds; share of the run it overlapped", f"{took:.1f}; {overlap / run['cpu']['wall_s']:.0%}"),
+        ("    processor: PaymentIntents / 429s", f"{run['stripe']['creates']:,} / {run['stripe']['status_429']:,}"),
+    ]
+
+
 def _per_request(run: dict[str, Any]) -> str:
-    n = sum(run[kind]["n"] for kind in run["rates"]) + (run["usage"]["requests"] if run["usage"] else 0)
+    """The generator's CPU per request it sent (usage posts included)."""
+    n = sum(run[kind]["n"] - run[kind]["unsent"] for kind in run["rates"])
+    n += len(run["usage"]["latencies"]) if run["usage"] else 0
     return f"{run['cpu']['generator_s'] / max(n, 1) * 1000:.2f}"
+
+
+IDLE = ("wait", "select", "get", "sleep", "_worker", "run_forever")
+
+
+def print_profile(r: dict[str, Any], top: int) -> None:
+    """Where the daemon's threads were during each measured phase, busiest places first (idle pool threads left
+    out: a thread waiting with no recharged frame on its stack)."""
+    profile = r.get("profile") or {"places": {}, "cpu": {}, "spans": {}}
+    for phase, counts in profile["places"].items():
+        samples = counts.pop("samples", 0)
+        if not samples:
+            continue
+        cpu = sorted(profile["cpu"].get(phase, {}).items(), key=lambda item: -item[1])
+        print(
+            f"\n[{r['db']}] daemon, {phase}: CPU seconds by thread: "
+            + ", ".join(f"{role} {seconds:.2f}" for role, seconds in cpu if seconds >= 0.01)
+        )
+        places = []
+        for key, n in counts.items():
+            role, leaf, ours = key.split("\t")
+            if (ours == "-" and leaf.split(" ")[0] in IDLE) or leaf.startswith("sigwait "):
+                continue
+            places.append((n / samples, role, ours, leaf))
+        places.sort(reverse=True)
+        print(
+            f"[{r['db']}] daemon, {phase}: {samples:,} samples of every thread in {profile['spans'][phase]:.1f} s "
+            f"(one every 10 ms when the sampler gets the GIL at once); the average number of threads at each place, "
+            f"top {top}: thread / innermost recharged frame / innermost frame"
+        )
+        for share, role, ours, leaf in places[:top]:
+            print(f"  {share:6.2f}  {role[:24]:24}  {ours}  <-  {leaf}")
 
 
 def goal(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -866,15 +1046,17 @@ def goal(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         if r["db"] != "postgres":
             continue
         for rate, run in r["runs"].items():
-            if rate < 500 or run["cycle"] is None or run["usage"]["asked"] < 5000:
+            if rate < 500 or run["cycle"] is None or not run["usage"] or run["usage"]["asked"] < 5000:
                 continue
-            p99 = pct(run["auth"]["latency"], 0.99) * 1000
+            p99 = pct(run["auth"]["latency"], 0.99)
             usage = run["usage"]["counts"].get("accepted", 0) / max(run["usage"]["wall_s"], 1e-9)
             reached = run["auth"]["reached"]
-            met = p99 < 5 and reached >= 0.98 * rate and usage >= 0.98 * 5000
+            met = p99 < 0.005 and reached >= 0.98 * rate and usage >= 0.98 * 5000
             return (
                 f"goal (issue 16): authorization p99 < 5 ms at 500/s on PostgreSQL while ingesting 5,000 events/s and "
-                f"charging: {'MET' if met else 'MISSED'} (p99 {p99:.1f} ms at {reached:.0f}/s, {usage:,.0f} events/s)"
+                f"charging: {'MET' if met else 'MISSED'} (p99 "
+                f"{'beyond the run (unsent)' if math.isinf(p99) else f'{p99 * 1000:,.1f} ms'}, {reached:.0f} "
+                f"authorizations/s and {usage:,.0f} events/s answered)"
             )
     return "goal (issue 16): not measured at its size (--db postgres, a rate of 500, --usage-rate 5000, charging)"
 
@@ -883,10 +1065,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_db_argument(parser)
     parser.add_argument("--rates", type=float, nargs="+", default=[100.0, 500.0], help="authorizations/s")
-    parser.add_argument("--seconds", type=float, default=15.0, help="seconds of each loaded run (default 15)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="seconds of each loaded run (default 10)")
     parser.add_argument("--accounts", type=int, default=1_000, help="the dialer's accounts (default 1,000)")
     parser.add_argument("--history-per-day", type=int, default=3, help="their calls a day before today")
-    parser.add_argument("--reads", type=float, default=0.5, help="balance reads per authorization (default 0.5)")
+    parser.add_argument("--reads", type=float, default=0.5, help="reads per authorization (default 0.5)")
+    parser.add_argument(
+        "--reads-from",
+        choices=("read", "balance"),
+        default="read",
+        help="read: GET /v1/accounts/{id} (the default), balance: GET /v1/accounts/{id}/balance",
+    )
     parser.add_argument("--livez", type=float, default=0.2, help="/livez requests per authorization (default 0.2)")
     parser.add_argument("--usage-rate", type=float, default=1_000.0, help="usage events/s in all (default 1,000)")
     parser.add_argument("--usage-batch", type=int, default=1_000, help="events per POST /v1/usage (default 1,000)")
@@ -901,7 +1089,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--workers", type=int, default=64, help="client threads of the open-loop schedule")
     parser.add_argument("--calibrate-rate", type=float, default=100.0, help="rate of the one-kind runs")
-    parser.add_argument("--calibrate-seconds", type=float, default=5.0, help="seconds of each one-kind run")
+    parser.add_argument("--calibrate-seconds", type=float, default=4.0, help="seconds of each one-kind run")
+    parser.add_argument(
+        "--switch-interval", type=float, default=0.0, help="the daemon's sys.setswitchinterval (default: Python's 5 ms)"
+    )
+    parser.add_argument("--profile", type=int, default=0, help="sample the daemon's threads; print the top N places")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip verify at the end")
     args = parser.parse_args(argv)
     print(
@@ -926,6 +1118,8 @@ def main(argv: list[str] | None = None) -> None:
         rows,
     )
     print(goal(results, args))
+    for r in results:
+        print_profile(r, args.profile)
     for r in results:
         print(f"[{r['db']}] daemon log: {r['log']}")
         for line in r.get("violations") or []:

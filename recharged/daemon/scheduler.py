@@ -102,8 +102,14 @@ class Scheduler:
         self._scheduler.add_listener(self._missed, EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
 
     def _missed(self, event: JobEvent) -> None:
-        why = "still running from the last time" if event.code == EVENT_JOB_MAX_INSTANCES else "missed its start"
-        log.warning("job.missed", job=event.job_id, why=why, scheduled=str(event.scheduled_run_time))
+        # A missed start is a JobExecutionEvent (`scheduled_run_time`); a run refused because the last one is still
+        # going is a JobSubmissionEvent (`scheduled_run_times`, a list).
+        if event.code == EVENT_JOB_MAX_INSTANCES:
+            why, times = "still running from the last time", getattr(event, "scheduled_run_times", None) or []
+        else:
+            why, times = "missed its start", [getattr(event, "scheduled_run_time", None)]
+        scheduled = ", ".join(str(t) for t in times if t is not None) or "unknown"
+        log.warning("job.missed", job=event.job_id, why=why, scheduled=scheduled)
         self._on_missed(event.job_id)
 
     def start(self, jobs: Mapping[str, Callable[[], object]], specs: Mapping[str, JobSpec]) -> None:

@@ -8,6 +8,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from apscheduler.triggers.interval import IntervalTrigger
 
 from recharged.config import DaemonSettings, load_settings
 from recharged.daemon.jobs import JobRecorder, close_interrupted_runs
@@ -72,6 +73,23 @@ def test_a_run_missed_beyond_its_grace_time_is_counted_not_run():
         assert missed.wait(10), "the missed run was not reported"
         assert not ran.is_set()
     finally:
+        scheduler.shutdown()
+
+
+def test_a_run_refused_because_the_last_is_still_going_is_counted(caplog):
+    """APScheduler tells this with a JobSubmissionEvent, which has no `scheduled_run_time`: the listener raised,
+    so the warning and recharged_jobs_missed were lost (found by bench/authorize.py on a saturated daemon)."""
+    missed = threading.Event()
+    release = threading.Event()
+    now = datetime.now(UTC)
+    specs = {"cycle": JobSpec(IntervalTrigger(seconds=1, timezone=UTC), 60, now)}
+    scheduler = Scheduler(on_missed=lambda job: missed.set())
+    scheduler.start({"cycle": lambda: release.wait(10)}, specs)  # still running when the next run comes
+    try:
+        assert missed.wait(10), "the refused run was not reported"
+        assert "Error notifying listener" not in caplog.text
+    finally:
+        release.set()
         scheduler.shutdown()
 
 

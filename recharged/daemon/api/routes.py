@@ -158,7 +158,11 @@ def add_routes(app: FastAPI, backend: Backend) -> None:
         request: Request,
         state: Literal["open", "closed", "all"] = "all",
         auto_recharge: bool | None = None,
-        below_threshold: bool | None = Query(None, description="only accounts whose balance is below (or not) "),
+        below_threshold: bool | None = Query(
+            None,
+            description="true: only accounts below their threshold (money held for calls counts as spent); "
+            "false: only those at or above it",
+        ),
         limit: int = PAGE_LIMIT,
         starting_after: str | None = Query(None, max_length=64, description="the last id of the page before"),
     ) -> m.AccountList:
