@@ -243,7 +243,9 @@ def test_verify_finds_reserved_money_its_authorizations_do_not_hold(api: Api):
 def live(api: Api) -> Iterator[str]:
     """The daemon's app on a real uvicorn server on a free port, as `recharged run` serves it."""
     sock = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(api.daemon), log_level="warning", access_log=False))
+    # as process.py configures it: uvicorn's own logging config would change the process's loggers for good
+    config = uvicorn.Config(create_app(api.daemon), log_config=None, access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
