@@ -382,13 +382,24 @@ def test_several_daemons_on_postgresql_charge_each_account_once(daemons, db_url,
     for daemon in group:
         wait_for("each instance's cycle", lambda d=daemon: d.event("cycle.finished"))
     wait_for("every account charged", lambda: len(succeeded_by_account(stripe)) == len(accounts))
+
+    def reported(*keys: str) -> int:
+        return sum(e[key] for d in group for e in d.events("cycle.finished") for key in keys)
+
+    # Stripe may have the last payment a moment before its cycle has logged what it did; and a charge the cycle
+    # left waiting on the processor is finished by the next cycle's recovery: wait until they are all told.
+    try:
+        wait_for("every charge reported by a cycle", lambda: reported("charged", "recovered") >= len(accounts))
+    except AssertionError:
+        keys = ("charged", "waiting", "recovered", "not_claimed", "due", "left_for_next", "errors")
+        summaries = [[{k: e.get(k) for k in keys} for e in d.events("cycle.finished")] for d in group]
+        raise AssertionError(f"cycles reported: {summaries}") from None
     for daemon in group:
         assert daemon.stop() == 0
     assert succeeded_by_account(stripe) == dict.fromkeys(accounts, 1)
     credits, finished = ledger(db_url)
     assert credits == finished == dict.fromkeys(accounts, 1)
-    charged = [sum(e["charged"] for e in d.events("cycle.finished")) for d in group]
-    assert sum(charged) == len(accounts)
+    assert reported("charged") <= len(accounts)  # no charge reported by two cycles
 
 
 def test_the_daemon_refuses_to_start_without_its_secrets_or_with_bad_config(tmp_path, db_url):
