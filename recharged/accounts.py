@@ -61,7 +61,8 @@ def parse_actor(text: str | None) -> str:
     parts = (text or "").split()
     if len(parts) < 2 or not all(_NAME_PART.match(part) for part in parts):
         raise ActorError(
-            f"billing changes must be signed with the admin's first and last name (--actor 'Jane Doe'), got {text!r}"
+            f"billing changes must be signed with the admin's first and last name (the actor, e.g. 'Jane Doe'), "
+            f"got {text!r}"
         )
     if len(" ".join(parts)) > 120:
         raise ActorError("the actor's name is longer than 120 characters")

@@ -401,11 +401,11 @@ class RechargeService:
 
     def authenticated(self, recharge_id: int, payment_intent: str) -> RechargeReport | None:
         """A payment the customer authenticated after its recharge failed waiting for them (its attempt ended
-        action_required, and the CRM let the customer confirm it with Stripe.js): when the processor says it
-        succeeded, the same recharge is marked paid by it and credited, once (the credit is unique per
-        PaymentIntent), and an automatic recharge paused for the customer resumes. None when the recharge did
-        not fail that way or the payment has not succeeded; ConflictError while another recharge of the account
-        is open (the event is handled again later)."""
+        action_required, and the CRM let the customer confirm it with Stripe.js), which the caller has just read
+        from the processor as succeeded: the same recharge is marked paid by it and credited, once (the credit is
+        unique per PaymentIntent), and an automatic recharge paused for the customer resumes. None when the
+        recharge did not fail that way; ConflictError while another recharge of the account is open (the event is
+        handled again later)."""
         with self._db.reading() as session:
             recharge = session.get(Recharge, recharge_id)
             if recharge is None or recharge.phase != Phase.FAILED:
@@ -417,7 +417,7 @@ class RechargeService:
                     ChargeAttempt.payment_intent == payment_intent,
                 )
             ).first()
-        if waited is None or self.gateway.retrieve(payment_intent).outcome != AttemptStatus.SUCCEEDED:
+        if waited is None:
             return None
         outcome = f"paid by {payment_intent} once the customer authenticated it"
         if not self._paid_after_failure(recharge_id, waited, payment_intent, outcome, "it is credited", resume=True):

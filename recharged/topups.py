@@ -65,11 +65,6 @@ def check_key(key: str | None) -> str:
     return key
 
 
-def recharge_answer(session: Session, recharge: Recharge, gateway: PaymentGateway | None) -> dict[str, Any]:
-    """A recharge as the API shows it; a payment waiting for the customer adds what Stripe.js needs."""
-    return with_authentication(recharge_json(session, recharge), gateway)
-
-
 def with_authentication(body: dict[str, Any], gateway: PaymentGateway | None) -> dict[str, Any]:
     """A recharge's view (`views.recharge_json`) with the client secret and next action of the payment it waits
     for the customer to authenticate, asked of the processor now (never kept here)."""
@@ -81,6 +76,12 @@ def with_authentication(body: dict[str, Any], gateway: PaymentGateway | None) ->
         else:  # authenticated (or given up) since: the payment's webhook settles it
             body["requires_action"] = False
     return body
+
+
+def _kept_form(body: dict[str, Any]) -> dict[str, Any]:
+    """An answer as it is kept with its key: the shape the client gets, without what Stripe.js needs (asked of the
+    processor at each answer, never kept)."""
+    return {**body, "client_secret": None, "next_action": None}
 
 
 class Topups:
@@ -100,21 +101,28 @@ class Topups:
                     f"the Idempotency-Key {key!r} was used for another request (account {row.account_id}, recharge "
                     f"{row.recharge_id}); use a new key for a new purchase"
                 )
-            recharge = session.get(Recharge, row.recharge_id)
-            assert recharge is not None
             if row.response is not None and row.response_status is not None:
-                body = dict(row.response)
-                if body.get("requires_action"):  # the client secret is never kept: Stripe is asked again
-                    body = recharge_answer(session, recharge, self._recharges.gateway)
-                return Answer(row.response_status, body, replayed=True)
-            if recharge.phase not in CLOSED_PHASES:
-                raise InFlight(
-                    f"the purchase with Idempotency-Key {key!r} (recharge {recharge.id}) is still being charged "
-                    f"({recharge.phase}); ask again in a few seconds"
-                )
-            body = recharge_answer(session, recharge, self._recharges.gateway)
-            row.response_status, row.response = 201, {**body, "client_secret": None}
-            return Answer(201, body, replayed=True)
+                status, body = row.response_status, dict(row.response)
+                if body.get("requires_action"):  # waiting for the customer when kept: it may be paid since
+                    recharge = session.get(Recharge, row.recharge_id)
+                    assert recharge is not None
+                    body = _kept_form(recharge_json(session, recharge))
+            else:  # the first request ended before it could keep its answer (a crash, a lost connection)
+                recharge = session.get(Recharge, row.recharge_id)
+                assert recharge is not None
+                if recharge.phase not in CLOSED_PHASES:
+                    raise InFlight(
+                        f"the purchase with Idempotency-Key {key!r} (recharge {recharge.id}) is still being charged "
+                        f"({recharge.phase}); ask again in a few seconds"
+                    )
+                status, body = 201, _kept_form(recharge_json(session, recharge))
+                row.response_status, row.response = status, body
+        return Answer(status, self._shown(body), replayed=True)
+
+    def _shown(self, kept: dict[str, Any]) -> dict[str, Any]:
+        """A kept answer as the client gets it: what Stripe.js needs, asked of the processor now, outside any
+        transaction (the client secret is never kept)."""
+        return with_authentication(kept, self._recharges.gateway)
 
     def buy(self, *, token: str, key: str, account_id: str, amount: Units, actor: str) -> Answer:
         """Charge a one-time purchase once per (token, key)."""
@@ -147,10 +155,10 @@ class Topups:
         with self._db.transaction() as session:
             recharge = session.get(Recharge, report.recharge_id)
             assert recharge is not None
-            body = recharge_answer(session, recharge, self._recharges.gateway)
+            body = _kept_form(recharge_json(session, recharge))
             if recharge.phase in CLOSED_PHASES:
                 row = session.scalars(
                     select(ApiIdempotency).where(ApiIdempotency.token == token, ApiIdempotency.key == key)
                 ).one()
-                row.response_status, row.response = 201, {**body, "client_secret": None}  # a replay asks again
-        return Answer(201, body, replayed=False)
+                row.response_status, row.response = 201, body
+        return Answer(201, self._shown(body), replayed=False)

@@ -41,7 +41,6 @@ from recharged.daemon.health import public as public_health
 from recharged.daemon.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from recharged.daemon.webhooks import verified_event
 from recharged.errors import (
-    ActorError,
     ConflictError,
     DatabaseError,
     InputError,
@@ -158,8 +157,7 @@ def create_app(backend: Backend) -> FastAPI:
 
     @app.exception_handler(InputError)
     async def _invalid_input(_request: Request, exc: InputError) -> JSONResponse:
-        message = str(exc).replace("--actor", "actor") if isinstance(exc, ActorError) else str(exc)
-        return error_response(422, message)
+        return error_response(422, str(exc))
 
     @app.exception_handler(NotAuthorized)
     async def _not_authorized(_request: Request, exc: NotAuthorized) -> JSONResponse:

@@ -126,7 +126,9 @@ class ReservationCollector(Collector):
         )
         for currency, (open_count, units) in sorted(held.items()):
             count.add_metric([currency], open_count)
-            amount.add_metric([currency], float(to_decimal(units)))
+            amount.add_metric(
+                [currency], float(to_decimal(units))
+            )  # samples are floats: the exact sum is in the ledger
         return [count, amount]
 
 

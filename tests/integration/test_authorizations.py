@@ -145,16 +145,21 @@ def test_usage_naming_no_authorization_or_another_accounts_is_rejected(api: Api)
     assert held(api, "bolt")[1] == 240_000
 
 
-def test_a_csv_import_settles_authorizations_too(api: Api, tmp_path):
-    authorization = ask(api, "c-1", requested_seconds=60).json()
+def test_a_csv_import_settles_authorizations_too_over_several_batches(api: Api, tmp_path):
+    ids = [ask(api, f"c-{n}", requested_seconds=60).json()["id"] for n in range(5)]
+    assert held(api)[1] == 5 * 2_000
+    rows = [f"cdr-{n},acme,dialer,2026-11-22T11:00:00Z,45,,,,{i}" for n, i in enumerate(ids)]
+    rows.append("cdr-x,acme,dialer,2026-11-22T11:00:00Z,45,,,,999999")  # no such authorization: rejected
     path = tmp_path / "cdrs.csv"
     path.write_text(
         "event_id,account_id,kind,started_at,duration_seconds,quantity,text,cost,authorization_id\n"
-        f"cdr-1,acme,dialer,2026-11-22T11:00:00Z,45,,,,{authorization['id']}\n"
+        + "\n".join(rows)
+        + "\n"
     )
-    result = import_csv(UsageRecorder(api.db, api.settings, api.clock), path, batch_size=100)
-    assert (result.accepted, result.rejected) == (1, 0)
-    assert held(api) == (1_000_000 - 2_000, 0, 0)
+    result = import_csv(UsageRecorder(api.db, api.settings, api.clock), path, batch_size=2)  # three batches
+    assert (result.accepted, result.rejected) == (5, 1)
+    assert held(api) == (1_000_000 - 5 * 2_000, 0, 0)
+    assert verify(api.db).ok
 
 
 def test_release_expiry_and_extension(api: Api):
@@ -352,3 +357,42 @@ def test_the_dialers_balance_read_is_one_row_and_counts_what_calls_hold(api: Api
     )
     assert api.client.get("/v1/accounts/ghost/balance", headers=auth()).status_code == 404
     assert api.client.get("/v1/accounts/acme/balance").status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("currency", "rate", "opening", "authorized", "reserved", "left"),
+    [
+        # 3 yen a minute in 6-second steps plus a 1 yen connect fee: 100 yen pay 330 steps
+        ("JPY", "price_per_minute = 3\nincrement_seconds = 6\nconnect_fee = 1\n", "100", 1980, "100.00000", 9_600_000),
+        # 0.015 KWD a minute by the second: 1.000 KWD pay 4,000 seconds
+        ("KWD", "price_per_minute = 0.015\nincrement_seconds = 1\n", "1.000", 4000, "1.00000", 98_500),
+    ],
+)
+def test_authorizations_in_a_zero_and_a_three_decimal_currency_are_exact(
+    make_api, currency, rate, opening, authorized, reserved, left
+):
+    amounts = (
+        ""
+        if currency == "JPY"
+        else (
+            f'[recharge.currencies.{currency}]\nmin_threshold = 0\nmin_recharge = 0\nmax_recharge = "off"\n'
+            'max_charged_per_day = "off"\nmax_charged_per_30_days = "off"\n\n'
+        )
+    )
+    config = f'{amounts}[plans.standard]\ncurrency = "{currency}"\n\n[plans.standard.rates.dialer]\nmeasure = "time"\n'
+    api = make_api(tokens=TOKENS, config=config + rate)
+    add_account(api.db, api.settings, api.clock, "acme", opening_balance=opening)
+    whole = ask(api, "c-1").json()
+    assert (whole["authorized_seconds"], whole["reserved_amount"], whole["currency"]) == (
+        authorized,
+        reserved,
+        currency,
+    )
+    assert ask(api, "c-2").status_code == 402  # nothing left
+    api.client.delete(f"/v1/authorizations/{whole['id']}", headers=auth())
+    short = ask(api, "c-3", requested_seconds=60).json()
+    usage = {**call("cdr-1", seconds=60), "authorization_id": short["id"]}
+    assert api.post_usage([usage], token=DIALER).json()["accepted"] == 1
+    # a minute's call: 1 yen + 10 steps of 0.3 yen = 4 yen; 0.015 KWD. Nothing held any more.
+    assert held(api) == (left, 0, 0)
+    assert verify(api.db).ok

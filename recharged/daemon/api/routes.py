@@ -19,7 +19,7 @@ from recharged import views
 from recharged.authorizations import Authorizer, NotAuthorized, available, balance_of
 from recharged.daemon.api import models as m
 from recharged.daemon.api.common import ApiError, Backend, Caller, authorize, call, errors, model_body, request_body
-from recharged.errors import InputError, NotFoundError
+from recharged.errors import InputError
 from recharged.history import account_history
 from recharged.mail import receipts as receipts_service
 from recharged.mail import statements as statements_service
@@ -28,9 +28,8 @@ from recharged.mail.templating import render
 from recharged.money import Units, format_ledger, parse_amount
 from recharged.planning import plans_in
 from recharged.rating import TimeRate, longest_call
-from recharged.store.models import Recharge
 from recharged.tokens import ACCOUNTS_READ, ADMIN, BILLING_WRITE, USAGE_WRITE
-from recharged.topups import Topups, check_key, recharge_answer, with_authentication
+from recharged.topups import Topups, check_key, with_authentication
 
 DIALER_KIND = "dialer"
 MAX_USAGE_DAYS = 366
@@ -346,11 +345,8 @@ def add_routes(app: FastAPI, backend: Backend) -> None:
     )
     def get_recharge(recharge_id: int, request: Request) -> m.RechargeView:
         caller = authorize(backend, request, ACCOUNTS_READ)
-        with db.reading() as session:
-            recharge = session.get(Recharge, recharge_id)
-            if recharge is None:
-                raise NotFoundError(f"no recharge {recharge_id}")
-            return m.RechargeView(**recharge_answer(session, recharge, caller.runtime.recharges.gateway))
+        body = views.get_recharge(db, recharge_id)
+        return m.RechargeView(**with_authentication(body, caller.runtime.recharges.gateway))  # no transaction open
 
     @app.get(
         "/v1/accounts/{account_id}/recharges",
