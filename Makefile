@@ -37,8 +37,16 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# promtool, which tests deploy/prometheus/: Debian's prometheus package unpacked into .venv (no service is started).
+# Without apt-get, put a promtool on PATH: its tests are skipped without one (CI requires it).
+$(BIN)/promtool: | $(BIN)/.installed
+	rm -rf $(VENV)/prometheus-deb && mkdir -p $(VENV)/prometheus-deb
+	cd $(VENV)/prometheus-deb && apt-get download prometheus && dpkg-deb -x prometheus_*.deb . \
+		&& cp usr/bin/promtool $(abspath $@) || echo "no promtool: the tests of deploy/prometheus/ are skipped" >&2
+	rm -rf $(VENV)/prometheus-deb
+
 # Lint, type-check and the whole test suite; PostgreSQL too when RECHARGED_TEST_POSTGRES_URL is set.
-test: lint
+test: lint $(BIN)/promtool
 	$(BIN)/pytest -n 2 -q
 
 # The payment tests again against real Stripe test mode (deselected in `make test`): needs a test key.

@@ -223,6 +223,14 @@ class Metrics:
             "Reservations that expired unsettled (no usage came for the call in its time plus the grace)",
             registry=r,
         )
+        self.http_duration = Histogram(
+            "recharged_http_request_duration_seconds",
+            "How long the HTTP server took to answer, by method, route (its template: /v1/accounts/{account_id}; "
+            "other when none matched) and status code",
+            ["method", "route", "status"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
 
     # --- the charge flow's Observer ------------------------------------------------------------------------
 
