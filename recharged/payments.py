@@ -30,7 +30,14 @@ from tenacity.wait import wait_base
 from recharged.cards import CardDetails as CardDetails  # the card values, kept importable from here too
 from recharged.cards import CardInfo as CardInfo
 from recharged.cards import card_label as card_label
-from recharged.errors import NoSuchCardError, PaymentError, ProcessorFault, RechargedError, TransientPaymentError
+from recharged.errors import (
+    DatabaseError,
+    NoSuchCardError,
+    PaymentError,
+    ProcessorFault,
+    RechargedError,
+    TransientPaymentError,
+)
 from recharged.states import AttemptStatus, DeclineClass
 
 # Card problems that will not go away by trying again: the card must be replaced or updated.
@@ -308,29 +315,47 @@ def _from_intent(intent: Any) -> PaymentResult:
     )
 
 
+# Takes the next free slot of a budget shared with other instances, at this many requests per second, and answers
+# how many seconds until it; DatabaseError when the budget cannot be reached (store/budget.py).
+SharedSlots = Callable[[float], float]
+
+
 class RateLimiter:
-    """At most `per_second` requests per second across all threads: each request takes the next free slot,
-    slots 1/per_second apart, and waits for it. Real time on purpose: it paces requests, it decides nothing."""
+    """At most `per_second` requests per second: each request takes the next free slot, slots 1/per_second apart,
+    and waits for it. The slots are this process's, across its threads; with `shared`, they are taken from a
+    budget every instance shares (in the database), so that `per_second` is the whole deployment's. Real time on
+    purpose: it paces requests, it decides nothing."""
 
     def __init__(
         self,
         per_second: float,
         *,
+        shared: SharedSlots | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self._spacing = 1.0 / per_second
+        self._per_second, self._spacing = per_second, 1.0 / per_second
+        self._shared = shared
         self._monotonic, self._sleep = monotonic, sleep
         self._next = 0.0
         self._lock = threading.Lock()
 
     def acquire(self) -> None:
-        with self._lock:
-            now = self._monotonic()
-            slot = max(now, self._next)
-            self._next = slot + self._spacing
-        if slot > now:
-            self._sleep(slot - now)
+        """Wait for this request's slot. TransientPaymentError when the shared budget cannot give one: nothing was
+        sent, and the gateway retries it as it retries a processor that did not answer (never a decline)."""
+        if self._shared is not None:
+            try:
+                wait = self._shared(self._per_second)
+            except DatabaseError as exc:
+                raise TransientPaymentError(f"no turn in the processor budget, nothing was sent: {exc}") from exc
+        else:
+            with self._lock:
+                now = self._monotonic()
+                slot = max(now, self._next)
+                self._next = slot + self._spacing
+            wait = slot - now
+        if wait > 0:
+            self._sleep(wait)
 
 
 def _retried_inline(exc: BaseException) -> bool:

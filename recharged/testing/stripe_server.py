@@ -500,6 +500,8 @@ class RecordedRequest:
     request_id: str
     received_at: float
     """Time from the server clock."""
+    arrived: float = 0.0
+    """``time.monotonic()`` when the request arrived, whatever the server clock says: for measuring pacing."""
     status: int | None = None
     """Status code the server produced (``None`` while in flight or when the server stopped first)."""
     replayed: bool = False
@@ -1066,6 +1068,7 @@ class StripeTestServer:
         return not self._stopping.is_set()
 
     def _serve(self, h: _Handler) -> None:
+        arrived = time.monotonic()
         split = urlsplit(h.path)
         path = unquote(split.path).rstrip("/") or "/"
         method = h.command.upper()
@@ -1087,6 +1090,7 @@ class StripeTestServer:
             stripe_version=h.headers.get("Stripe-Version"),
             request_id=request_id,
             received_at=self.clock(),
+            arrived=arrived,
         )
         with self._lock:
             self._requests.append(record)
