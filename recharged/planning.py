@@ -1,9 +1,11 @@
 """What the next recharge cycle would do for each account, and why.
 
-One pass: a GROUP BY over the per-day usage totals for each averaging window in use, the spend-cap totals,
-the cards resting after declines, then the accounts streamed in id order through `balance.decide`, each with
-its plan's policy (config's [recharge], its currency's amounts, the plan's own settings) and its own overrides.
-It never reads individual calls.
+One pass: one statement streams the accounts in id order with their usage over each averaging window in use
+(summed by the database from the per-day totals; it never reads individual calls), beside a few small lookups
+(the spend-cap totals, the cards with a usable source or resting after declines, the open recharges); each
+account then goes through `balance.decide` with its plan's policy (config's [recharge], its currency's amounts,
+the plan's own settings) and its own overrides. The Python per account is kept small: rows are unpacked by
+position, and a policy is built once per plan and set of overrides, not once per account.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from recharged.balance import AccountFigures, AccountPlan, Policy, Window, decide
-from recharged.clock import as_utc
+from recharged.clock import start_of_day
 from recharged.config import Settings
 from recharged.errors import ConfigError
 from recharged.store.charging import (
@@ -27,9 +29,14 @@ from recharged.store.charging import (
     charged_since,
 )
 from recharged.store.engine import Database
-from recharged.store.ledger import POLICY_COLUMNS, plan_rows, posted_after, usage_totals, window_lengths
-from recharged.store.models import Account
-from recharged.store.reads import closed_by
+from recharged.store.ledger import PLAN_COLUMNS, POLICY_COLUMNS, plan_rows, posted_after, usage_total, window_choices
+
+_NO_VAT = Decimal(0)
+# A row of `plan_rows`, by position: the id, then the plan and the account's own policy settings (its policy's key),
+# then the figures of its decision, then its usage over each window.
+_POLICY_KEY = slice(1, 2 + len(POLICY_COLUMNS))
+_FIGURES = slice(_POLICY_KEY.stop, len(PLAN_COLUMNS))
+_USAGE = len(PLAN_COLUMNS)
 
 
 def plan_accounts(
@@ -50,12 +57,10 @@ def plans_in(
     of `at` (entries that occurred later taken off), the caps counting recharges claimed before `at`, the
     recharges open then, and only the accounts that existed then. Without it, the decision a charge takes: today's
     balance and every recharge claimed so far, with the usage window as of `at`."""
-    plan_policies = {name: _plan_policy(settings, name) for name in settings.plans}
-    lengths = {settings.recharge.window_days}
-    lengths |= {policy.window_days for policy in plan_policies.values() if policy is not None}
-    lengths |= set(window_lengths(session, settings.recharge.window_days, ids))
-    windows = {days: Window.before(at, days) for days in sorted(lengths)}
-    totals = {days: usage_totals(session, w.start.date(), w.end.date(), ids) for days, w in windows.items()}
+    policies = _Policies(settings)
+    lengths = sorted({policies.window_days(plan, days) for plan, days in window_choices(session, ids)})
+    windows = [Window.before(at, days) for days in lengths]
+    column = {days: n for n, days in enumerate(lengths)}  # which usage sum of a row is the window's
     until = at if as_of else None
     last_day = charged_since(session, at - timedelta(days=1), ids, until=until)
     last_30_days = charged_since(session, at - timedelta(days=30), ids, until=until)
@@ -70,41 +75,66 @@ def plans_in(
         ids,
     )
     in_progress = accounts_with_open_recharge(session, ids, at=until)
-    vat_percents = _vat_percents(session, ids)
-    closed = closed_by(session, at, ids)
-    for row in plan_rows(session, ids):
-        if as_of and as_utc(row.created_at) > at:
+    for row in plan_rows(session, start_of_day(at).date(), lengths, ids):
+        account_id = row[0]
+        currency, balance, reserved, created, first_usage, auto_recharge, state, retry_at, vat, closed = row[_FIGURES]
+        if as_of and created > at:
             continue  # not an account yet
-        base = plan_policies.get(row.plan)
-        overrides = {name: getattr(row, name) for name in POLICY_COLUMNS}
-        policy = (base or Policy()).overridden(overrides)
+        policy, known = policies.of(row[_POLICY_KEY])
+        n = column.get(policy.window_days)
+        if n is not None:
+            window, usage = windows[n], row[_USAGE + n]
+        else:  # a window taken up after `window_choices` read them (PostgreSQL reads each statement afresh)
+            window = Window.before(at, policy.window_days)
+            usage = usage_total(session, account_id, window.start.date(), window.end.date())
         figures = AccountFigures(
-            currency=row.currency,
+            currency=currency,
             # money held for calls in progress counts as spent (a fully reserved balance is due); what was held
             # at a past instant is not kept, so a plan as of then sees the ledger alone
-            balance=row.balance - later.get(row.id, 0) - (0 if as_of else row.reserved),
-            created_at=row.created_at,
-            first_usage_at=row.first_usage_at,
-            window_usage=totals[policy.window_days].get(row.id, 0),
-            auto_recharge=row.auto_recharge,
+            balance=balance - later.get(account_id, 0) - (0 if as_of else reserved),
+            created_at=created,
+            first_usage_at=first_usage,
+            window_usage=usage,
+            auto_recharge=auto_recharge,
             policy=policy,
-            charged_last_day=last_day.get(row.id, 0),
-            charged_last_30_days=last_30_days.get(row.id, 0),
-            state=row.recharge_state,
-            retry_at=row.retry_at,
-            has_funding_source=row.id in with_source,
-            cards_resting_until=resting.get(row.id),
-            in_progress=row.id in in_progress,
-            vat_percent=vat_percents.get(row.id, Decimal(0)),
+            charged_last_day=last_day.get(account_id, 0),
+            charged_last_30_days=last_30_days.get(account_id, 0),
+            state=state,
+            retry_at=retry_at,
+            has_funding_source=account_id in with_source,
+            cards_resting_until=resting.get(account_id),
+            in_progress=account_id in in_progress,
+            vat_percent=vat or _NO_VAT,  # the caps and the processor's limits apply to a charge plus VAT
         )
         decision = decide(figures, at)
-        if base is None:  # the account's plan is no longer in config.toml: nothing is charged until it is
+        if not known:  # the account's plan is no longer in config.toml: nothing is charged until it is
             decision = replace(decision, action="skip", reason="no_policy", charge_amount=0, limited_by=None)
-        if row.id in closed:  # closed by an admin (`accounts close`): never charged
+        if closed is not None and closed <= at:  # closed by an admin (`accounts close`): never charged
             decision = replace(
                 decision, action="skip", reason="closed", charge_amount=0, limited_by=None, next_try_at=None
             )
-        yield AccountPlan(row.id, row.currency, row.auto_recharge, policy, windows[policy.window_days], decision)
+        yield AccountPlan(account_id, currency, auto_recharge, policy, window, decision)
+
+
+class _Policies:
+    """The policy of each plan and set of an account's own settings, built once: (policy, whether the plan is in
+    the configuration). A plan that is not gets the built-in defaults, and its accounts are never charged."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._plans = {name: _plan_policy(settings, name) for name in settings.plans}
+        self._built: dict[tuple[Any, ...], tuple[Policy, bool]] = {}
+
+    def of(self, key: tuple[Any, ...]) -> tuple[Policy, bool]:
+        """`key`: the plan, then the account's own settings in `POLICY_COLUMNS` order (None: the plan's)."""
+        built = self._built.get(key)
+        if built is None:
+            base = self._plans.get(key[0])
+            overrides = dict(zip(POLICY_COLUMNS, key[1:], strict=True))
+            built = self._built[key] = ((base or Policy()).overridden(overrides), base is not None)
+        return built
+
+    def window_days(self, plan: str, own: int | None) -> int:
+        return self.of((plan, own, *(None for _ in POLICY_COLUMNS[1:])))[0].window_days
 
 
 def _plan_policy(settings: Settings, plan: str) -> Policy | None:
@@ -112,12 +142,3 @@ def _plan_policy(settings: Settings, plan: str) -> Policy | None:
         return settings.policy_of(plan)
     except ConfigError:  # load_settings refuses this; a Settings built in code may still hold it
         return None
-
-
-def _vat_percents(session: Session, ids: Sequence[str] | None) -> dict[str, Decimal]:
-    """Each account's VAT percent (the processor's limits apply to a charge plus VAT), for those that charge VAT:
-    `plan_rows` does not read it."""
-    query = select(Account.id, Account.vat_percent)
-    if ids is not None:
-        query = query.where(Account.id.in_(ids))
-    return {account_id: vat for account_id, vat in session.execute(query) if vat}
