@@ -9,7 +9,9 @@ threshold, so nothing is charged) and 30 days of usage through `UsageRecorder.re
 its own behind it, the daily cycle far away) and is measured from this process over HTTP:
 
 1. POST /v1/usage, closed loop: `--clients` threads post batches of 100 and of 1000 new events as fast as the
-   daemon answers; events/s, requests/s, p50/p99 of a request.
+   daemon answers; events/s, requests/s, p50/p99 of a request. Beside it, the limit: the same number of the
+   ledger rows those events make, inserted by this process in batches of 1,000 (one transaction each) into a
+   plain table with no key or index (`ingest.time_limit`, SQLAlchemy Core executemany), with the daemon idle.
 2. GET /v1/accounts/{id} at a steady rate (50 and 200 requests/s), open loop: request i is due at
    start + i / rate, and its latency is counted from then, so a slow answer delays the ones behind it and
    shows in the figures instead of slowing the schedule down; once with nothing else running, once while
@@ -46,9 +48,11 @@ from typing import Any
 import _common as c
 import requests
 from charging import StripeProcess
+from ingest import time_limit
 
 from recharged.clock import SystemClock
 from recharged.config import load_settings
+from recharged.rating import rate_event
 from recharged.store.engine import Database
 from recharged.usage import UsageRecorder, summarize
 
@@ -231,15 +235,19 @@ class Local:
         return session
 
 
-def usage_batch(size: int, accounts: int, rng: random.Random, now: datetime) -> dict[str, Any]:
-    """`size` new dialer calls of the last day, for accounts picked at random."""
+def usage_batch(size: int, accounts: int, rng: random.Random, now: datetime, hours: float = 24) -> dict[str, Any]:
+    """`size` new dialer calls started in the last `hours` (`--started-within-hours`), for accounts picked at random.
+    A call of an earlier UTC day than today's changes its account's usage window, so the daemon plans that account
+    again after the batch (`recharged.thresholds`): a dialer posting each call as it ends sends few of those."""
     return {
         "events": [
             {
                 "event_id": f"CA{uuid.uuid4().hex}",
                 "account_id": account_id(rng.randrange(accounts)),
                 "kind": "dialer",
-                "started_at": (now - timedelta(seconds=rng.randrange(60, 86_400))).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "started_at": (now - timedelta(seconds=rng.randrange(60, int(hours * 3600)))).strftime(
+                    "%Y-%m-%dT%H:%M:%SZ"
+                ),
                 "duration_seconds": rng.randint(5, 600),
             }
             for _ in range(size)
@@ -247,8 +255,41 @@ def usage_batch(size: int, accounts: int, rng: random.Random, now: datetime) -> 
     }
 
 
+def ledger_rows(count: int, accounts: int, hours: float) -> list[dict[str, Any]]:
+    """The `entries` rows `count` events of `usage_batch` make (rated at the standard plan's dialer rate)."""
+    rate = load_settings(None, environ={}).plans["standard"].rate_table()["dialer"]
+    now, rng = datetime.now(UTC), random.Random(7)
+    rows = []
+    for event in usage_batch(count, accounts, rng, now, hours)["events"]:
+        rated = rate_event(rate, duration_seconds=event["duration_seconds"], quantity=None)
+        rows.append(
+            {
+                "account_id": event["account_id"],
+                "entry_type": "usage",
+                "external_id": event["event_id"],
+                "amount": -rated.cost,
+                "occurred_at": datetime.fromisoformat(event["started_at"].replace("Z", "+00:00")),
+                "recorded_at": now,
+                "kind": "dialer",
+                "duration_seconds": event["duration_seconds"],
+                "quantity": None,
+                "billable_quantity": rated.billable_quantity,
+                "rate_id": 1,
+                "note": None,
+            }
+        )
+    return rows
+
+
 def post_usage(
-    base: str, batch: int, accounts: int, clients: int, *, events: int | None = None, stop: Any = None
+    base: str,
+    batch: int,
+    accounts: int,
+    clients: int,
+    *,
+    events: int | None = None,
+    stop: Any = None,
+    hours: float = 24,
 ) -> dict[str, Any]:
     """Closed loop: `clients` threads post batches until `events` were sent (or `stop` is set)."""
     local = Local()
@@ -263,7 +304,7 @@ def post_usage(
         while stop is None or not stop.is_set():
             if budget is not None and next(left) >= budget:
                 return
-            body = json.dumps(usage_batch(batch, accounts, rng, datetime.now(UTC)))  # prepared before timing
+            body = json.dumps(usage_batch(batch, accounts, rng, datetime.now(UTC), hours))  # prepared before timing
             started = perf_counter()
             response = local.session.post(
                 f"{base}/v1/usage", data=body, headers={"Content-Type": "application/json"}, timeout=120
@@ -362,7 +403,10 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                 for batch in (100, 1000):
                     print(f"[{kind}] POST /v1/usage, batches of {batch}...", flush=True)
                     result[f"usage_{batch}"] = measured(
-                        daemon, lambda b=batch: post_usage(base, b, n, args.clients, events=args.events)
+                        daemon,
+                        lambda b=batch: post_usage(
+                            base, b, n, args.clients, events=args.events, hours=args.started_within_hours
+                        ),
                     )
                 for rate in args.rates:
                     print(f"[{kind}] GET /v1/accounts/{{id}} at {rate:g}/s, idle...", flush=True)
@@ -370,7 +414,9 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                     print(f"[{kind}] GET /v1/accounts/{{id}} at {rate:g}/s, with usage being posted...", flush=True)
                     stop = threading.Event()
                     with ThreadPoolExecutor(1) as background:
-                        posting = background.submit(post_usage, base, 100, n, args.clients, stop=stop)
+                        posting = background.submit(
+                            post_usage, base, 100, n, args.clients, stop=stop, hours=args.started_within_hours
+                        )
                         time.sleep(1.0)
                         try:
                             result[f"get_{rate:g}_busy"] = measured(
@@ -379,6 +425,8 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                         finally:
                             stop.set()
                         result[f"get_{rate:g}_busy"]["usage"] = posting.result()
+                rows = ledger_rows(result["usage_1000"]["accepted"], n, args.started_within_hours)
+                result["limit_s"] = time_limit(url, rows, 1000, False).wall
                 result["rss_mb"] = daemon.rss_mb()
             finally:
                 result["exit_status"] = daemon.stop()
@@ -407,6 +455,13 @@ def figures(r: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, str]
             ("  daemon CPU ms per 1000 events", f"{usage['daemon_cpu_s'] / events * 1e6:.0f}"),
             ("  accepted / rejected / failed", f"{events:,} / {usage['rejected']} / {usage['failed']}"),
         ]
+        if batch == 1000:
+            rate = events / usage["wall_s"]
+            limit = events / r["limit_s"]
+            rows += [
+                ("  limit: bare insert of the same rows, rows/s", c.fmt_int(limit)),
+                ("  ratio POST /v1/usage x1000 / bare insert", f"{rate / limit:.1%}"),
+            ]
     for rate in args.rates:
         for mode in ("idle", "busy"):
             run = r[f"get_{rate:g}_{mode}"]
@@ -440,6 +495,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=4, help="client threads posting usage (default 4)")
     parser.add_argument("--rates", type=float, nargs="+", default=[50.0, 200.0], help="GET rates, requests/s")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds of each GET run (default 20)")
+    parser.add_argument(
+        "--started-within-hours",
+        type=float,
+        default=24.0,
+        help="posted calls started within this many hours before now (default 24: many of an earlier UTC day)",
+    )
     args = parser.parse_args(argv)
     print(
         f"api: {args.accounts:,} accounts, {args.events:,} events per batch size, {args.clients} client threads, "

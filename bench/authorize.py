@@ -68,6 +68,7 @@ the Stripe server are Python processes on the same 2 CPUs: the /livez row is the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import itertools
 import json
@@ -242,15 +243,20 @@ def load(url: str, args: argparse.Namespace, cards: list[dict[str, str]]) -> Non
 
 
 class Daemon(DaemonProcess):
-    """bench/api.py's daemon, with scoped tokens instead of one full-access secret."""
+    """bench/api.py's daemon, with scoped tokens instead of one full-access secret; with `command="api"`, a
+    `recharged api` process on the same database (`--api separate`)."""
 
-    def __init__(self, url: str, directory: Path, stripe_url: str, args: argparse.Namespace) -> None:
+    def __init__(
+        self, url: str, directory: Path, stripe_url: str, args: argparse.Namespace, command: str = "run"
+    ) -> None:
+        self.command = command
         self.port = api.free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        config = directory / "config.toml"
+        config = directory / f"{command}.toml"
+        section = "http" if command == "run" else "api"
         config.write_text(
             f'[database]\nurl = "{url}"\n\n'
-            f"[http]\nport = {self.port}\n\n"
+            f"[{section}]\nport = {self.port}\n\n"
             "[daemon]\ncycle_interval_hours = 24\ncycle_jitter_seconds = 0\n\n"
             f'[outbox]\nfolder = "{directory}/outbox"\njournal = "{directory}/outbox.journal"\n\n'
             '[logging]\nformat = "json"\n'
@@ -274,15 +280,34 @@ class Daemon(DaemonProcess):
                 self.phase_file = directory / "phase"
                 self.phase_file.write_text("")
                 env["RECHARGED_BENCH_PROFILE_PHASE"] = str(self.phase_file)
-        self.log_path = directory / "daemon.log"
+        self.log_path = directory / ("daemon.log" if command == "run" else "api.log")
         self._log = self.log_path.open("w")
         self.process = subprocess.Popen(
-            [str(ROOT / ".venv" / "bin" / "recharged"), "--config", str(config), "run"],
+            [str(ROOT / ".venv" / "bin" / "recharged"), "--config", str(config), command],
             cwd=directory,
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """The daemon: ready and its start-up cycle done; the API process (which runs no cycle): ready."""
+        if self.command == "run":
+            super().wait_ready(timeout)
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"`recharged api` exited with {self.process.returncode}; see {self.log_path}")
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                client = Client(self.port)
+                try:
+                    if client.send("GET", "/readyz", None, NONE)[0] == 200:
+                        return
+                finally:
+                    client.close()
+            time.sleep(0.2)
+        raise RuntimeError(f"`recharged api` was not ready within {timeout:.0f} s; see {self.log_path}")
 
 
 # --- CPU readings ---------------------------------------------------------------------------------------------
@@ -373,15 +398,17 @@ class Backends:
 
 
 class Meter:
-    """CPU seconds of the daemon, the database backends, this process, and the whole machine, over a window."""
+    """CPU seconds of the daemon, the API process (if any), the database backends, this process, and the whole
+    machine, over a window."""
 
-    def __init__(self, daemon: Daemon, backends: Backends) -> None:
-        self.daemon, self.backends = daemon, backends
+    def __init__(self, daemon: Daemon, backends: Backends, api_process: Daemon | None = None) -> None:
+        self.daemon, self.backends, self.api = daemon, backends, api_process
 
     def read(self) -> dict[str, Any]:
         return {
             "wall": perf_counter(),
             "daemon": self.daemon.cpu_seconds(),
+            "api": self.api.cpu_seconds() if self.api is not None else None,
             "pg": self.backends.cpu(),
             "sessions": self.backends.sessions(),
             "tally": self.backends.counts(),
@@ -397,6 +424,7 @@ class Meter:
         return {
             "wall_s": after["wall"] - before["wall"],
             "daemon_s": after["daemon"] - before["daemon"],
+            "api_s": None if after["api"] is None else after["api"] - before["api"],
             "pg_s": pg,
             "sessions": after["sessions"] - before["sessions"],
             "pg_active": (after["tally"]["active"] - before["tally"]["active"]) / samples,
@@ -710,9 +738,13 @@ def measure(
     label: str,
     usage_rate: float = 0.0,
     cycle: bool = False,
+    api_process: Daemon | None = None,
 ) -> dict[str, Any]:
     """One open-loop run of the kinds in `rates` for `seconds`, with usage posted and a cycle, if asked. Every
-    request and every new usage event is built before the run starts."""
+    request and every new usage event is built before the run starts. With `api_process` (`--api separate`) the
+    requests go to it, and the usage too unless `--usage-to daemon`; the cycle always runs in the daemon."""
+    serving = api_process or daemon
+    usage_port = daemon.port if args.usage_to == "daemon" else serving.port
     requests = schedule(rates, seconds, args.accounts, label)
     batches = int(usage_rate * seconds / args.usage_batch)
     events = fresh_events(batches * args.usage_batch, args.accounts, random.Random(label))
@@ -721,7 +753,7 @@ def measure(
     deadline = start + seconds + args.grace
     with ThreadPoolExecutor(2) as background:
         usage = (
-            background.submit(post_usage, daemon.port, start, deadline, usage_rate, args, events, granted, label)
+            background.submit(post_usage, usage_port, start, deadline, usage_rate, args, events, granted, label)
             if batches
             else None
         )
@@ -730,7 +762,7 @@ def measure(
         if daemon.phase_file is not None:
             daemon.phase_file.write_text(label)
         before = meter.read()
-        loop = open_loop(daemon.port, requests, start, deadline, args.workers, granted)
+        loop = open_loop(serving.port, requests, start, deadline, args.workers, granted)
         usage_result = usage.result() if usage else None
         time.sleep(0.3)  # the daemon's work after the last answers (marking due accounts)
         after = meter.read()
@@ -782,14 +814,20 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             load(url, args, cards)
             result["setup_s"] = perf_counter() - started
             daemon = Daemon(url, directory, stripe.url, args)
+            api_process: Daemon | None = None
             backends = Backends(url if kind == "postgres" else None)
             try:
                 daemon.wait_ready()
+                if args.api == "separate":
+                    api_process = Daemon(url, directory, stripe.url, args, command="api")
+                    api_process.wait_ready()
                 stripe.ask("limit", args.latency, args.rate_limit)
-                warm_up(daemon.port)
-                meter = Meter(daemon, backends)
+                warm_up((api_process or daemon).port)
+                meter = Meter(daemon, backends, api_process)
                 print(f"[{kind}] the daemon at rest...", flush=True)
-                result["rest"] = measure(daemon, meter, args, {}, args.calibrate_seconds, label="at rest")
+                result["rest"] = measure(
+                    daemon, meter, args, {}, args.calibrate_seconds, label="at rest", api_process=api_process
+                )
                 calibration = {
                     "livez": {"livez": args.calibrate_rate},
                     "read": {"read": args.calibrate_rate},
@@ -799,12 +837,25 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                 for what, rates in calibration.items():
                     print(f"[{kind}] {LABELS[what]} alone at {args.calibrate_rate:g}/s...", flush=True)
                     result[f"alone_{what}"] = measure(
-                        daemon, meter, args, rates, args.calibrate_seconds, label=f"alone-{what}"
+                        daemon,
+                        meter,
+                        args,
+                        rates,
+                        args.calibrate_seconds,
+                        label=f"alone-{what}",
+                        api_process=api_process,
                     )
                 if args.usage_rate:
                     print(f"[{kind}] usage alone at {args.usage_rate:g} events/s...", flush=True)
                     result["alone_usage"] = measure(
-                        daemon, meter, args, {}, args.calibrate_seconds, label="alone-usage", usage_rate=args.usage_rate
+                        daemon,
+                        meter,
+                        args,
+                        {},
+                        args.calibrate_seconds,
+                        label="alone-usage",
+                        usage_rate=args.usage_rate,
+                        api_process=api_process,
                     )
                 for n, rate in enumerate(args.rates):
                     if group:
@@ -825,14 +876,19 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                         label=f"{rate:g}/s, all at once",
                         usage_rate=args.usage_rate,
                         cycle=bool(group),
+                        api_process=api_process,
                     )
                     if group:
                         loaded["stripe"] = stripe.ask("stats")
                         loaded["stripe"].pop("succeeded_per_customer", None)
                     result["runs"][rate] = loaded
                 result["rss_mb"] = daemon.rss_mb()
+                if api_process is not None:
+                    result["api_rss_mb"] = api_process.rss_mb()
             finally:
                 backends.close()
+                if api_process is not None:
+                    result["api_exit_status"] = api_process.stop()
                 result["exit_status"] = daemon.stop()
                 log_copy = OUT / f"authorize-{kind}-daemon.log"
                 shutil.copy(daemon.log_path, log_copy)
@@ -886,11 +942,11 @@ def cores(cpu: dict[str, float], postgres: bool, stripe_s: float | None = None) 
     """Where the CPU went during a run, in cores: ours, and the rest of the machine (other work, PostgreSQL's
     background processes); the same rows for every database ("-" where there is nothing to show)."""
     wall = cpu["wall_s"]
-    ours = cpu["daemon_s"] + cpu["pg_s"] + cpu["generator_s"] + (stripe_s or 0.0)
-    parts = [cpu["daemon_s"], cpu["pg_s"] if postgres else None, cpu["generator_s"], stripe_s]
+    ours = cpu["daemon_s"] + (cpu["api_s"] or 0.0) + cpu["pg_s"] + cpu["generator_s"] + (stripe_s or 0.0)
+    parts = [cpu["daemon_s"], cpu["api_s"], cpu["pg_s"] if postgres else None, cpu["generator_s"], stripe_s]
     return [
         (
-            "  CPU, cores: daemon / PG backends / generator / Stripe server",
+            "  CPU, cores: daemon / API process / PG backends / generator / Stripe server",
             " / ".join("-" if value is None else f"{value / wall:.2f}" for value in parts),
         ),
         (
@@ -975,6 +1031,9 @@ def figures(r: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, str]
         *rows,
         ("daemon RSS at the end, MB", c.fmt_mb(r["rss_mb"])),
         ("exit status after SIGTERM (want 0)", str(r["exit_status"])),
+        ("API process: RSS at the end, MB / exit status", f"{c.fmt_mb(r['api_rss_mb'])} / {r['api_exit_status']}")
+        if "api_rss_mb" in r
+        else ("API process", "- (the daemon serves the API)"),
         ("error lines in the daemon log", str(r["log_errors"])),
         ("verify: violations", "not run" if violations is None else str(len(violations))),
         ("set-up seconds; whole run", f"{r['setup_s']:.0f}; {r['wall_s']:.0f}"),
@@ -1088,6 +1147,18 @@ def main(argv: list[str] | None = None) -> None:
         "--grace", type=float, default=5.0, help="seconds after a run's schedule before what is left unsent is dropped"
     )
     parser.add_argument("--workers", type=int, default=64, help="client threads of the open-loop schedule")
+    parser.add_argument(
+        "--api",
+        choices=("daemon", "separate"),
+        default="daemon",
+        help="who serves the requests: the daemon's own server, or a `recharged api` process beside it",
+    )
+    parser.add_argument(
+        "--usage-to",
+        choices=("api", "daemon"),
+        default="api",
+        help="with --api separate, where usage is posted (default: the API process, as the dialer would)",
+    )
     parser.add_argument("--calibrate-rate", type=float, default=100.0, help="rate of the one-kind runs")
     parser.add_argument("--calibrate-seconds", type=float, default=4.0, help="seconds of each one-kind run")
     parser.add_argument(
@@ -1124,7 +1195,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{r['db']}] daemon log: {r['log']}")
         for line in r.get("violations") or []:
             print(f"[{r['db']}] verify: {line}")
-    if any(r["exit_status"] != 0 or r.get("violations") for r in results):
+    if any(r["exit_status"] != 0 or r.get("api_exit_status", 0) != 0 or r.get("violations") for r in results):
         sys.exit(1)
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import _common as c
 import requests
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from recharged.clock import FixedClock
 from recharged.config import LoggingSettings, load_settings
@@ -309,6 +309,64 @@ def thread_profiles(enabled: bool) -> Iterator[list[cProfile.Profile]]:
         threading.setprofile(None)  # type: ignore[arg-type]
 
 
+class StatementCounter:
+    """Counts the SQL statements and transactions the cycle sends, by the charge flow's step that sent them (the
+    innermost function of recharged/recharge.py on the stack) and by the statement's first word: the cycle's
+    cost in round trips, per charge. Walking the stack costs time: the figures, not the cycle's wall time, are
+    the point of a counted run."""
+
+    def __init__(self) -> None:
+        self.statements: Counter[str] = Counter()  # step -> statements
+        self.transactions: Counter[str] = Counter()  # step -> transactions begun
+        self.verbs: Counter[str] = Counter()  # step: first word of the statement -> statements
+        self._lock = threading.Lock()
+
+    def attach(self, engine: Any) -> None:
+        event.listen(engine, "before_cursor_execute", self._statement)
+        event.listen(engine, "begin", self._begin)
+
+    def detach(self, engine: Any) -> None:
+        event.remove(engine, "before_cursor_execute", self._statement)
+        event.remove(engine, "begin", self._begin)
+
+    def _statement(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        step, verb = _step(), statement.lstrip().split(None, 1)[0].upper()
+        if verb in ("BEGIN", "SAVEPOINT", "RELEASE", "ROLLBACK", "COMMIT"):
+            verb = f"{verb} (transaction control)"
+        with self._lock:
+            self.verbs[f"{step}: {verb}"] += 1
+            if not verb.endswith("(transaction control)"):  # SQLite's BEGIN IMMEDIATE; psycopg's BEGIN is no call
+                self.statements[step] += 1
+
+    def _begin(self, _conn: Any) -> None:
+        step = _step()
+        with self._lock:
+            self.transactions[step] += 1
+
+    def print(self, accounts: int) -> None:
+        total, begun = sum(self.statements.values()), sum(self.transactions.values())
+        print(
+            f"\nstatements per charge: {total / accounts:.1f} ({total:,} in all, the cycle's planning and recovery "
+            f"included; BEGIN and SAVEPOINT not counted); transactions per charge: {begun / accounts:.2f} ({begun:,})"
+        )
+        print("by step (statements / transactions per charge):")
+        for step, n in self.statements.most_common():
+            print(f"  {n / accounts:6.2f} / {self.transactions[step] / accounts:4.2f}  {step}")
+        print("by step and statement:")
+        for what, n in sorted(self.verbs.items()):
+            print(f"  {n / accounts:6.2f}  {what}")
+
+
+def _step() -> str:
+    """The innermost function of recharged/recharge.py on this thread's stack: the step of the charge flow."""
+    frame: Any = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename.endswith("/recharged/recharge.py"):
+            return str(frame.f_code.co_name)
+        frame = frame.f_back
+    return "?"
+
+
 def bench_settings(server_url: str, args: argparse.Namespace) -> tuple[Any, int]:
     """The built-in settings pointed at the local server, with the bench's limiter and concurrency."""
     environ = {"RECHARGED_PAYMENTS__STRIPE_API_BASE": server_url}
@@ -345,12 +403,17 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                     service = RechargeService(db, settings, lambda: gateway, clock)
                     result["load_before"] = os.getloadavg()[0]
                     sampler = Sampler() if args.profile else None
+                    counter = StatementCounter() if args.count_statements else None
+                    if counter:
+                        counter.attach(db.engine)
                     with thread_profiles(args.profile > 0) as profiles, c.CpuClock() as timing:
                         if sampler:
                             sampler.__enter__()
                         report = service.run_cycle(concurrency=concurrency)
                         if sampler:
                             sampler.__exit__()
+                    if counter:
+                        counter.detach(db.engine)
                     result["load_after"] = os.getloadavg()[0]
                 result["log"] = str(log_path)
                 result["wall_s"], result["cpu_s"] = timing.wall, timing.cpu
@@ -360,6 +423,9 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                 result["retries"] = gateway.inner.retries
                 result["server"] = server.ask("stats")
                 result["checks"] = check(db, cards, result["server"])
+                if counter:
+                    print(f"\n[{kind}] SQL sent by the cycle, {args.accounts:,} charges:")
+                    counter.print(args.accounts)
                 if args.profile:
                     assert sampler is not None
                     sampler.print(args.profile)
@@ -473,6 +539,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--profile", type=int, default=0, metavar="N", help="sample and cProfile the cycle, print the top N"
+    )
+    parser.add_argument(
+        "--count-statements",
+        action="store_true",
+        help="count the cycle's SQL statements and transactions per charge, by step (slows the cycle down)",
     )
     parser.add_argument(
         "--gateway-only", action="store_true", help="only the processor path: StripeGateway.charge, no database"

@@ -36,9 +36,9 @@ from recharged.errors import ConflictError, InputError, NotFoundError, Recharged
 from recharged.money import format_ledger
 from recharged.rating import TimeRate, longest_call, rate_time
 from recharged.states import AuthorizationStatus, EntryType
-from recharged.store.engine import Database
+from recharged.store.engine import Database, dialect_insert
 from recharged.store.ledger import lock_account
-from recharged.store.models import Account, Authorization, Entry
+from recharged.store.models import Account, Authorization, AuthorizationRefusal, Entry
 
 _CALL_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII without spaces, as usage event ids
 MAX_REQUEST_SECONDS = 86_400
@@ -174,22 +174,25 @@ class Authorizer:
             ).one_or_none()
             if earlier is not None:
                 return Granted(view(earlier, account.currency), created=False)
+            # A refusal is raised after the commit, which keeps its count and the expiries below.
             if account.closed_at is not None:
-                raise NotAuthorized("account_closed", f"account {account_id} is closed")
-            rate = _time_rate(self._settings, account, kind)
-            expire_account(session, account, now)
-            money = available(account)
-            limit = requested_seconds or self._limits.max_seconds
-            seconds = longest_call(money, rate, limit_seconds=limit)
-            if seconds == 0:  # refused after the commit, which keeps the expiries above
+                refusal = NotAuthorized("account_closed", f"account {account_id} is closed")
+            else:
+                rate = _time_rate(self._settings, account, kind)
+                expire_account(session, account, now)
+                money = available(account)
+                limit = requested_seconds or self._limits.max_seconds
+                seconds = longest_call(money, rate, limit_seconds=limit)
+                if seconds > 0:
+                    hold = self._hold(session, account, kind, call_id, requested_seconds, seconds, rate, now)
+                    return Granted(hold, True)
                 refusal = NotAuthorized(
                     "insufficient_balance",
                     f"account {account_id} has {format_ledger(money)} {account.currency} available "
                     f"(balance {format_ledger(account.balance)}, held for calls {format_ledger(account.reserved)}, "
                     f"overdraft {format_ledger(account.overdraft)}): not enough for the shortest {kind} call",
                 )
-            else:
-                return Granted(self._hold(session, account, kind, call_id, requested_seconds, seconds, rate, now), True)
+            count_refusal(session, account_id, refusal.reason, now)
         raise refusal
 
     def _hold(
@@ -266,20 +269,48 @@ class Authorizer:
             limit = requested_seconds or self._limits.max_seconds
             # what this call holds already is available to it
             seconds = longest_call(available(account) + authorization.reserved_amount, rate, limit_seconds=limit)
-            if seconds <= authorization.authorized_seconds:
-                raise NotAuthorized(
-                    "insufficient_balance",
-                    f"account {account.id} has {format_ledger(available(account))} {account.currency} available: "
-                    f"not enough to make the call longer than {authorization.authorized_seconds} seconds",
+            if seconds > authorization.authorized_seconds:
+                cost = rate_time(seconds, rate).cost
+                account.reserved += cost - authorization.reserved_amount
+                authorization.authorized_seconds, authorization.reserved_amount = seconds, cost
+                authorization.requested_seconds = requested_seconds
+                authorization.expires_at = authorization.created_at + timedelta(
+                    seconds=seconds + self._limits.grace_seconds
                 )
-            cost = rate_time(seconds, rate).cost
-            account.reserved += cost - authorization.reserved_amount
-            authorization.authorized_seconds, authorization.reserved_amount = seconds, cost
-            authorization.requested_seconds = requested_seconds
-            authorization.expires_at = authorization.created_at + timedelta(
-                seconds=seconds + self._limits.grace_seconds
+                return view(authorization, account.currency)
+            refusal = NotAuthorized(
+                "insufficient_balance",
+                f"account {account.id} has {format_ledger(available(account))} {account.currency} available: "
+                f"not enough to make the call longer than {authorization.authorized_seconds} seconds",
             )
-            return view(authorization, account.currency)
+            count_refusal(session, account.id, refusal.reason, now)  # raised after the commit, which keeps it
+        raise refusal
+
+
+def count_refusal(session: Session, account_id: str, reason: str, at: datetime) -> None:
+    """Count a refused call (402) in its account's row for the hour (the account is locked: no other writer)."""
+    hour = at.replace(minute=0, second=0, microsecond=0)
+    statement = dialect_insert(session, AuthorizationRefusal.__table__).values(
+        account_id=account_id, hour=hour, reason=reason, count=1
+    )
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["account_id", "hour", "reason"],
+            set_={"count": AuthorizationRefusal.__table__.c["count"] + 1},
+        )
+    )
+
+
+def refused_since(db: Database, since: datetime) -> dict[str, int]:
+    """Calls refused (402) per reason since the hour that holds `since` (`status`: the last 24 hours)."""
+    hour = since.replace(minute=0, second=0, microsecond=0)
+    with db.reading() as session:
+        rows = session.execute(
+            select(AuthorizationRefusal.reason, func.sum(AuthorizationRefusal.count))
+            .where(AuthorizationRefusal.hour >= hour)
+            .group_by(AuthorizationRefusal.reason)
+        ).all()
+    return {reason: int(count) for reason, count in sorted(rows)}
 
 
 def list_open(db: Database, account_id: str) -> list[dict[str, Any]]:

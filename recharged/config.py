@@ -202,7 +202,8 @@ class PaymentsSettings(_Section):
     card_retry_after_decline_hours: float = Field(24.0, ge=0, le=24 * 30)
     # How long one worker may hold a recharge while it talks to the processor before another may take it over.
     lease_seconds: int = Field(300, ge=30, le=3600)
-    # Requests per second this instance sends to the processor at most (Stripe allows 100 in live mode).
+    # Requests per second the whole deployment sends to the processor at most (Stripe allows 100 in live mode): on
+    # PostgreSQL every instance takes its turns from one budget in the database; on SQLite the one instance's.
     max_requests_per_second: float = Field(90.0, gt=0, le=10_000)
     # This many integration errors in a row (the processor refusing our own request) stop the cycle's charging.
     max_integration_errors: int = Field(3, ge=1, le=1000)
@@ -313,6 +314,17 @@ class HttpSettings(_Section):
     max_events_per_request: int = Field(1000, ge=1, le=50_000)
     # A Stripe webhook signed longer ago than this is refused (replay protection).
     webhook_tolerance_seconds: int = Field(300, ge=1, le=3600)
+
+
+class ApiSettings(_Section):
+    """`recharged api`: the HTTP API in a process of its own (its own systemd unit), so that the daemon's charge
+    cycles, statements and jobs never hold up a dialer's authorization. It serves the same endpoints as the daemon's
+    [http] server, with the same limits; on PostgreSQL several may run, each on its own port."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8451, ge=0, le=65_535)
+    # Database connections it keeps open: one per request served at once (FastAPI runs them in up to 40 threads).
+    connections: int = Field(40, ge=1, le=200)
 
 
 class BusinessSettings(_Section):
@@ -480,6 +492,7 @@ class Settings(_Section):
     plans: dict[KindName, PlanSettings] = Field(default_factory=_standard_plan, min_length=1)
     daemon: DaemonSettings = DaemonSettings()
     http: HttpSettings = HttpSettings()
+    api: ApiSettings = ApiSettings()
     business: BusinessSettings = BusinessSettings()
     receipts: ReceiptsSettings = ReceiptsSettings()
     smtp: SmtpSettings = SmtpSettings()

@@ -1,11 +1,16 @@
 """The charge flow: decide, claim, charge, credit, finish; and recovery of whatever a crash left half-way.
 
-A recharge is a row that moves through recorded phases, each one transaction, in the spirit of Stripe's
-idempotency keys with recovery points:
+A recharge is a row that moves through recorded phases, in the spirit of Stripe's idempotency keys with
+recovery points:
 
-    claimed  --(attempt + idempotency key stored)-->  charging  --(processor answered)-->  paid
-    paid  --(ledger credit, unique per PaymentIntent)-->  credited  -->  finished
+    claimed  --(attempt + idempotency key stored, lease taken)-->  charging  --(processor answered)-->  paid
+    paid  --(ledger credit, unique per PaymentIntent, and its receipt)-->  credited  -->  finished
     charging --(declined)--> claimed (next funding source)      any phase --> failed (nothing was charged)
+
+Each arrow is one transaction, but for a payment: its answer is recorded and credited in one, so paid is a phase
+a recharge stays in only when its credit failed (recorded again without it, recovery credits it without asking
+the processor again) or when a payment turns up after it had failed. A charge takes four transactions: claim,
+attempt, answer with its credit, finish.
 
 `process` drives one recharge from whatever phase it is in, so the same code finishes a fresh recharge and
 one found half-done after `kill -9`. Exactly once comes from the database: one open recharge per account
@@ -20,7 +25,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Protocol
@@ -48,13 +53,16 @@ from recharged.payments import NOT_HELD, ChargeRequest, PaymentGateway, PaymentR
 from recharged.planning import plan_accounts, plans_in
 from recharged.states import AttemptStatus, DeclineClass, EntryType, JobStatus, Phase, RechargeKind, RechargeState
 from recharged.store.charging import (
+    LockedRecharge,
     abandoned_attempts,
     accounts_with_open_recharge,
     attempts_of,
     candidate_sources,
+    finish_recharge,
     insert_recharge,
     last_attempt_with,
     lock_recharge,
+    lock_recharge_with,
     open_recharge_ids,
     pending_attempt,
     settle_attempt,
@@ -65,6 +73,7 @@ from recharged.store.engine import Database
 from recharged.store.ledger import lock_account, mark_due, post_entry
 from recharged.store.models import Account, AuditRecord, ChargeAttempt, FundingSource, Receipt, Recharge
 from recharged.store.runs import finish_job_run, instance_name, start_job_run
+from recharged.thresholds import Thresholds
 from recharged.words import plural
 
 log = structlog.get_logger("recharged.recharge")
@@ -101,6 +110,24 @@ class RechargeReport:
     integration_error: bool = False  # failed because the processor refused our request (never the card's fault)
     receipt: str | None = None  # the receipt's number, once credited
     balance_after: Units | None = None  # the balance the credit left, as the receipt shows it
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    """An attempt about to be sent, as the transaction that stored it (or took its lease) read it."""
+
+    id: int
+    started: datetime
+    payment_intent: str | None  # the processor's id of the payment, once it said the payment was processing
+    request: ChargeRequest
+
+
+@dataclass(slots=True)
+class _Progress:
+    """What one `process` call learned of its recharge on the way: the recharge as its credit left it, so that
+    the report at the end needs no read."""
+
+    report: RechargeReport | None = None
 
 
 class Breaker:
@@ -204,7 +231,7 @@ class RechargeService:
         self._gateway_lock = threading.Lock()
         self._clock = clock
         self._observer: Observer = observer or _Unobserved()
-        self._account_of: dict[int, str] = {}  # recharge -> account, while a recharge is being processed
+        self.thresholds = Thresholds()  # what `mark_due` knows of thresholds today; the usage recorder tells it
 
     @property
     def gateway(self) -> PaymentGateway:
@@ -319,7 +346,11 @@ class RechargeService:
         urgent: list[str] = []
         with self._db.transaction() as session:
             due = []
-            for plan in plans_in(session, self._settings, at, ids):
+            # only the accounts that may be under their threshold (`thresholds`): most are not, and planning is costly
+            wanted, keys = self.thresholds.to_plan(session, ids, at)
+            plans = list(plans_in(session, self._settings, at, wanted)) if wanted else []
+            self.thresholds.learn(plans, keys, at)
+            for plan in plans:
                 if plan.decision.action != "charge":
                     continue
                 due.append(plan.account_id)
@@ -434,7 +465,8 @@ class RechargeService:
         worker got there first); ConflictError while another recharge of the account is open (`then`: what to do
         after it)."""
         with self._db.transaction() as session:
-            recharge = self._lock(session, recharge_id)
+            locked = lock_recharge_with(session, recharge_id)
+            recharge = locked.recharge
             if recharge.phase != Phase.FAILED:
                 return False
             if recharge.account_id in accounts_with_open_recharge(session, [recharge.account_id]):
@@ -449,8 +481,7 @@ class RechargeService:
             attempt.finished_at = attempt.finished_at or now
             recharge.phase, recharge.payment_intent, recharge.source_id = Phase.PAID, payment_intent, attempt.source_id
             recharge.outcome, recharge.updated_at = outcome, now
-            account = session.get(Account, recharge.account_id)
-            assert account is not None
+            account = locked.account
             if resume and account.recharge_state == RechargeState.ACTION_REQUIRED:
                 account.recharge_state, account.state_reason = RechargeState.OK, None
         return True
@@ -600,30 +631,25 @@ class RechargeService:
         if phase is None:
             with self._db.reading() as session:
                 phase = session.get(Recharge, recharge_id).phase  # type: ignore[union-attr]
-        steps = {
+        steps: dict[Phase | None, Callable[[int, _Progress], Step]] = {
             Phase.CLAIMED: self._choose_source,
             Phase.CHARGING: self._charge,
             Phase.PAID: self._credit,
             Phase.CREDITED: self._finish,
         }
-        try:
-            while phase in steps:
-                phase = steps[phase](recharge_id)
-        finally:
-            self._account_of.pop(recharge_id, None)
+        progress = _Progress()
+        while phase in steps:
+            phase = steps[phase](recharge_id, progress)
+        if progress.report is not None and progress.report.phase == phase:
+            return progress.report  # as this call credited and finished it: nothing to read again
         return self.report(recharge_id)
 
-    def _lock(self, session: Session, recharge_id: int) -> Recharge:
-        """`lock_recharge`, remembering the recharge's account (it never changes) for the next step's lock."""
-        recharge = lock_recharge(session, recharge_id, self._account_of.get(recharge_id))
-        self._account_of[recharge_id] = recharge.account_id
-        return recharge
-
-    def _choose_source(self, recharge_id: int) -> Step:
-        """claimed -> charging: store a new attempt and its idempotency key before any request."""
+    def _choose_source(self, recharge_id: int, progress: _Progress) -> Step:
+        """claimed -> charging: store a new attempt and its idempotency key before any request, then send it."""
         now = self._clock.now()
         with self._db.transaction() as session:
-            recharge = self._lock(session, recharge_id)
+            locked = lock_recharge_with(session, recharge_id)  # held: `_fail` finds the account in the session
+            recharge = locked.recharge
             if recharge.phase != Phase.CLAIMED:
                 return recharge.phase
             sources = candidate_sources(
@@ -638,62 +664,74 @@ class RechargeService:
                 self._fail(session, recharge, now)
                 return Phase.FAILED
             source = sources[0]
-            session.add(
-                ChargeAttempt(
-                    recharge_id=recharge.id,
-                    source_id=source.id,
-                    idempotency_key=f"recharged-{uuid.uuid4()}",
-                    status=AttemptStatus.PENDING,
-                    created_at=now,
-                )
+            attempt = ChargeAttempt(
+                recharge_id=recharge.id,
+                source_id=source.id,
+                idempotency_key=f"recharged-{uuid.uuid4()}",
+                status=AttemptStatus.PENDING,
+                created_at=now,
             )
+            session.add(attempt)
+            # The lease comes with the attempt (`_charge` takes it for one recovered): sent at once, below, while
+            # recovery leaves it alone.
             recharge.phase, recharge.source_id, recharge.updated_at = Phase.CHARGING, source.id, now
+            recharge.lease_until = now + timedelta(seconds=self._payments.lease_seconds)
+            session.flush()  # the attempt's id
+            sending = _Attempt(attempt.id, now, None, self._request(recharge, attempt, source))
         crashpoint("after_attempt_stored")
-        return Phase.CHARGING
+        return self._send(recharge_id, sending, now, progress)
 
-    def _charge(self, recharge_id: int) -> Step:
-        """charging -> paid | claimed (declined) | failed: send, or re-send with the same key, or look up."""
+    def _charge(self, recharge_id: int, progress: _Progress) -> Step:
+        """charging, found so (recovery, a webhook): take the lease, then re-send with the same key, or look up."""
         now = self._clock.now()
         with self._db.transaction() as session:
-            self._lock(session, recharge_id)
+            locked = lock_recharge_with(session, recharge_id)
             if not take_lease(session, recharge_id, now, now + timedelta(seconds=self._payments.lease_seconds)):
                 return None
-            recharge = session.get(Recharge, recharge_id)
             attempt = pending_attempt(session, recharge_id)
-            assert recharge is not None
             assert attempt is not None, f"recharge {recharge_id} charging without attempt"
-            source = session.get(FundingSource, attempt.source_id)
+            source = session.get(FundingSource, attempt.source_id)  # the recharge's card, held by `locked`
             assert source is not None
-            request = ChargeRequest(
-                idempotency_key=attempt.idempotency_key,
-                customer=source.customer,
-                payment_method=source.payment_method,
-                amount_minor=to_minor_units(recharge.total, recharge.currency),
-                currency=recharge.currency,
-                description=f"recharged {recharge.kind} recharge {recharge.id} for {recharge.account_id}",
-                metadata={
-                    "recharged_account": recharge.account_id,
-                    "recharged_recharge": str(recharge.id),
-                    "recharged_attempt": attempt.idempotency_key,
-                },
+            sending = _Attempt(
+                attempt.id, attempt.created_at, attempt.payment_intent, self._request(locked.recharge, attempt, source)
             )
-            attempt_id, attempt_started, known_intent = attempt.id, attempt.created_at, attempt.payment_intent
+        return self._send(recharge_id, sending, now, progress)
 
+    @staticmethod
+    def _request(recharge: Recharge, attempt: ChargeAttempt, source: FundingSource) -> ChargeRequest:
+        return ChargeRequest(
+            idempotency_key=attempt.idempotency_key,
+            customer=source.customer,
+            payment_method=source.payment_method,
+            amount_minor=to_minor_units(recharge.total, recharge.currency),
+            currency=recharge.currency,
+            description=f"recharged {recharge.kind} recharge {recharge.id} for {recharge.account_id}",
+            metadata={
+                "recharged_account": recharge.account_id,
+                "recharged_recharge": str(recharge.id),
+                "recharged_attempt": attempt.idempotency_key,
+            },
+        )
+
+    def _send(self, recharge_id: int, attempt: _Attempt, now: datetime, progress: _Progress) -> Step:
+        """charging -> paid (credited at once) | claimed (declined) | failed: send, or re-send with the same key, or
+        look up; the recharge's lease is held."""
+        request = attempt.request
         crashpoint("before_request")
         try:
-            result = self._ask(request, attempt_started, known_intent, now)
+            result = self._ask(request, attempt.started, attempt.payment_intent, now)
         except ProcessorFault as exc:
             # The processor may have stored its 5xx against the key and would replay it: never send the key again.
             # Look the payment up by what we sent; without one, set the attempt aside and try afresh later.
             log.warning("charge.processor_fault", recharge=recharge_id, error=str(exc))
             try:
-                result = self.gateway.find(request.customer, request.idempotency_key, attempt_started)
+                result = self.gateway.find(request.customer, request.idempotency_key, attempt.started)
             except TransientPaymentError as lookup:
                 self._release(recharge_id, f"{exc}; the payment could not be looked up yet: {lookup}")
                 return None
             if result is None:
                 why = f"{exc}; no payment was made under its key, a new attempt will follow"
-                return self._settle(recharge_id, attempt_id, None, set_aside=why)
+                return self._settle(recharge_id, attempt.id, None, progress, set_aside=why)
         except TransientPaymentError as exc:
             log.warning("charge.unknown", recharge=recharge_id, error=str(exc))
             self._release(recharge_id, f"processor unreachable, will retry: {exc}")
@@ -709,7 +747,7 @@ class RechargeService:
             log.error("charge.lookup_untrusted", recharge=recharge_id, problem=skewed)
             self._release(recharge_id, f"no payment found, but not concluded: {skewed}")
             return None
-        return self._settle(recharge_id, attempt_id, result)
+        return self._settle(recharge_id, attempt.id, result, progress)
 
     def _ask(
         self, request: ChargeRequest, started: datetime, known_intent: str | None, now: datetime
@@ -723,14 +761,43 @@ class RechargeService:
         return self.gateway.find(request.customer, request.idempotency_key, started)
 
     def _settle(
-        self, recharge_id: int, attempt_id: int, result: PaymentResult | None, *, set_aside: str | None = None
+        self,
+        recharge_id: int,
+        attempt_id: int,
+        result: PaymentResult | None,
+        progress: _Progress,
+        *,
+        set_aside: str | None = None,
     ) -> Step:
-        """Record the processor's answer for an attempt and move the recharge on. `result` None: no payment exists
-        for the attempt; with `set_aside`, because the processor failed (the recharge waits for a new attempt),
-        else because the key's window passed without one (the recharge fails)."""
+        """Record the processor's answer for an attempt and move the recharge on; a payment is credited in the same
+        transaction (paid -> credited). `result` None: no payment exists for the attempt; with `set_aside`, because
+        the processor failed (the recharge waits for a new attempt), else because the key's window passed without
+        one (the recharge fails)."""
+        try:
+            return self._record(recharge_id, attempt_id, result, progress, set_aside, credit=True)
+        except Exception:
+            if result is None or result.outcome != AttemptStatus.SUCCEEDED:
+                raise
+            # The credit failed (the ledger's bounds, the database): the payment is recorded without it, so that
+            # recovery credits it as paid without asking the processor again; then this fails as the credit did.
+            self._record(recharge_id, attempt_id, result, progress, set_aside, credit=False)
+            raise
+
+    def _record(
+        self,
+        recharge_id: int,
+        attempt_id: int,
+        result: PaymentResult | None,
+        progress: _Progress,
+        set_aside: str | None,
+        *,
+        credit: bool,
+    ) -> Step:
+        """`_settle` in one transaction; a payment is credited in it only with `credit`."""
         now = self._clock.now()
         with self._db.transaction() as session:
-            recharge = self._lock(session, recharge_id)
+            locked = lock_recharge_with(session, recharge_id)
+            recharge = locked.recharge
             if result is not None and result.outcome == AttemptStatus.PENDING:
                 session.get(ChargeAttempt, attempt_id).payment_intent = result.payment_intent  # type: ignore[union-attr]
                 recharge.lease_until, recharge.outcome = None, "payment processing at the processor"
@@ -751,7 +818,7 @@ class RechargeService:
             if not settle_attempt(session, attempt_id, values):
                 return recharge.phase  # another worker recorded this outcome first
             recharge.lease_until, recharge.updated_at = None, now
-            source = session.get(FundingSource, recharge.source_id)
+            source = locked.source
             assert source is not None
             card = card_label(source, expiry=False)
             if set_aside is not None:
@@ -807,52 +874,89 @@ class RechargeService:
             )
             if recharge.phase == Phase.FAILED:  # no payment found, or our request refused
                 webhooks.recharge_failed(session, recharge, now)
-            self._observer.attempted(status, None if result is None else result.decline_class)
-            return recharge.phase
+            if credit:  # else counted when it was first recorded, with its credit
+                self._observer.attempted(status, None if result is None else result.decline_class)
+            if recharge.phase != Phase.PAID or not credit:
+                return recharge.phase
+            credited = self._post_credit(session, locked, now)
+        return self._credited(credited, progress)
 
-    def _credit(self, recharge_id: int) -> Step:
-        """paid -> credited: the ledger credit, unique per PaymentIntent."""
+    def _credit(self, recharge_id: int, progress: _Progress) -> Step:
+        """paid -> credited, for a recharge found paid: its credit failed when its payment was recorded, or its payment
+        turned up after it had failed."""
         now = self._clock.now()
         with self._db.transaction() as session:
-            recharge = self._lock(session, recharge_id)
-            if recharge.phase != Phase.PAID:
-                return recharge.phase
-            assert recharge.payment_intent is not None
-            entry_type = EntryType.RECHARGE if recharge.kind == RechargeKind.AUTO else EntryType.TOPUP
-            post_entry(session, recharge.account_id, entry_type, recharge.payment_intent, recharge.amount, now)
-            account = session.get(Account, recharge.account_id)
-            assert account is not None
-            account.due_since = None
-            if account.recharge_state == RechargeState.BACKING_OFF:
-                account.recharge_state, account.failed_cycles, account.retry_at, account.state_reason = (
-                    RechargeState.OK,
-                    0,
-                    None,
-                    None,
-                )
-            recharge.phase, recharge.updated_at = Phase.CREDITED, now
-            issue_receipt(session, self._settings, recharge, now)  # numbered and queued with the credit
-            kind, amount, currency = recharge.kind, recharge.amount, recharge.currency
+            locked = lock_recharge_with(session, recharge_id)
+            if locked.recharge.phase != Phase.PAID:
+                return locked.recharge.phase
+            credited = self._post_credit(session, locked, now)
+        return self._credited(credited, progress)
+
+    def _post_credit(self, session: Session, locked: LockedRecharge, now: datetime) -> RechargeReport:
+        """paid -> credited in the caller's transaction, which holds the recharge's locks: the ledger credit (unique
+        per PaymentIntent), the account no longer due nor backing off, and the receipt, numbered last. Returns the
+        recharge as it then is."""
+        recharge, account, source = locked.recharge, locked.account, locked.source  # the account's balance as locked
+        assert source is not None
+        assert recharge.payment_intent is not None
+        entry_type = EntryType.RECHARGE if recharge.kind == RechargeKind.AUTO else EntryType.TOPUP
+        balance = account.balance
+        with session.no_autoflush:  # the recharge's changes are written once, with its new phase
+            posted = post_entry(
+                session, account.id, entry_type, recharge.payment_intent, recharge.amount, now, locked=account
+            )
+        balance_after = balance + recharge.amount if posted else balance
+        account.due_since = None
+        if account.recharge_state == RechargeState.BACKING_OFF:
+            account.recharge_state, account.failed_cycles, account.retry_at, account.state_reason = (
+                RechargeState.OK,
+                0,
+                None,
+                None,
+            )
+        recharge.phase, recharge.updated_at = Phase.CREDITED, now
+        receipt = issue_receipt(session, self._settings, recharge, now, balance_after=balance_after)
+        return RechargeReport(
+            recharge.id,
+            recharge.account_id,
+            recharge.kind,
+            Phase.CREDITED,
+            recharge.currency,
+            recharge.amount,
+            recharge.total,
+            recharge.outcome or "",
+            card_label(source, expiry=False),
+            receipt=receipt.number,
+            balance_after=balance_after,
+        )
+
+    def _credited(self, credited: RechargeReport, progress: _Progress) -> Step:
+        """After the commit of a credit."""
         crashpoint("after_credit")
-        self._observer.credited(kind, amount, currency)
+        self._observer.credited(credited.kind, credited.amount, credited.currency)
+        progress.report = credited
         return Phase.CREDITED
 
-    def _finish(self, recharge_id: int) -> Step:
+    def _finish(self, recharge_id: int, progress: _Progress) -> Step:
+        """credited -> finished."""
         with self._db.transaction() as session:
-            recharge = self._lock(session, recharge_id)
-            if recharge.phase == Phase.CREDITED:
-                recharge.phase, recharge.updated_at = Phase.FINISHED, self._clock.now()
-                log.info(
-                    "recharge.finished",
-                    recharge=recharge_id,
-                    account=recharge.account_id,
-                    kind=recharge.kind,
-                    amount=format_ledger(recharge.amount),
-                    total=format_ledger(recharge.total),
-                    currency=recharge.currency,
-                    payment_intent=recharge.payment_intent,
-                )
-            return recharge.phase
+            finished = finish_recharge(session, recharge_id, self._clock.now())
+            if finished is None:  # another worker finished it
+                phase: Phase = session.scalars(select(Recharge.phase).where(Recharge.id == recharge_id)).one()
+                return phase
+        log.info(
+            "recharge.finished",
+            recharge=recharge_id,
+            account=finished.account_id,
+            kind=finished.kind,
+            amount=format_ledger(finished.amount),
+            total=format_ledger(finished.total),
+            currency=finished.currency,
+            payment_intent=finished.payment_intent,
+        )
+        if progress.report is not None:
+            progress.report = replace(progress.report, phase=Phase.FINISHED)
+        return Phase.FINISHED
 
     def _fail(self, session: Session, recharge: Recharge, now: datetime) -> None:
         """No funding source is left to try: the recharge fails. When a card needed the customer to authenticate,
@@ -898,7 +1002,7 @@ class RechargeService:
 
     def _release(self, recharge_id: int, outcome: str) -> None:
         with self._db.transaction() as session:
-            recharge = self._lock(session, recharge_id)
+            recharge = lock_recharge(session, recharge_id)
             recharge.lease_until, recharge.outcome = None, outcome[:200]
 
     def report(self, recharge_id: int) -> RechargeReport:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import requests
 
-from recharged.authorizations import expired_since, held_per_currency
+from recharged.authorizations import expired_since, held_per_currency, refused_since
 from recharged.clock import parse_instant
 from recharged.config import Settings
 from recharged.credentials import read_secret
@@ -237,6 +237,7 @@ class StatusReport:
     attention: list[Attention] = field(default_factory=list)
     held: dict[str, tuple[int, int]] = field(default_factory=dict)  # currency -> (open authorizations, money held)
     expired_last_24h: int = 0  # reservations whose call's usage never came
+    refused_last_24h: dict[str, int] = field(default_factory=dict)  # calls refused (402), per reason
 
     @property
     def needs_attention(self) -> bool:
@@ -278,6 +279,7 @@ class StatusReport:
                 "open_authorizations": {currency: count for currency, (count, _) in self.held.items()},
                 "held": {currency: format_ledger(units) for currency, (_, units) in self.held.items()},
                 "expired_last_24h": self.expired_last_24h,
+                "refused_last_24h": self.refused_last_24h,
             },
         }
 
@@ -443,6 +445,7 @@ def status_report(db: Database, settings: Settings, now: datetime, daemon: Daemo
         attention=cycle_problems + attention,
         held=held_per_currency(db),
         expired_last_24h=expired_since(db, now - timedelta(days=1)),
+        refused_last_24h=refused_since(db, now - timedelta(days=1)),
     )
 
 

@@ -17,6 +17,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from sqlalchemy.orm import Session
+
 from recharged.authorizations import authorizations_of, settle
 from recharged.clock import Clock, parse_instant
 from recharged.config import Settings
@@ -25,9 +27,18 @@ from recharged.money import SCALE, Units, check_amount, parse_amount
 from recharged.rating import Rate, TimeRate, rate_event, rate_snapshot
 from recharged.sms import count_segments
 from recharged.store.engine import Database
-from recharged.store.ledger import AccountRef, UsageRow, existing_entries, lock_accounts, rate_id, record_usage
+from recharged.store.ledger import (
+    AccountRef,
+    UsageRow,
+    Written,
+    add_to_balances,
+    existing_entries,
+    insert_usage,
+    lock_accounts,
+    rate_id,
+    record_usage,
+)
 from recharged.store.models import Entry
-from recharged.store.reads import closings
 from recharged.words import plural
 
 FIELDS = (
@@ -199,9 +210,18 @@ def _differences(entry: Entry, event: UsageEvent) -> list[str]:
 class UsageRecorder:
     """Records batches of usage events for one database and configuration."""
 
-    def __init__(self, db: Database, settings: Settings, clock: Clock) -> None:
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        clock: Clock,
+        on_backdated: Callable[[set[str]], None] | None = None,
+    ) -> None:
+        """`on_backdated` hears, after each commit, the accounts that got usage of an earlier UTC day than today's:
+        their usage window changed (`thresholds.Thresholds.forget`)."""
         self._db = db
         self._clock = clock
+        self._on_backdated = on_backdated
         self._tolerance = timedelta(seconds=settings.usage.future_tolerance_seconds)
         self._max_age = timedelta(days=settings.usage.max_age_days)
         self._plans = {name: plan.rate_table() for name, plan in settings.plans.items()}
@@ -232,63 +252,123 @@ class UsageRecorder:
                 rounds.append([])
             rounds[k].append((i, event))
 
+        backdated: set[str] = set()
         if rounds:
-            new_rate_ids: dict[tuple[str, str, Rate], int] = {}
-            with self._db.transaction() as session:
-                accounts = lock_accounts(session, (event.account_id for parsed in rounds for _, event in parsed))
-                closed = closings(session, accounts)
-                held = authorizations_of(session, (e.authorization_id for parsed in rounds for _, e in parsed))
+            late = self._db.dialect == "postgresql"
+            try:
+                new_rate_ids = self._write(rounds, now, outcomes, where, backdated, late_locks=late)
+            except _AccountsChanged:  # rolled back: write it again, its accounts locked first
                 for parsed in rounds:
-                    pending: list[tuple[int, UsageEvent]] = []
-                    rows: list[UsageRow] = []
-                    for i, event in parsed:
-                        try:
-                            kind_rate, plan = self._rate_for(event, accounts.get(event.account_id))
-                            _check_open(event, closed.get(event.account_id))
-                            check_against_rate(event, kind_rate, plan)
-                            _check_authorization(event, held)
-                            rated = rate_event(
-                                kind_rate, duration_seconds=event.duration_seconds, quantity=event.quantity
-                            )
-                            cost = event.cost if event.cost is not None else rated.cost
-                            # a price in config.toml can make one event cost more than the ledger takes
-                            check_amount(cost, accounts[event.account_id].currency, what="cost")
-                        except ValueError as exc:
-                            outcomes[i] = Outcome(where[i], event.event_id, "rejected", str(exc))
-                            continue
-                        key = (plan, event.kind, kind_rate)
-                        rid = self._rate_ids.get(key) or new_rate_ids.get(key)
-                        if rid is None:
-                            rid = new_rate_ids[key] = rate_id(session, plan, event.kind, rate_snapshot(kind_rate))
-                        pending.append((i, event))
-                        rows.append(
-                            (
-                                event.account_id,
-                                event.event_id,
-                                -cost,
-                                event.started_at,
-                                now,
-                                event.kind,
-                                event.duration_seconds,
-                                event.quantity,
-                                rated.billable_quantity,
-                                None if event.cost is not None else rid,
-                            )
-                        )
-                    rows.sort(key=lambda row: row[1])  # one lock order for concurrent writers
-                    inserted = record_usage(session, rows)
-                    settle(
-                        session,
-                        [
-                            (e.authorization_id, e.event_id)
-                            for _, e in pending
-                            if e.authorization_id and e.event_id in inserted
-                        ],
-                        now,
-                    )
-                    self._settle(session, pending, inserted, outcomes, where)
+                    for i, _ in parsed:
+                        outcomes[i] = None
+                backdated.clear()
+                new_rate_ids = self._write(rounds, now, outcomes, where, backdated, late_locks=False)
             self._rate_ids.update(new_rate_ids)  # only after the commit: a rolled-back id is no id
+            if backdated and self._on_backdated is not None:
+                self._on_backdated(backdated)
         return [outcome for outcome in outcomes if outcome is not None]
+
+    def _write(
+        self,
+        rounds: list[list[tuple[int, UsageEvent]]],
+        now: datetime,
+        outcomes: list[Outcome | None],
+        where: list[int],
+        backdated: set[str],
+        *,
+        late_locks: bool,
+    ) -> dict[tuple[str, str, Rate], int]:
+        """Record the parsed events in one transaction, round after round; returns the rate ids it created.
+
+        With `late_locks` (PostgreSQL) the events are rated from their accounts as read, the entries and the daily
+        totals written, and only then the accounts locked, in id order, for their balances and the reservations
+        the events settle: a batch holds its accounts' rows for the last few milliseconds before its commit, so a
+        call's authorization hardly waits on it. If an account changed meanwhile (closed, moved to another plan),
+        _AccountsChanged rolls it all back. Without, the accounts are locked first (SQLite has one writer anyway)."""
+        new_rate_ids: dict[tuple[str, str, Rate], int] = {}
+        ids = {event.account_id for parsed in rounds for _, event in parsed}
+        today = now.date()
+        with self._db.transaction() as session:
+            held = authorizations_of(session, (e.authorization_id for parsed in rounds for _, e in parsed))
+            accounts = lock_accounts(session, ids, lock=not late_locks)
+            prepared = self._prepare(session, rounds, accounts, held, now, new_rate_ids, outcomes, where)
+            written: list[Written] = []
+            settling: list[tuple[int, str]] = []
+            for pending, rows in prepared:
+                if late_locks:
+                    new = insert_usage(session, rows)
+                    inserted = set(new)
+                    written += new.values()
+                else:
+                    inserted = record_usage(session, rows)
+                backdated.update(
+                    e.account_id for _, e in pending if e.event_id in inserted and e.started_at.date() < today
+                )
+                settling += [
+                    (e.authorization_id, e.event_id)
+                    for _, e in pending
+                    if e.authorization_id and e.event_id in inserted
+                ]
+                self._settle(session, pending, inserted, outcomes, where)
+            if late_locks:
+                if lock_accounts(session, ids) != accounts:
+                    raise _AccountsChanged
+                add_to_balances(session, written)
+            settle(session, settling, now)
+        return new_rate_ids
+
+    def _prepare(
+        self,
+        session: Session,
+        rounds: list[list[tuple[int, UsageEvent]]],
+        accounts: Mapping[str, AccountRef],
+        held: Mapping[int, str],
+        now: datetime,
+        new_rate_ids: dict[tuple[str, str, Rate], int],
+        outcomes: list[Outcome | None],
+        where: list[int],
+    ) -> list[tuple[list[tuple[int, UsageEvent]], list[UsageRow]]]:
+        """Check and rate each round's events against `accounts`: the ledger rows to write, round by round, with
+        the events they are for; the events refused get their outcome."""
+        prepared = []
+        for parsed in rounds:
+            pending: list[tuple[int, UsageEvent]] = []
+            rows: list[UsageRow] = []
+            for i, event in parsed:
+                try:
+                    kind_rate, plan = self._rate_for(event, accounts.get(event.account_id))
+                    _check_open(event, accounts[event.account_id].closed_at)
+                    check_against_rate(event, kind_rate, plan)
+                    _check_authorization(event, held)
+                    rated = rate_event(kind_rate, duration_seconds=event.duration_seconds, quantity=event.quantity)
+                    cost = event.cost if event.cost is not None else rated.cost
+                    # a price in config.toml can make one event cost more than the ledger takes
+                    check_amount(cost, accounts[event.account_id].currency, what="cost")
+                except ValueError as exc:
+                    outcomes[i] = Outcome(where[i], event.event_id, "rejected", str(exc))
+                    continue
+                key = (plan, event.kind, kind_rate)
+                rid = self._rate_ids.get(key) or new_rate_ids.get(key)
+                if rid is None:
+                    rid = new_rate_ids[key] = rate_id(session, plan, event.kind, rate_snapshot(kind_rate))
+                pending.append((i, event))
+                rows.append(
+                    (
+                        event.account_id,
+                        event.event_id,
+                        -cost,
+                        event.started_at,
+                        now,
+                        event.kind,
+                        event.duration_seconds,
+                        event.quantity,
+                        rated.billable_quantity,
+                        None if event.cost is not None else rid,
+                    )
+                )
+            rows.sort(key=lambda row: row[1])  # one lock order for concurrent writers
+            prepared.append((pending, rows))
+        return prepared
 
     def _rate_for(self, event: UsageEvent, account: AccountRef | None) -> tuple[Rate, str]:
         if account is None:
@@ -325,6 +405,10 @@ class UsageRecorder:
                 outcomes[index] = Outcome(where[index], event.event_id, "rejected", reason)
             else:
                 outcomes[index] = Outcome(where[index], event.event_id, "duplicate")
+
+
+class _AccountsChanged(Exception):
+    """An account of a batch changed between its unlocked read and its lock: the batch is written again."""
 
 
 def _check_authorization(event: UsageEvent, held: Mapping[int, str]) -> None:

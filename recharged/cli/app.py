@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 COMMANDS: dict[str, tuple[str, str]] = {
     "accounts": ("accounts", "Create, import, change, show, list, search, export, close and reopen accounts."),
     "adjust": ("charging", "Record a manual credit or debit on the balance, audited."),
+    "api": ("ops", "Serve the HTTP API in a process of its own, on [api] host:port: the endpoints of..."),
     "audit": ("accounts", "Who changed billing settings, when, and the values before and after (newest first)."),
     "authorizations": (
         "authorizations",

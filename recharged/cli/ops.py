@@ -121,6 +121,20 @@ def run(app: App) -> None:
     sys.exit(run_daemon(app.config_path, app.clock))
 
 
+@main.command("api")
+@click.option("--port", type=click.IntRange(0, 65_535), help="Listen here instead of [api] port (several on one host).")
+@pass_app
+def api(app: App, port: int | None) -> None:
+    """Serve the HTTP API in a process of its own, on [api] host:port: the endpoints of `run`'s server, without
+    its scheduled work, so a charge cycle never slows a dialer's authorization down. For PostgreSQL; on SQLite the
+    daemon's own server is faster.
+
+    Meant for systemd beside `run` (Type=notify; see deploy/recharged-api.service). SIGHUP reloads config.toml."""
+    from recharged.daemon.apiserver import run_api  # lazy, as `run`
+
+    sys.exit(run_api(app.config_path, app.clock, port))
+
+
 @main.command("status")
 @click.option("--json", "as_json", is_flag=True, help="JSON for scripts, amounts as decimal strings.")
 @pass_app
@@ -185,7 +199,13 @@ def _status_tables(report: StatusReport) -> None:
         for currency, (count, units) in report.held.items()
     )
     expired = f"; {plural(report.expired_last_24h, 'reservation')} expired unsettled in 24 h"
-    table.add_row("calls in progress", (held or "none") + (expired if report.expired_last_24h else ""))
+    refused = ", ".join(f"{count:,} {reason.replace('_', ' ')}" for reason, count in report.refused_last_24h.items())
+    table.add_row(
+        "calls in progress",
+        (held or "none")
+        + (expired if report.expired_last_24h else "")
+        + (f"; refused in 24 h (402): {refused}" if refused else ""),
+    )
     out.print(table)
     if not report.attention:
         out.print("nothing needs attention")

@@ -140,8 +140,7 @@ class Daemon:
         self._stop = threading.Event()
         self._work = _Work()
         self._settings = settings
-        daemon = settings.daemon
-        self.db = Database(settings.database.url, connections=daemon.charge_concurrency + 24)
+        self.db = Database(settings.database.url, connections=self._connections(settings))
         self.metrics.watch(lambda: backlog(self.db, clock.now()))
         self.metrics.watch_reservations(lambda: held_per_currency(self.db))
         self._runtime: Runtime | None = None
@@ -172,7 +171,7 @@ class Daemon:
             cycle_interval=lambda: self.runtime().settings.daemon.cycle_interval,
             cycle_grace=lambda: self.runtime().settings.daemon.cycle_grace,
             max_clock_skew=lambda: self.runtime().settings.payments.max_clock_skew,
-            scheduler_running=lambda: self._scheduler.running,
+            scheduler_running=self._scheduler_running,
             next_cycle=self.next_cycle,
             processor=self._processor,
             mail=lambda: last_delivery_check(self.db),
@@ -192,6 +191,13 @@ class Daemon:
     def runtime(self) -> Runtime:
         assert self._runtime is not None, "the daemon has not started"
         return self._runtime
+
+    def _connections(self, settings: Settings) -> int:
+        """Database connections held at once at most: the charge workers, the HTTP server's threads and jobs."""
+        return settings.daemon.charge_concurrency + 24
+
+    def _scheduler_running(self) -> bool:
+        return self._scheduler.running
 
     def alive(self) -> tuple[bool, str]:
         if self._stop.is_set():
@@ -438,13 +444,16 @@ class Daemon:
             expire_interval_seconds=settings.authorizations.expire_interval_seconds,
         )
 
+    def _address(self, settings: Settings) -> tuple[str, int]:
+        return settings.http.host, settings.http.port
+
     def _bind(self, settings: Settings) -> socket.socket:
-        host, port = settings.http.host, settings.http.port
+        host, port = self._address(settings)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
             return socket.create_server((host, port), family=family, backlog=512, reuse_port=False)
         except OSError as exc:
-            raise ConfigError(f"http: cannot listen on {host}:{port}: {exc.strerror}") from None
+            raise ConfigError(f"{self.SECTION}: cannot listen on {host}:{port}: {exc.strerror}") from None
 
     def _start_http(self, settings: Settings) -> None:
         listener = self._bind(settings)
@@ -492,25 +501,17 @@ class Daemon:
         """Run until SIGTERM or SIGINT; returns the exit status."""
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # every thread started from here on inherits this
         settings = self._settings
-        with single_instance(self.db.url):
+        with self._exclusive():
             self.prepare()
-            closed = close_interrupted_runs(self.db, self._clock)
-            self._scheduler.start(self._jobs_table(), self._specs(settings))
-            if settings.http.enabled:
-                try:
-                    self._start_http(settings)
-                except RechargedError:
-                    self._scheduler.shutdown()
-                    raise
+            started = self._start(settings)
             log.info(
-                "daemon.started",
+                f"{self.ROLE}.started",
                 instance=self.instance,
                 version=__version__,
                 database=masked_url(self.db.url),
-                interrupted_runs=closed,
-                next_cycle=str(self.next_cycle()),
+                **started,
             )
-            sdnotify.ready(f"running; next cycle {self._next_text()}")
+            sdnotify.ready(self._ready_text())
             watchdog = sdnotify.Watchdog.from_environment(lambda: self.alive()[0])
             if watchdog is not None:
                 watchdog.start()
@@ -520,14 +521,36 @@ class Daemon:
                     if received == signal.SIGHUP:
                         self.reload()
                         continue
-                    log.info("daemon.stopping", signal=signal.Signals(received).name)
+                    log.info(f"{self.ROLE}.stopping", signal=signal.Signals(received).name)
                     break
             finally:
                 if watchdog is not None:
                     watchdog.stop()
                 clean = self.stop()
-            log.info("daemon.stopped", clean=clean)
+            log.info(f"{self.ROLE}.stopped", clean=clean)
         return 0
+
+    ROLE = "daemon"  # the service's name in its log events: daemon.started, api.started
+    SECTION = "http"  # the section of config.toml that says where it listens
+
+    def _exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Held while running: on SQLite one daemon per database."""
+        return single_instance(self.db.url)
+
+    def _start(self, settings: Settings) -> dict[str, Any]:
+        """Start the work (after `prepare`); returns what the start's log line tells."""
+        closed = close_interrupted_runs(self.db, self._clock)
+        self._scheduler.start(self._jobs_table(), self._specs(settings))
+        if settings.http.enabled:
+            try:
+                self._start_http(settings)
+            except RechargedError:
+                self._scheduler.shutdown()
+                raise
+        return {"interrupted_runs": closed, "next_cycle": str(self.next_cycle())}
+
+    def _ready_text(self) -> str:
+        return f"running; next cycle {self._next_text()}"
 
     def stop(self) -> bool:
         """Stop taking work, wait for work in flight (bounded), stop the threads. True when nothing was cut."""
@@ -554,12 +577,14 @@ class Daemon:
         self.db.close()
         return clean
 
+    RESTART_ONLY = RESTART_ONLY
+
     def reload(self) -> bool:
         """SIGHUP: validate the file again and swap it in whole, or keep the running configuration."""
         sdnotify.reloading("reloading configuration")
         try:
             fresh = load_settings(self._config_path)
-            changed = [".".join(key) for key in RESTART_ONLY if _get(fresh, key) != _get(self._settings, key)]
+            changed = [".".join(key) for key in self.RESTART_ONLY if _get(fresh, key) != _get(self._settings, key)]
             if changed:
                 raise ConfigError(f"{', '.join(changed)} cannot change while running; restart the service instead")
             _refuse_lacking(data_problems(self.db, fresh, self._clock.now().date()))

@@ -19,6 +19,7 @@ from recharged.errors import ConfigError
 from recharged.events import EventService
 from recharged.payments import PaymentGateway, RateLimiter, StripeGateway
 from recharged.recharge import RechargeService
+from recharged.store.budget import shared_budget
 from recharged.store.engine import Database
 from recharged.tokens import ApiToken, configured_tokens
 from recharged.usage import UsageRecorder
@@ -67,12 +68,23 @@ def stripe_gateway(
         max_retries=payments.max_retries,
         retry_initial_seconds=payments.retry_initial_seconds,
         retry_max_seconds=payments.retry_max_seconds,
-        rate_limiter=RateLimiter(payments.max_requests_per_second),
+        rate_limiter=rate_limiter(settings),
         on_call=on_call,
         on_retry=on_retry,
         on_skew=on_skew,
         now=None if clock is None else clock.now,
     )
+
+
+def rate_limiter(settings: Settings) -> RateLimiter:
+    """`payments.max_requests_per_second` for the whole deployment: on PostgreSQL every instance (and command) takes
+    its turn from one budget in the database; on SQLite, where one instance works on a database file, the process
+    paces itself."""
+    per_second = settings.payments.max_requests_per_second
+    budget = shared_budget(settings.database.url)
+    if budget is None:
+        return RateLimiter(per_second)
+    return RateLimiter(per_second, shared=lambda rate: budget.take(rate).wait)
 
 
 def build_runtime(
@@ -91,7 +103,7 @@ def build_runtime(
     return Runtime(
         settings=settings,
         recharges=recharges,
-        usage=UsageRecorder(db, settings, clock),
+        usage=UsageRecorder(db, settings, clock, on_backdated=recharges.thresholds.forget),
         events=EventService(db, recharges, clock, observer=metrics),
         api_tokens=configured_tokens(),
         webhook_secret=None if webhook_secret is None else webhook_secret.value,

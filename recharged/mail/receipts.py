@@ -3,7 +3,9 @@
 `issue_receipt` runs inside the transaction that posts the ledger credit: it takes the next number from the
 issuer's counter row (locked until that transaction ends, so a rollback gives the number back), records what
 the receipt shows as it is at that moment (business details, card, new balance, the reason in plain words),
-and puts the email in the outbox. The receipt is unique per recharge, its number unique per issuer.
+and puts the email in the outbox. The receipt is unique per recharge, its number unique per issuer. Every
+receipt of an issuer waits for its counter row, so the number is taken last: the transaction's other writes
+and the receipt's content come first, and only the rows that carry the number follow it before the commit.
 """
 
 from __future__ import annotations
@@ -38,20 +40,20 @@ def receipt_key(number: str) -> str:
     return f"receipt:{number}"
 
 
-def issue_receipt(session: Session, settings: Settings, recharge: Recharge, at: datetime) -> Receipt:
-    """Number and record the receipt of a recharge credited in this transaction, and queue its email."""
+def issue_receipt(
+    session: Session, settings: Settings, recharge: Recharge, at: datetime, *, balance_after: Units
+) -> Receipt:
+    """Number and record the receipt of a recharge credited in this transaction, and queue its email.
+    `balance_after`: the balance the credit left (the caller posted it). The account and the card are read
+    through the session (`lock_recharge_with` has loaded them: no statement)."""
     account = session.get(Account, recharge.account_id)
     source = session.get(FundingSource, recharge.source_id) if recharge.source_id is not None else None
     assert account is not None
     assert source is not None
     assert recharge.payment_intent is not None
-    # Read the balance from the database: the credit moved it with an UPDATE the loaded object has not seen.
-    balance_after = session.execute(select(Account.balance).where(Account.id == account.id)).scalar_one()
     issuer = settings.receipts.issuer
-    seq = next_receipt_number(session, issuer)
-    number = receipt_number(issuer, seq)
     content: dict[str, Any] = {
-        "number": number,
+        "number": None,  # below, once taken
         "issued_at": at.isoformat(),
         "kind": recharge.kind,
         "copy": False,
@@ -69,6 +71,9 @@ def issue_receipt(session: Session, settings: Settings, recharge: Recharge, at: 
         "reason": _reason(recharge) if recharge.kind == "auto" else None,
         "processor_minimum": _processor_minimum(recharge),
     }
+    session.flush()  # the transaction's other writes, before the counter row is locked
+    seq = next_receipt_number(session, issuer)
+    number = content["number"] = receipt_number(issuer, seq)
     receipt = Receipt(
         number=number,
         issuer=issuer,

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import func, insert, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Row, and_, func, select, text, update
 from sqlalchemy.orm import Session
 
 from recharged.clock import as_utc
 from recharged.states import CLOSED_PHASES, AttemptStatus, Phase, RechargeKind
-from recharged.store.ledger import lock_account
+from recharged.store.engine import dialect_insert
 from recharged.store.models import (
+    RECHARGE_OPEN,
+    Account,
     ChargeAttempt,
     FundingSource,
     Recharge,
@@ -23,24 +25,71 @@ from recharged.store.models import (
 
 
 def insert_recharge(session: Session, values: Mapping[str, Any]) -> int | None:
-    """Claim a recharge; None when the account already has an open one (the partial unique index says so)."""
-    try:
-        with session.begin_nested():
-            recharge_id = session.execute(insert(Recharge).values(**values).returning(Recharge.id)).scalar_one()
-    except IntegrityError:
-        return None
-    return int(recharge_id)
+    """Claim a recharge; None when the account already has an open one (the partial unique index says so: the
+    insert does nothing, in one statement, with no savepoint)."""
+    statement = (
+        dialect_insert(session, Recharge.__table__)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["account_id"], index_where=text(RECHARGE_OPEN))
+        .returning(Recharge.id)
+    )
+    recharge_id = session.execute(statement).scalar_one_or_none()
+    return None if recharge_id is None else int(recharge_id)
 
 
-def lock_recharge(session: Session, recharge_id: int, account_id: str | None = None) -> Recharge:
-    """Lock a recharge for a phase change: its account row first, then the recharge. Every transaction that
-    changes a recharge takes the locks in this order, as claiming does, so they cannot deadlock. `account_id`
-    is the recharge's account when the caller knows it (it never changes), saving a query."""
-    if account_id is None:
-        account_id = session.execute(select(Recharge.account_id).where(Recharge.id == recharge_id)).scalar_one()
-    lock_account(session, account_id)
-    recharge = session.execute(select(Recharge).where(Recharge.id == recharge_id).with_for_update()).scalar_one()
-    return recharge
+@dataclass(frozen=True, slots=True)
+class LockedRecharge:
+    """A recharge locked for a phase change, with its account and its card (None before it has one), loaded with it.
+    The session keeps loaded objects only while they are referenced: hold this, and `session.get` finds them
+    without a statement."""
+
+    recharge: Recharge
+    account: Account
+    source: FundingSource | None
+
+
+def lock_recharge_with(session: Session, recharge_id: int) -> LockedRecharge:
+    """Lock a recharge for a phase change: its account row first, then the recharge, in one statement (PostgreSQL
+    locks the rows in the order FOR UPDATE OF names them; SQLite holds the write lock). Every transaction that
+    changes a recharge takes the locks in this order, as claiming does, so they cannot deadlock. Its account and its
+    card come with it."""
+    query = (
+        select(Recharge, Account, FundingSource)
+        .join(Account, Account.id == Recharge.account_id)
+        .outerjoin(FundingSource, FundingSource.id == Recharge.source_id)
+        .where(Recharge.id == recharge_id)
+        .with_for_update(of=(Account, Recharge))
+    )
+    recharge, account, source = session.execute(query).one()
+    return LockedRecharge(recharge, account, source)
+
+
+def lock_recharge(session: Session, recharge_id: int) -> Recharge:
+    """`lock_recharge_with`, for a caller that needs the recharge alone."""
+    return lock_recharge_with(session, recharge_id).recharge
+
+
+def finish_recharge(
+    session: Session, recharge_id: int, now: datetime
+) -> Row[str, RechargeKind, int, int, str, str | None] | None:
+    """credited -> finished, in one statement that takes the recharge's row lock alone (holding no other lock while
+    it waits, it cannot deadlock with the account-then-recharge order). What the log says of the recharge; None when
+    it was not credited (finished by another worker)."""
+    statement = (
+        update(Recharge)
+        .where(Recharge.id == recharge_id, Recharge.phase == Phase.CREDITED)
+        .values(phase=Phase.FINISHED, updated_at=now)
+        .returning(
+            Recharge.account_id,
+            Recharge.kind,
+            Recharge.amount,
+            Recharge.total,
+            Recharge.currency,
+            Recharge.payment_intent,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return session.execute(statement).one_or_none()
 
 
 def take_lease(session: Session, recharge_id: int, now: datetime, until: datetime) -> bool:
@@ -209,27 +258,26 @@ def cards_resting_until(
     """The accounts whose every usable card is resting after declines at `at` (as `candidate_sources` rests
     them: `max_declines_30d` declines in 30 days, or one within `cooldown`), with the moment after which the
     first of their cards may be charged again."""
-    sources = select(FundingSource.id, FundingSource.account_id).where(
-        FundingSource.removed_at.is_(None), FundingSource.unusable_reason.is_(None)
-    )
-    if ids is not None:
-        sources = sources.where(FundingSource.account_id.in_(ids))
-    account_of = {source_id: account_id for source_id, account_id in session.execute(sources)}
-    if not account_of:
-        return {}
     month = timedelta(days=30)
-    declines: dict[int, list[datetime]] = {}
-    query = (
-        select(ChargeAttempt.source_id, ChargeAttempt.created_at)
-        .where(
-            ChargeAttempt.status == AttemptStatus.DECLINED,
-            ChargeAttempt.created_at >= at - max(month, cooldown),
-            ChargeAttempt.source_id.in_(select(sources.subquery().c.id)),
-        )
+    declined = and_(
+        ChargeAttempt.source_id == FundingSource.id,
+        ChargeAttempt.status == AttemptStatus.DECLINED,
+        ChargeAttempt.created_at >= at - max(month, cooldown),
+    )
+    query = (  # each usable card with its recent declines, oldest first (none: one row with no time)
+        select(FundingSource.id, FundingSource.account_id, ChargeAttempt.created_at)
+        .outerjoin(ChargeAttempt, declined)
+        .where(FundingSource.removed_at.is_(None), FundingSource.unusable_reason.is_(None))
         .order_by(ChargeAttempt.created_at)
     )
-    for source_id, created_at in session.execute(query):
-        declines.setdefault(source_id, []).append(as_utc(created_at))
+    if ids is not None:
+        query = query.where(FundingSource.account_id.in_(ids))
+    account_of: dict[int, str] = {}
+    declines: dict[int, list[datetime]] = {}
+    for source_id, account_id, created_at in session.execute(query):
+        account_of[source_id] = account_id
+        if created_at is not None:
+            declines.setdefault(source_id, []).append(as_utc(created_at))
     usable_after: dict[str, list[datetime | None]] = {}  # per account, per card: None when usable at `at`
     for source_id, account_id in account_of.items():
         times = declines.get(source_id, [])

@@ -53,7 +53,10 @@ def make_engine(url: str, connections: int | None = None) -> Engine:
     url = normalize_url(url)
     pool: dict[str, Any] = {}
     if connections is not None:
-        pool = {"pool_size": min(connections, 10), "max_overflow": max(0, connections - 10), "pool_timeout": 60}
+        # Kept open up to 40 (the HTTP server's threads): fewer meant a new PostgreSQL session for most requests
+        # under load, and one process never needs more than that at once but for a large charge concurrency.
+        kept = min(connections, 40)
+        pool = {"pool_size": kept, "max_overflow": connections - kept, "pool_timeout": 60}
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""

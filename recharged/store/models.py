@@ -511,6 +511,17 @@ class ReceiptCounter(Base):
     last_number: Mapped[int] = mapped_column(BigInteger)
 
 
+class ProcessorBudget(Base):
+    """The next free slot of a budget of requests to the processor, on the database's clock: every instance on
+    one PostgreSQL database takes its requests' slots from it (store/budget.py). UNLOGGED there (migration 0015):
+    a pacing hint that a crash may lose, and the next request makes again. Unused on SQLite."""
+
+    __tablename__ = "processor_budgets"
+
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    next_slot: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class Receipt(Base):
     """The receipt of one credit of a balance (an automatic recharge or a one-time purchase), as issued."""
 
@@ -684,3 +695,17 @@ class Authorization(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     usage_event_id: Mapped[str | None] = mapped_column(String(128), unique=True)  # the usage that settled it
+
+
+class AuthorizationRefusal(Base):
+    """Calls refused (402), counted per account, hour and reason (`insufficient_balance`, `account_closed`): what
+    `recharged status` tells of the last 24 hours. One row per account and hour, so refusals of different accounts
+    never wait for each other."""
+
+    __tablename__ = "authorization_refusals"
+    __table_args__ = (Index("ix_authorization_refusals_hour", "hour"),)
+
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
+    hour: Mapped[datetime] = mapped_column(UTCDateTime(), primary_key=True)  # the refusals' hour, UTC
+    reason: Mapped[str] = mapped_column(String(40), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
@@ -446,26 +446,6 @@ def open_recharge_of(session: Session, account_id: str) -> Recharge | None:
     """The account's open recharge (there is at most one), if any."""
     query = select(Recharge).where(Recharge.account_id == account_id, Recharge.phase.not_in(CLOSED_PHASES))
     return session.scalars(query).one_or_none()
-
-
-def closed_by(session: Session, at: datetime, ids: Sequence[str] | None = None) -> set[str]:
-    """The accounts (of `ids`, or all) that were closed at `at`."""
-    query = select(Account.id).where(Account.closed_at.is_not(None), Account.closed_at <= at)
-    if ids is not None:
-        query = query.where(Account.id.in_(ids))
-    return set(session.scalars(query))
-
-
-def closings(session: Session, ids: Iterable[str]) -> dict[str, datetime]:
-    """When each of the given accounts that is closed was closed."""
-    wanted = sorted(set(ids))
-    found: dict[str, datetime] = {}
-    for i in range(0, len(wanted), _IN_CHUNK):
-        query = select(Account.id, Account.closed_at).where(
-            Account.closed_at.is_not(None), Account.id.in_(wanted[i : i + _IN_CHUNK])
-        )
-        found.update((account_id, closed_at) for account_id, closed_at in session.execute(query) if closed_at)
-    return found
 
 
 # --- the configuration against the data (`check-config`, the daemon's start and reload) -----------------------

@@ -96,6 +96,7 @@ MATRIX: dict[str, list[tuple[str, int, str]]] = {
     "reconcile": [("reconcile --since someday", 2, "since")],
     "recover": [("recover --all", 2, "No such option"), ("recover --recharge 0", 2, "--recharge")],
     "run": [("run --once", 2, "No such option")],
+    "api": [("api --port 70000", 2, "--port")],
     "sources add": [("sources add ghost --customer cus_1 --payment-method pm_1 " + ACTOR, 3, "no account 'ghost'")],
     "sources default": [("sources default acme 999 " + ACTOR, 3, "999")],
     "sources list": [("sources list ghost", 3, "no account 'ghost'")],

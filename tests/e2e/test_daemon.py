@@ -80,9 +80,12 @@ def seed(db_url: str, stripe: StripeTestServer, accounts: dict[str, int], card: 
 
 
 class Daemon:
-    """A `recharged run` child process with its config file, log and notify socket."""
+    """A `recharged run` (or `recharged api`) child process with its config file, log and notify socket."""
 
-    def __init__(self, tmp_path: Path, db_url: str, stripe: StripeTestServer, name: str = "daemon") -> None:
+    def __init__(
+        self, tmp_path: Path, db_url: str, stripe: StripeTestServer, name: str = "daemon", command: str = "run"
+    ) -> None:
+        self.command = command
         self.dir = tmp_path / name
         self.dir.mkdir()
         self.config = self.dir / "config.toml"
@@ -115,7 +118,7 @@ class Daemon:
         }
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "recharged", "--config", str(self.config), "run"],
+                [sys.executable, "-m", "recharged", "--config", str(self.config), self.command],
                 stdout=log,
                 stderr=log,
                 env=environment,
@@ -196,8 +199,8 @@ class Daemon:
 def daemons(tmp_path: Path, db_url: str, stripe: StripeTestServer) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def make(config: str, name: str = "daemon") -> Daemon:
-        daemon = Daemon(tmp_path, db_url, stripe, name)
+    def make(config: str, name: str = "daemon", command: str = "run") -> Daemon:
+        daemon = Daemon(tmp_path, db_url, stripe, name, command)
         daemon.write_config(config)
         started.append(daemon)
         return daemon
@@ -217,6 +220,9 @@ urgent_margin_hours = 2.0
 shutdown_timeout_seconds = 30
 
 [http]
+port = 0
+
+[api]
 port = 0
 
 [outbox]
@@ -400,6 +406,60 @@ def test_several_daemons_on_postgresql_charge_each_account_once(daemons, db_url,
     credits, finished = ledger(db_url)
     assert credits == finished == dict.fromkeys(accounts, 1)
     assert reported("charged") <= len(accounts)  # no charge reported by two cycles
+
+
+def test_the_api_service_serves_beside_the_daemon_and_charges_what_its_usage_makes_urgent(daemons, db_url, stripe):
+    seed(db_url, stripe, {"acme": 5_000, "birch": 5_000})  # $50 each: above the $42 threshold
+    daemon = daemons(config(interval=1.0)).start()
+    wait_for("the daemon's first cycle", lambda: daemon.event("cycle.finished"))
+    api = daemons(config(interval=1.0), name="api", command="api").start()
+    assert api.base != daemon.base
+    assert any(n.startswith("READY=1") and "serving the API" in n for n in wait_for("READY=1", api.notified))
+    assert api.event("api.started") is not None
+    assert api.event("cycle.finished") is None  # no scheduled work here
+    assert (api.get("/livez").status_code, api.get("/readyz").status_code) == (200, 200)
+    checks = api.get("/healthz").json()["checks"]
+    assert checks["scheduler:running"][0]["status"] == "pass"  # the last cycle is the daemon's, an hour to the next
+    assert checks["cycle:age"][0]["status"] == "pass", checks
+
+    # Usage through the API service: birch will not last until the next cycle, so this process charges it at once.
+    answer = api.post_usage([call("birch-big-1", account="birch", seconds=148_000, at=_now())])
+    assert answer == {
+        "accepted": 1,
+        "duplicate": 0,
+        "rejected": 0,
+        "results": [{"index": 0, "event_id": "birch-big-1", "status": "accepted", "reason": None}],
+    }
+    wait_for("birch charged at once", lambda: succeeded_by_account(stripe).get("birch"))
+    granted = httpx.post(
+        api.base + "/v1/authorizations",
+        json={"account_id": "acme", "kind": "dialer", "call_id": "c-1", "requested_seconds": 60},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=10,
+    )
+    assert (granted.status_code, granted.json()["authorized_seconds"]) == (201, 60)
+    assert daemon.get("/v1/accounts/acme/balance").json()["reserved"] == "0.02000"  # one database, both see it
+    assert metric(api, "recharged_urgent_charges_total") == 1
+    assert metric(api, 'recharged_authorizations_total{outcome="granted"}') == 1
+    assert metric(daemon, "recharged_urgent_charges_total") == 0
+
+    # SIGHUP re-reads config.toml; where it listens needs a restart, and the running settings stay.
+    api.write_config(config(interval=1.0).replace("[api]\nport = 0", "[api]\nport = 1"))
+    api.signal(signal.SIGHUP)
+    refused = wait_for("the refused reload", lambda: api.event("config.reload_refused"))
+    assert "api.port" in refused["error"]
+    api.write_config(config(interval=2.0))
+    api.signal(signal.SIGHUP)
+    wait_for("the reload", lambda: api.event("config.reloaded"))
+
+    assert api.stop() == 0
+    assert api.event("api.stopped")["clean"] is True
+    assert any(n.startswith("STOPPING=1") for n in api.notified())
+    assert daemon.get("/readyz").status_code == 200
+    assert daemon.stop() == 0
+    assert succeeded_by_account(stripe) == {"birch": 1}
+    credits, finished = ledger(db_url)
+    assert credits == finished == {"birch": 1}
 
 
 def test_the_daemon_refuses_to_start_without_its_secrets_or_with_bad_config(tmp_path, db_url):

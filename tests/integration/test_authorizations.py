@@ -17,6 +17,7 @@ import requests
 import uvicorn
 from sqlalchemy import event, func, select, update
 
+from recharged.accounts import close_account
 from recharged.authorizations import expire_due
 from recharged.daemon.http import create_app
 from recharged.planning import plan_accounts
@@ -307,18 +308,32 @@ def test_an_overdraft_lets_calls_go_below_zero_as_far_as_an_admin_allows(api: Ap
 
 def test_status_and_metrics_show_the_calls_in_progress(api: Api):
     ask(api, "c-1", requested_seconds=120)
-    ask(api, "c-2", requested_seconds=30_000)  # all the $9.96 left: 498 minutes
+    two = ask(api, "c-2", requested_seconds=30_000).json()  # all the $9.96 left: 498 minutes
     ask(api, "c-3")  # refused: nothing left
     ask(api, "c-1", requested_seconds=120)  # the same call again
-    report = status_report(api.db, api.settings, api.clock.now(), DaemonAnswer(None, False, error="not asked"))
-    assert report.as_json()["calls"] == {
+    longer = api.client.post(
+        f"/v1/authorizations/{two['id']}/extend", json={"requested_seconds": 40_000}, headers=auth()
+    )
+    assert longer.status_code == 402  # refused too: no more money
+    add_account(api.db, api.settings, api.clock, "birch")
+    close_account(api.db, "birch", reason="moved away", actor="Jane Doe", clock=api.clock)
+    assert ask(api, "c-4", account="birch").json()["error"]["reason"] == "account_closed"
+
+    def calls() -> dict[str, Any]:
+        report = status_report(api.db, api.settings, api.clock.now(), DaemonAnswer(None, False, error="not asked"))
+        return dict(report.as_json()["calls"])
+
+    assert calls() == {
         "open_authorizations": {"USD": 2},
         "held": {"USD": "10.00000"},
         "expired_last_24h": 0,
+        "refused_last_24h": {"account_closed": 1, "insufficient_balance": 2},
     }
+    api.clock.advance(timedelta(hours=25))
+    assert calls()["refused_last_24h"] == {}
     metrics = api.client.get("/metrics").text
     assert 'recharged_authorizations_total{outcome="granted"} 2.0' in metrics
-    assert 'recharged_authorizations_total{outcome="refused"} 1.0' in metrics
+    assert 'recharged_authorizations_total{outcome="refused"} 3.0' in metrics
     assert 'recharged_authorizations_total{outcome="repeated"} 1.0' in metrics
     assert 'recharged_authorizations_open{currency="USD"} 2.0' in metrics
     assert 'recharged_reserved_amount{currency="USD"} 10.0' in metrics

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
@@ -50,4 +51,55 @@ def test_concurrent_writers_lose_no_update(db_url, settings, clock):
     expected = -(workers * rounds + rounds) * 2_000
     assert balances == dict.fromkeys(ACCOUNTS, expected)
     assert verify(db).ok
+    db.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_an_account_closed_while_a_batch_waits_for_its_lock_bills_only_what_came_before(db_url, settings, clock):
+    """On PostgreSQL a batch rates its events from the accounts as it first reads them, unlocked, writes its
+    entries, then locks the accounts for their balances: an account closed in between (here by a transaction that
+    holds its row meanwhile) undoes the batch, which is written again with the account as it is once locked, so the
+    call that started after the closing is not billed."""
+    import threading
+    import time
+
+    from sqlalchemy import text
+
+    from recharged.store.ledger import lock_account
+
+    db = Database(db_url)
+    add_account(db, settings, clock, "acme")
+    closing = NOW - timedelta(minutes=30)
+    recorder = UsageRecorder(db, settings, clock)
+    other = Database(db_url)
+    outcomes: list = []
+    with other.transaction() as session:
+        lock_account(session, "acme")
+        session.execute(
+            text("UPDATE accounts SET closed_at = :at, closed_reason = 'moved away' WHERE id = 'acme'"), {"at": closing}
+        )
+        batch = [
+            call("before", seconds=60, at=(closing - timedelta(minutes=5)).isoformat()),
+            call("after", seconds=60, at=(closing + timedelta(minutes=5)).isoformat()),
+        ]
+        worker = threading.Thread(target=lambda: outcomes.extend(recorder.record(batch)))
+        worker.start()
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FOR NO KEY UPDATE'"
+        )
+        deadline = time.monotonic() + 30
+        with other.engine.connect() as watcher:  # outside the transaction: pg_stat_activity is read afresh
+            while watcher.exec_driver_sql(waiting.replace("%", "%%")).scalar() == 0:  # the batch waits for acme
+                watcher.rollback()
+                assert worker.is_alive(), outcomes
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+    worker.join(30)
+    assert [(o.event_id, o.status) for o in outcomes] == [("before", "accepted"), ("after", "rejected")]
+    assert "was closed" in outcomes[1].reason
+    with db.transaction() as session:
+        assert session.get(Account, "acme").balance == -2_000  # one minute at $0.02
+    assert verify(db).ok
+    other.close()
     db.close()

@@ -1,4 +1,5 @@
-"""deploy/recharged.service: what systemd itself says about it, and the directives operations rely on."""
+"""deploy/recharged.service and recharged-api.service: what systemd itself says of them, and the directives operations
+rely on."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from recharged.credentials import SECRET_NAMES
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNIT = DEPLOY / "recharged.service"
+API_UNIT = DEPLOY / "recharged-api.service"  # `recharged api`: the same service, but for its command
+UNITS = pytest.mark.parametrize("unit", [UNIT, API_UNIT], ids=["daemon", "api"])
 SHIPPED_EXEC = "ExecStart=/usr/bin/recharged "
 
 needs_systemd_analyze = pytest.mark.skipif(
@@ -21,11 +24,11 @@ needs_systemd_analyze = pytest.mark.skipif(
 )
 
 
-def directives(section: str) -> dict[str, list[str]]:
+def directives(section: str, unit: Path = UNIT) -> dict[str, list[str]]:
     """The unit's `section` as key -> every value given, in order (systemd allows repeated keys)."""
     found: dict[str, list[str]] = {}
     current = None
-    for raw in UNIT.read_text().splitlines():
+    for raw in unit.read_text().splitlines():
         line = raw.strip()
         if not line or line.startswith(("#", ";")):
             continue
@@ -38,21 +41,22 @@ def directives(section: str) -> dict[str, list[str]]:
     return found
 
 
-def installable_copy(tmp_path: Path) -> Path:
+def installable_copy(tmp_path: Path, unit: Path) -> Path:
     """The shipped unit with ExecStart pointing at this environment's `recharged` (verify checks it exists)."""
     script = Path(sys.executable).with_name("recharged")
     assert script.is_file(), f"the recharged console script is missing at {script}"
-    text = UNIT.read_text()
+    text = unit.read_text()
     assert text.count(SHIPPED_EXEC) == 1
-    copy = tmp_path / "recharged.service"
+    copy = tmp_path / unit.name
     copy.write_text(text.replace(SHIPPED_EXEC, f"ExecStart={script} "))
     return copy
 
 
 @needs_systemd_analyze
-def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
+@UNITS
+def test_systemd_analyze_verify_is_clean(tmp_path: Path, unit: Path) -> None:
     result = subprocess.run(
-        ["systemd-analyze", "verify", str(installable_copy(tmp_path))],
+        ["systemd-analyze", "verify", str(installable_copy(tmp_path, unit))],
         capture_output=True,
         text=True,
         check=False,
@@ -61,23 +65,26 @@ def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
 
 
 @needs_systemd_analyze
-def test_security_exposure_is_two_or_better() -> None:
+@UNITS
+def test_security_exposure_is_two_or_better(unit: Path) -> None:
     result = subprocess.run(
-        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(UNIT)],
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(unit)],
         capture_output=True,
         text=True,
         check=False,
     )
-    match = re.search(r"Overall exposure level for recharged\.service: (\d+\.\d+)", result.stdout)
+    match = re.search(rf"Overall exposure level for {re.escape(unit.name)}: (\d+\.\d+)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) <= 2.0, result.stdout
 
 
-def test_service_directives_operations_rely_on() -> None:
-    service = directives("Service")
+@UNITS
+def test_service_directives_operations_rely_on(unit: Path) -> None:
+    service = directives("Service", unit)
+    command = "api" if unit == API_UNIT else "run"
     assert service["Type"] == ["notify"]
     assert service["NotifyAccess"] == ["main"]
-    assert service["ExecStart"] == ["/usr/bin/recharged --config /etc/recharged/config.toml run"]
+    assert service["ExecStart"] == [f"/usr/bin/recharged --config /etc/recharged/config.toml {command}"]
     assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert service["WatchdogSec"] == ["60"]
     assert service["Restart"] == ["on-failure"]
@@ -89,8 +96,9 @@ def test_service_directives_operations_rely_on() -> None:
     assert credentials == {name: f"/etc/recharged/credentials/{name}" for name in SECRET_NAMES}
 
 
-def test_enabled_for_multi_user_boot() -> None:
-    assert directives("Install")["WantedBy"] == ["multi-user.target"]
+@UNITS
+def test_enabled_for_multi_user_boot(unit: Path) -> None:
+    assert directives("Install", unit)["WantedBy"] == ["multi-user.target"]
 
 
 @pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers is not installed")

@@ -333,7 +333,7 @@ class World:
         # The same service with a gateway that gives up after TIMEOUT seconds, for the timeout fault.
         self.impatient = RechargeService(self.db, self.settings, lambda: self.gateway(TIMEOUT), self.clock)
         self.events = EventService(self.db, self.recharges, self.clock)
-        self.usage = UsageRecorder(self.db, self.settings, self.clock)
+        self.usage = UsageRecorder(self.db, self.settings, self.clock, on_backdated=self.recharges.thresholds.forget)
         self.reader = self.gateway()
         # Mail: the SMTP server and the sender's journal as a fresh example's (Message-IDs repeat across examples).
         self.smtp = place.smtp

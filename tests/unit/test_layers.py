@@ -34,6 +34,7 @@ SERVICES = {
     "views",
     "topups",
     "authorizations",
+    "thresholds",
 }
 ENTRY_POINTS = {"cli", "daemon", "demo", "__main__", "__init__"}
 TESTING = {"testing"}

@@ -6,6 +6,7 @@ on every audit record they write.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -158,6 +159,9 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return members
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def parse_json(body: bytes) -> Any:
     """The body's JSON; a 400 for anything json.loads refuses (including integers past Python's digit limit and
     nesting past the recursion limit), for an object that gives a key twice, and for strings with lone surrogate
@@ -170,10 +174,11 @@ def parse_json(body: bytes) -> Any:
         ) from None
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ApiError(400, f"the body is not valid JSON: {str(exc)[:200]}") from None
-    try:
-        json.dumps(data, ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        raise ApiError(400, "the body is not valid JSON: a string holds a lone surrogate escape") from None
+    if _SURROGATE_ESCAPE.search(body):  # only an escape makes a surrogate: UTF-8 itself cannot hold one
+        try:
+            json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ApiError(400, "the body is not valid JSON: a string holds a lone surrogate escape") from None
     return data
 
 

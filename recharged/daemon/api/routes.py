@@ -711,7 +711,11 @@ def add_routes(app: FastAPI, backend: Backend) -> None:
         caller = authorize(backend, request, USAGE_WRITE)
         body = await model_body(request, caller, m.ExtendRequest)
         authorizer = Authorizer(db, caller.runtime.settings, backend.clock)
-        return await call(caller, authorizer.extend, authorization_id, body.requested_seconds)
+        try:
+            return await call(caller, authorizer.extend, authorization_id, body.requested_seconds)
+        except NotAuthorized:
+            backend.metrics.authorizations.labels("refused").inc()  # a 402 as the authorization's own
+            raise
 
     @app.post(
         "/v1/cycles",
