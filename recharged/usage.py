@@ -288,6 +288,7 @@ class UsageRecorder:
         new_rate_ids: dict[tuple[str, str, Rate], int] = {}
         ids = {event.account_id for parsed in rounds for _, event in parsed}
         today = now.date()
+        postgres = self._db.dialect == "postgresql"
         with self._db.transaction() as session:
             held = authorizations_of(session, (e.authorization_id for parsed in rounds for _, e in parsed))
             accounts = lock_accounts(session, ids, lock=not late_locks)
@@ -295,7 +296,7 @@ class UsageRecorder:
             written: list[Written] = []
             settling: list[tuple[int, str]] = []
             for pending, rows in prepared:
-                if late_locks:
+                if postgres:
                     new = insert_usage(session, rows)
                     inserted = set(new)
                     written += new.values()
@@ -310,9 +311,9 @@ class UsageRecorder:
                     if e.authorization_id and e.event_id in inserted
                 ]
                 self._settle(session, pending, inserted, outcomes, where)
-            if late_locks:
-                if lock_accounts(session, ids) != accounts:
-                    raise _AccountsChanged
+            if late_locks and lock_accounts(session, ids) != accounts:
+                raise _AccountsChanged
+            if postgres:
                 add_to_balances(session, written)
             settle(session, settling, now)
         return new_rate_ids

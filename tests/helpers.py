@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import stripe
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import event
+from sqlalchemy.orm import Session
 from standardwebhooks import Webhook
 
 from recharged.accounts import adjust_balance, create_accounts, new_account
@@ -283,3 +285,27 @@ class Receiver:
 
     def types(self, secret: str = SECRET) -> list[str]:
         return [e["type"] for e in self.events(secret)]
+
+
+@contextlib.contextmanager
+def commit_fails_once(model: type):
+    """The database fails the commit of the first transaction that writes a `model` row, as a lost connection
+    would; yields a list that holds True once it has."""
+    fired: list[bool] = []
+
+    def before_flush(session: Session, *_: object) -> None:
+        if any(isinstance(o, model) for o in session.new):
+            session.info["fail_commit"] = True
+
+    def before_commit(session: Session) -> None:
+        if not fired and session.info.pop("fail_commit", False):
+            fired.append(True)
+            raise RuntimeError("the database went away at commit")
+
+    event.listen(Session, "before_flush", before_flush)
+    event.listen(Session, "before_commit", before_commit)
+    try:
+        yield fired
+    finally:
+        event.remove(Session, "before_flush", before_flush)
+        event.remove(Session, "before_commit", before_commit)

@@ -14,6 +14,7 @@ On SQLite one instance works on a database file, and the process paces itself (`
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -99,8 +100,10 @@ class SharedBudget:
         self._engine.dispose()
 
 
+@functools.cache
 def shared_budget(url: str, name: str = PROCESSOR) -> SharedBudget | None:
-    """The deployment's processor budget when the database is PostgreSQL; None on SQLite (one instance)."""
+    """The deployment's processor budget when the database is PostgreSQL; None on SQLite (one instance). One per
+    database and process: each reload builds a new gateway, and its connections would otherwise stay open."""
     if make_url(normalize_url(url)).get_backend_name() != "postgresql":
         return None
     return SharedBudget(url, name)

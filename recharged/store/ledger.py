@@ -33,38 +33,34 @@ class AccountRef:
     closed_at: datetime | None  # when the account was closed; None while it is open
 
 
-def lock_accounts(session: Session, ids: Iterable[str], *, lock: bool = True) -> dict[str, AccountRef]:
-    """The named accounts that exist, locked for update in id order (PostgreSQL; SQLite holds the write lock), with
-    what the usage path needs of them (plan, currency, closing). `lock=False` reads them without a lock.
-
-    On the usage hot path: one statement with the ids as a single array parameter."""
+def _accounts_by_id(session: Session, columns: str, ids: Iterable[str], suffix: str = "") -> tuple[str, list[Any]]:
+    """`SELECT id, {columns} FROM accounts` for the named accounts, in id order, `suffix` (a lock) on PostgreSQL:
+    one statement with the ids as a single array parameter. Returns the dialect and the rows."""
     wanted = sorted(set(ids))
     if not wanted:
-        return {}
+        return "", []
     dialect, raw = _driver(session)
     cursor = raw.cursor()
     try:
         if dialect == "sqlite":
             cursor.execute(
-                "SELECT id, plan, currency, closed_at FROM accounts WHERE id IN (SELECT value FROM json_each(?)) "
-                "ORDER BY id",
+                f"SELECT id, {columns} FROM accounts WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
                 (json.dumps(wanted),),
             )
-            return {
-                row[0]: AccountRef(row[0], row[1], row[2], None if row[3] is None else _from_sqlite_time(row[3]))
-                for row in cursor.fetchall()
-            }
-        cursor.execute(
-            "SELECT id, plan, currency, closed_at FROM accounts WHERE id = ANY(%b::text[]) ORDER BY id"
-            + (" FOR NO KEY UPDATE" if lock else ""),
-            (wanted,),
-        )
-        return {
-            row[0]: AccountRef(row[0], row[1], row[2], None if row[3] is None else row[3].astimezone(UTC))
-            for row in cursor.fetchall()
-        }
+        else:
+            query = f"SELECT id, {columns} FROM accounts WHERE id = ANY(%b::text[]) ORDER BY id{suffix}"
+            cursor.execute(query, (wanted,))
+        return dialect, cursor.fetchall()
     finally:
         cursor.close()
+
+
+def lock_accounts(session: Session, ids: Iterable[str], *, lock: bool = True) -> dict[str, AccountRef]:
+    """The named accounts that exist, locked for update in id order (PostgreSQL; SQLite holds the write lock), with
+    what the usage path needs of them (plan, currency, closing). `lock=False` reads them without a lock."""
+    dialect, rows = _accounts_by_id(session, "plan, currency, closed_at", ids, " FOR NO KEY UPDATE" if lock else "")
+    closing = _from_sqlite_time if dialect == "sqlite" else (lambda at: at.astimezone(UTC))
+    return {row[0]: AccountRef(row[0], row[1], row[2], None if row[3] is None else closing(row[3])) for row in rows}
 
 
 # What a recharge threshold is computed from, besides the usage window and the configuration (`thresholds`).
@@ -80,27 +76,10 @@ THRESHOLD_KEY_COLUMNS = (
 
 
 def available_and_threshold_keys(session: Session, ids: Sequence[str]) -> list[tuple[Any, ...]]:
-    """(id, balance - reserved, *THRESHOLD_KEY_COLUMNS) of the named accounts that exist: one statement, the ids as a
-    single array parameter (after each usage batch, for up to a thousand accounts)."""
-    wanted = sorted(set(ids))
-    if not wanted:
-        return []
-    dialect, raw = _driver(session)
-    columns = ", ".join(THRESHOLD_KEY_COLUMNS)
-    cursor = raw.cursor()
-    try:
-        if dialect == "sqlite":
-            cursor.execute(
-                f"SELECT id, balance - reserved, {columns} FROM accounts WHERE id IN (SELECT value FROM json_each(?))",
-                (json.dumps(wanted),),
-            )
-        else:
-            cursor.execute(
-                f"SELECT id, balance - reserved, {columns} FROM accounts WHERE id = ANY(%b::text[])", (wanted,)
-            )
-        return [tuple(row) for row in cursor.fetchall()]
-    finally:
-        cursor.close()
+    """(id, balance - reserved, *THRESHOLD_KEY_COLUMNS) of the named accounts that exist, unlocked (after each usage
+    batch, for up to a thousand accounts)."""
+    _, rows = _accounts_by_id(session, "balance - reserved, " + ", ".join(THRESHOLD_KEY_COLUMNS), ids)
+    return [tuple(row) for row in rows]
 
 
 def rate_id(session: Session, plan: str, kind: str, values: Mapping[str, Any]) -> int:
@@ -359,31 +338,17 @@ _DAILY_UPSERT = (
 
 
 def record_usage(session: Session, rows: Sequence[UsageRow]) -> set[str]:
-    """Insert usage entries, skipping event ids already recorded, and add exactly the inserted ones to the
-    per-day totals and the balances (with the earliest usage time). Returns the event ids inserted.
+    """SQLite: insert usage entries, skipping event ids already recorded, and add exactly the inserted ones to the
+    per-day totals and the balances (with the earliest usage time). Returns the event ids inserted. (PostgreSQL:
+    `insert_usage`, then `add_to_balances` once the accounts are locked.)
 
     Rows with a key in common are written in key order, so concurrent writers lock them in one order."""
     if not rows:
         return set()
-    dialect, raw = _driver(session)
+    _, raw = _driver(session)
     cursor = raw.cursor()
     try:
-        if dialect == "sqlite":
-            return _record_usage_sqlite(cursor, rows)
-        cursor.execute(
-            f"""
-            {_PG_ENTRIES_AND_DAILY}, balance AS (
-                UPDATE accounts AS a SET balance = a.balance + t.delta,
-                    first_usage_at = LEAST(a.first_usage_at, t.first)
-                FROM (SELECT account_id, sum(amount) AS delta, min(occurred_at) AS first FROM new GROUP BY account_id)
-                    AS t
-                WHERE a.id = t.account_id
-            )
-            SELECT external_id FROM new
-            """,
-            [list(column) for column in zip(*rows, strict=True)],
-        )
-        return {row[0] for row in cursor.fetchall()}
+        return _record_usage_sqlite(cursor, rows)
     finally:
         cursor.close()
 

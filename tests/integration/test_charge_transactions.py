@@ -11,14 +11,13 @@ import psycopg
 import pytest
 from sqlalchemy import event, select, text
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
 
 from recharged.recharge import RechargeService
 from recharged.states import AttemptStatus, Phase
 from recharged.store.charging import lock_recharge_with
 from recharged.store.models import ChargeAttempt, Entry, Receipt, Recharge
 from recharged.verify import verify
-from tests.helpers import busy_account
+from tests.helpers import busy_account, commit_fails_once
 
 
 @pytest.fixture
@@ -119,34 +118,11 @@ def test_locking_a_recharge_takes_its_account_first(db, settings, service, clock
     assert locked == [recharge_id]
 
 
-@contextlib.contextmanager
-def credit_commit_fails_once():
-    """The commit of the first transaction that writes a receipt fails, as a lost connection would."""
-    fired: list[bool] = []
-
-    def before_flush(session: Session, *_args) -> None:
-        if any(isinstance(o, Receipt) for o in session.new):
-            session.info["fail"] = True
-
-    def before_commit(session: Session) -> None:
-        if not fired and session.info.pop("fail", False):
-            fired.append(True)
-            raise RuntimeError("the database went away at commit")
-
-    event.listen(Session, "before_flush", before_flush)
-    event.listen(Session, "before_commit", before_commit)
-    try:
-        yield fired
-    finally:
-        event.remove(Session, "before_flush", before_flush)
-        event.remove(Session, "before_commit", before_commit)
-
-
 def test_a_payment_whose_credit_fails_is_kept_paid_and_credited_later_without_asking_the_processor(
     db, settings, service, clock, stripe_client, stripe_server
 ):
     busy_account(db, settings, clock, stripe_client, "pm_card_visa")
-    with credit_commit_fails_once() as fired, pytest.raises(RuntimeError, match="went away"):
+    with commit_fails_once(Receipt) as fired, pytest.raises(RuntimeError, match="went away"):
         charge(service, clock)
     assert fired
     with db.transaction() as s:

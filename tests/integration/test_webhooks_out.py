@@ -11,7 +11,6 @@ Standard Webhooks receiver refuses a `webhook-timestamp` more than 5 minutes fro
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import threading
 import time
@@ -20,8 +19,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import event, select
-from sqlalchemy.orm import Session
+from sqlalchemy import select
 
 from recharged.accounts import adjust_balance, change_account, close_account
 from recharged.clock import FixedClock
@@ -46,6 +44,7 @@ from tests.helpers import (
     add_account,
     api_auth,
     busy_account,
+    commit_fails_once,
     open_dispute,
 )
 
@@ -495,29 +494,6 @@ def test_a_hanging_endpoint_delays_only_its_own_queue(db, settings, clock, real_
         assert rows[0].last_status_code is None
         assert [d.status for d in deliveries(db) if d.endpoint == "billing"][:3] == ["delivered"] * 3
         the_sender.close()
-
-
-@contextlib.contextmanager
-def commit_fails_once(model: type):
-    """The database fails the commit of the first transaction that writes a `model` row, as a lost connection would."""
-    fired: list[bool] = []
-
-    def before_flush(session: Session, *_: object) -> None:
-        if any(isinstance(o, model) for o in session.new):
-            session.info["fail_commit"] = True
-
-    def before_commit(session: Session) -> None:
-        if not fired and session.info.pop("fail_commit", False):
-            fired.append(True)
-            raise RuntimeError("the database went away at commit")
-
-    event.listen(Session, "before_flush", before_flush)
-    event.listen(Session, "before_commit", before_commit)
-    try:
-        yield fired
-    finally:
-        event.remove(Session, "before_flush", before_flush)
-        event.remove(Session, "before_commit", before_commit)
 
 
 def test_an_event_rolled_back_with_its_cause_is_never_sent(
